@@ -1,0 +1,1 @@
+"""Platform adapters: they translate platform messages to core requests and back."""

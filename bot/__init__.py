@@ -1,0 +1,1 @@
+"""imagebot: make and edit pictures from chat, paid per image with x402."""

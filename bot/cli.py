@@ -1,0 +1,134 @@
+"""The ``imagebot`` command line, as CONTRACT's CLI table describes it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+from pathlib import Path
+
+from bot.config import Settings, load_settings
+from bot.errors import ConfigError
+from bot.runtime import configure_logging, open_bot
+from bot.x402 import Wallet
+
+EXIT_CONFIG = 2
+OUT_DIR = Path("out")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as error:
+        for line in error.user_message.splitlines():
+            print(f"imagebot: {line}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imagebot", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run every adapter whose token is set")
+    run.set_defaults(handler=_run)
+
+    for name, handler, text in (
+        ("console", _console, "chat on the terminal against the configured gateway"),
+        ("demo", _demo, "offline: the built-in sandbox gateway and a throwaway wallet"),
+    ):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument(
+            "--once", metavar="COMMAND", help='run one command, e.g. "/imagegen a fox"'
+        )
+        sub.set_defaults(handler=handler)
+
+    sandbox = commands.add_parser("sandbox", help="run the sandbox x402 image gateway alone")
+    sandbox.add_argument("--host", default="127.0.0.1")
+    sandbox.add_argument("--port", type=int, default=8402)
+    sandbox.set_defaults(handler=_sandbox)
+
+    spend = commands.add_parser("spend", help="the ledger report")
+    spend.add_argument("--json", action="store_true")
+    spend.add_argument("--since", metavar="YYYY-MM-DD")
+    spend.add_argument("--user", metavar="platform:id")
+    spend.set_defaults(handler=_spend)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings = _settings()
+    if settings.telegram_bot_token is None and settings.discord_bot_token is None:
+        print(
+            "imagebot: no chat platform configured. Set TELEGRAM_BOT_TOKEN or DISCORD_BOT_TOKEN "
+            "(see .env.example), or try it offline with: imagebot demo",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    print(
+        "imagebot: the Telegram and Discord adapters are not in this release yet.", file=sys.stderr
+    )
+    return EXIT_CONFIG
+
+
+def _console(args: argparse.Namespace) -> int:
+    return asyncio.run(_chat(_settings(), args.once))
+
+
+def _demo(args: argparse.Namespace) -> int:
+    return asyncio.run(_demo_async(args.once))
+
+
+async def _demo_async(once: str | None) -> int:
+    from bot.sandbox import Sandbox
+
+    sandbox = Sandbox()
+    url = await sandbox.start()
+    wallet = Wallet.create()
+    print(
+        f"demo: sandbox gateway on {url}, throwaway wallet {wallet.address}; nothing real is paid."
+    )
+    try:
+        with tempfile.TemporaryDirectory(prefix="imagebot-demo-") as data_dir:
+            settings = load_settings(
+                _env_file=None,
+                image_api_url=url,
+                database_path=Path(data_dir) / "demo.sqlite3",
+            )
+            return await _chat(settings, once, wallet)
+    finally:
+        await sandbox.close()
+
+
+async def _chat(settings: Settings, once: str | None, wallet: Wallet | None = None) -> int:
+    from adapters.console import run_console
+
+    # The console is the chat: logs stay out of it unless LOG_LEVEL asks for them.
+    configure_logging(settings.log_level if "log_level" in settings.model_fields_set else "ERROR")
+    async with open_bot(settings, wallet) as bot:
+        return await run_console(bot, OUT_DIR, once)
+
+
+def _sandbox(args: argparse.Namespace) -> int:
+    from bot.sandbox import serve_forever
+
+    configure_logging("INFO")
+    asyncio.run(serve_forever(args.host, args.port))
+    return 0
+
+
+def _spend(args: argparse.Namespace) -> int:
+    _settings()
+    print("imagebot: the spend report arrives with the ledger.", file=sys.stderr)
+    return 1
+
+
+def _settings() -> Settings:
+    return load_settings()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

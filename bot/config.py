@@ -1,0 +1,139 @@
+"""Settings from the environment and ``./.env``, validated once at start-up and passed down."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from bot.commands import PLATFORMS
+from bot.errors import ConfigError
+from bot.money import parse_usd
+
+_KEY = re.compile(r"^(0x)?[0-9a-fA-F]{64}$")
+_PRINCIPAL = {
+    "telegram": re.compile(r"^-?\d{1,20}$"),
+    "discord": re.compile(r"^\d{1,20}$"),
+    "console": re.compile(r"^\w{1,64}$"),
+}
+
+Principals = Annotated[frozenset[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    """Every variable of CONTRACT's settings table; field names match the variables."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", hide_input_in_errors=True
+    )
+
+    telegram_bot_token: SecretStr | None = None
+    telegram_api_url: str = "https://api.telegram.org"
+    discord_bot_token: SecretStr | None = None
+    discord_api_url: str = "https://discord.com/api/v10"
+    image_api_url: str = "https://blockrun.ai/api"
+    wallet_private_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("WALLET_PRIVATE_KEY", "BLOCKRUN_WALLET_KEY")
+    )
+    max_micro_per_request: int = Field(500_000, validation_alias="MAX_USD_PER_REQUEST")
+    user_daily_micro: int = Field(1_000_000, validation_alias="USER_DAILY_LIMIT_USD")
+    global_daily_micro: int = Field(20_000_000, validation_alias="GLOBAL_DAILY_LIMIT_USD")
+    admin_ids: Principals = frozenset()
+    allowed_users: Principals = frozenset()
+    allowed_chats: Principals = frozenset()
+    database_path: Path = Path("./data/imagebot.sqlite3")
+    log_level: str = "INFO"
+
+    @field_validator("telegram_bot_token", "discord_bot_token", "wallet_private_key", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("wallet_private_key")
+    @classmethod
+    def _check_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not _KEY.match(value.get_secret_value().strip()):
+            raise ValueError("not a private key: expected 64 hex digits, optionally after 0x")
+        return value
+
+    @field_validator("telegram_api_url", "discord_api_url", "image_api_url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError("not an http:// or https:// URL")
+        return value
+
+    @field_validator(
+        "max_micro_per_request", "user_daily_micro", "global_daily_micro", mode="before"
+    )
+    @classmethod
+    def _parse_usd(cls, value: Any) -> int:
+        if isinstance(value, int):
+            return value
+        return parse_usd(str(value))
+
+    @field_validator("admin_ids", "allowed_users", "allowed_chats", mode="before")
+    @classmethod
+    def _parse_principals(cls, value: Any) -> frozenset[str]:
+        if isinstance(value, frozenset | set | list | tuple):
+            items = [str(item) for item in value]
+        else:
+            items = [item for item in str(value).split(",")]
+        principals = set()
+        for item in (item.strip() for item in items):
+            if not item:
+                continue
+            platform, _, ident = item.partition(":")
+            platform = platform.lower()
+            if platform not in PLATFORMS:
+                raise ValueError(
+                    f"unknown platform in {item[:30]!r}; use {', '.join(PLATFORMS)} as in "
+                    "telegram:12345"
+                )
+            if not _PRINCIPAL[platform].match(ident):
+                raise ValueError(f"{item[:40]!r} is not platform:id, e.g. telegram:12345")
+            principals.add(f"{platform}:{ident}")
+        return frozenset(principals)
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in logging.getLevelNamesMapping():
+            raise ValueError("use DEBUG, INFO, WARNING or ERROR")
+        return level
+
+    def is_admin(self, principal: str) -> bool:
+        """Admins are ``ADMIN_IDS`` plus the console's local operator."""
+        return principal == "console:local" or principal in self.admin_ids
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read and validate the settings; a bad value raises ``ConfigError`` naming the variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        lines = [_describe(problem) for problem in error.errors(include_input=False)]
+        raise ConfigError("\n".join(lines)) from None
+
+
+def _describe(problem: Any) -> str:
+    field = str(problem["loc"][0]) if problem["loc"] else "settings"
+    variable = _variable_name(field)
+    message = str(problem["msg"]).removeprefix("Value error, ")
+    return f"{variable}: {message}"
+
+
+def _variable_name(field: str) -> str:
+    info = Settings.model_fields.get(field)
+    alias = info.validation_alias if info else None
+    if isinstance(alias, str):
+        return alias
+    if isinstance(alias, AliasChoices):
+        return str(alias.choices[0])
+    return field.upper()

@@ -1,0 +1,364 @@
+"""The image service: turn a request into pictures, paying for them through the x402 payer.
+
+Handles the gateway's 200 answer and its 202 + ``poll_url`` job flow, fetches the pictures
+(data URI or URL) and maps every failure to one error with one sentence for the user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any
+from urllib.parse import urljoin
+
+import httpx
+from PIL import Image
+
+from bot.commands import EditRequest, GenerateRequest, ImageInput, detect_mime
+from bot.errors import GatewayError
+from bot.money import MICRO_PER_USD, format_usd
+from bot.x402 import PaidResponse, PaymentHook, SignedPayment, X402Payer
+
+log = logging.getLogger(__name__)
+
+MAX_PICTURE_BYTES = 50 * 1024 * 1024
+_THREAD_THRESHOLD = 256 * 1024  # decode bigger bodies off the event loop
+
+
+@dataclass(frozen=True)
+class Picture:
+    """One finished image, its format read from its bytes."""
+
+    data: bytes
+    mime: str
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """What a paid call produced."""
+
+    pictures: tuple[Picture, ...]
+    charged_micro: int
+    tx_hash: str | None
+    revised_prompt: str | None
+
+
+class GatewayRefused(GatewayError):
+    """The gateway answered with an error; nothing or something was charged as it says."""
+
+
+class ContentRefused(GatewayRefused):
+    """HTTP 403: the prompt broke the provider's content policy."""
+
+
+class RateLimited(GatewayRefused):
+    """HTTP 429: retry after ``retry_after`` seconds."""
+
+    def __init__(self, user_message: str, retry_after: int) -> None:
+        super().__init__(user_message)
+        self.retry_after = retry_after
+
+
+class InsufficientFunds(GatewayRefused):
+    """The gateway refused the signed payment: usually an empty wallet."""
+
+
+class JobAbandoned(GatewayError):
+    """A slow job did not finish in time or failed; it is never charged."""
+
+
+class BadReply(GatewayError):
+    """The gateway's answer could not be used."""
+
+
+_NOTHING = "Nothing was charged."
+
+
+class ImageService:
+    """Generate and edit pictures on ``{api_url}/v1/images/...``, paying with ``payer``."""
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        payer: X402Payer,
+        api_url: str,
+        *,
+        poll_interval: float = 2.0,
+        job_deadline: float = 300.0,
+        download_timeout: float = 30.0,
+    ) -> None:
+        self._http = http
+        self._payer = payer
+        self._api_url = api_url.rstrip("/")
+        self._poll_interval = poll_interval
+        self._job_deadline = job_deadline
+        self._download_timeout = download_timeout
+
+    async def generate(
+        self, request: GenerateRequest, on_payment: PaymentHook | None = None
+    ) -> ImageResult:
+        body: dict[str, Any] = {
+            "model": request.model.id,
+            "prompt": request.prompt,
+            "size": request.size,
+            "n": request.n,
+        }
+        if request.quality:
+            body["quality"] = request.quality
+        return await self._call("/v1/images/generations", body, request.estimate_micro, on_payment)
+
+    async def edit(
+        self, request: EditRequest, on_payment: PaymentHook | None = None
+    ) -> ImageResult:
+        images = await _to_thread_if_big(
+            sum(len(image.data) for image in request.images), _data_uris, request.images
+        )
+        body: dict[str, Any] = {
+            "model": request.model.id,
+            "prompt": request.prompt,
+            "image": images[0] if len(images) == 1 else images,
+            "size": request.size,
+            "n": request.n,
+        }
+        if request.mask is not None:
+            body["mask"] = _data_uris((request.mask,))[0]
+        if request.quality:
+            body["quality"] = request.quality
+        return await self._call("/v1/images/image2image", body, request.estimate_micro, on_payment)
+
+    async def _call(
+        self, path: str, body: dict[str, Any], estimate_micro: int, on_payment: PaymentHook | None
+    ) -> ImageResult:
+        try:
+            paid = await self._payer.post(self._api_url + path, json=body, on_payment=on_payment)
+        except httpx.TransportError as error:
+            log.warning("image gateway unreachable: %s", type(error).__name__)
+            raise GatewayError(f"I couldn't reach the image service. {_NOTHING}") from None
+        reply = await self._answer(paid)
+        if paid.response.status_code == 202:
+            reply = await self._wait_for_job(reply, paid.payment)
+        charged = _charged_micro(paid, reply, estimate_micro)
+        pictures = await self._fetch_all(reply, charged)
+        tx_hash = (reply.get("payment") or {}).get("tx_hash") or (
+            paid.receipt.tx_hash if paid.receipt else None
+        )
+        revised = next((item.get("revised_prompt") for item in reply["data"]), None)
+        return ImageResult(pictures, charged, tx_hash, revised)
+
+    async def _answer(self, paid: PaidResponse) -> dict[str, Any]:
+        response = paid.response
+        charged = paid.receipt is not None and paid.receipt.tx_hash is not None
+        if response.status_code in (200, 202):
+            return await _json_body(response, charged)
+        raise _error_for(response, paid.payment, charged)
+
+    async def _wait_for_job(
+        self, envelope: dict[str, Any], payment: SignedPayment | None
+    ) -> dict[str, Any]:
+        poll_url = envelope.get("poll_url")
+        if not isinstance(poll_url, str):
+            raise BadReply(f"The image service started a job without a poll address. {_NOTHING}")
+        poll_url = urljoin(self._api_url + "/", poll_url)
+        deadline = time.monotonic() + self._job_deadline
+        try:
+            while time.monotonic() < deadline:
+                await asyncio.sleep(self._poll_interval)
+                reply = await self._poll_once(poll_url, payment)
+                status = reply.get("status")
+                if status == "completed":
+                    return reply
+                if status == "failed":
+                    reason = _error_message(reply) or "the job failed"
+                    raise JobAbandoned(
+                        f"The image service could not make it ({reason}). {_NOTHING}"
+                    )
+        except asyncio.CancelledError:
+            log.info("stopped polling %s before it completed; nothing was charged", poll_url)
+            raise
+        minutes = round(self._job_deadline / 60)
+        raise JobAbandoned(
+            f"The image was not ready after {minutes} min, so I stopped waiting. {_NOTHING}"
+        )
+
+    async def _poll_once(self, poll_url: str, payment: SignedPayment | None) -> dict[str, Any]:
+        try:
+            response = await self._payer.get(poll_url, payment)
+        except httpx.TransportError:
+            return {"status": "in_progress"}  # the next poll asks again with the same header
+        if response.status_code == 200:
+            return await _json_body(response, charged=False)
+        if response.status_code in (429, 500, 502, 503, 504):
+            return {"status": "in_progress"}
+        raise _error_for(response, payment, charged=False)
+
+    async def _fetch_all(self, reply: dict[str, Any], charged_micro: int) -> tuple[Picture, ...]:
+        items = reply.get("data")
+        if not isinstance(items, list) or not items:
+            raise BadReply(_paid_but(charged_micro, "sent no image"))
+        fetches = [self._fetch(item, charged_micro) for item in items]
+        return tuple(await asyncio.gather(*fetches))
+
+    async def _fetch(self, item: Any, charged_micro: int) -> Picture:
+        url = item.get("url") or item.get("b64_json") if isinstance(item, dict) else None
+        if not isinstance(url, str):
+            raise BadReply(_paid_but(charged_micro, "sent an image without an address"))
+        if url.startswith("data:") or not url.startswith(("http://", "https://")):
+            data = await _to_thread_if_big(len(url), _decode_data_uri, url)
+        else:
+            data = await self._download(url, charged_micro)
+        if data is None:
+            raise BadReply(_paid_but(charged_micro, "sent an image I can't decode"))
+        return _picture(data, charged_micro)
+
+    async def _download(self, url: str, charged_micro: int) -> bytes:
+        try:
+            async with self._http.stream("GET", url, timeout=self._download_timeout) as response:
+                if response.status_code != 200:
+                    raise BadReply(
+                        _paid_but(charged_micro, "gave an image link that does not work")
+                    )
+                chunks, size = [], 0
+                async for chunk in response.aiter_bytes():
+                    size += len(chunk)
+                    if size > MAX_PICTURE_BYTES:
+                        raise BadReply(_paid_but(charged_micro, "sent an image that is too big"))
+                    chunks.append(chunk)
+                return b"".join(chunks)
+        except httpx.HTTPError:
+            raise BadReply(
+                _paid_but(charged_micro, "gave an image link I couldn't fetch")
+            ) from None
+
+
+def _picture(data: bytes, charged_micro: int) -> Picture:
+    mime = detect_mime(data)
+    if mime is None or len(data) > MAX_PICTURE_BYTES:
+        raise BadReply(_paid_but(charged_micro, "sent a file that is not a PNG, JPEG or WebP"))
+    try:
+        with Image.open(io.BytesIO(data)) as image:  # reads the header only
+            width, height = image.size
+    except (OSError, ValueError):
+        raise BadReply(_paid_but(charged_micro, "sent an image I can't read")) from None
+    return Picture(data, mime, width, height)
+
+
+def _paid_but(charged_micro: int, what: str) -> str:
+    if charged_micro:
+        return f"The image service {what}; {format_usd(charged_micro)} was charged for it."
+    return f"The image service {what}. {_NOTHING}"
+
+
+def _charged_micro(paid: PaidResponse, reply: dict[str, Any], estimate_micro: int) -> int:
+    """What this call cost: the signed amount, else the gateway's stated price, else the estimate.
+
+    The last two only happen when a proxy such as ClawRouter paid on the bot's behalf.
+    """
+    if paid.payment is not None:
+        return paid.payment.intent.quote.amount_micro
+    stated = (reply.get("price") or {}).get("amount") if isinstance(reply, dict) else None
+    try:
+        micro = Decimal(str(stated)) * MICRO_PER_USD
+    except (InvalidOperation, ValueError):
+        return estimate_micro
+    if not micro.is_finite() or micro < 0 or micro != micro.to_integral_value():
+        return estimate_micro
+    return int(micro)
+
+
+def _error_for(
+    response: httpx.Response, payment: SignedPayment | None, charged: bool | None
+) -> GatewayError:
+    status = response.status_code
+    detail = _error_message(_safe_json(response))
+    charge_note = "It was charged anyway; an admin can check /spend." if charged else _NOTHING
+    error: GatewayError
+    if status == 403:
+        error = ContentRefused(
+            f"The image service refused this prompt under its content policy. {charge_note}"
+        )
+    elif status == 429:
+        retry_after = _retry_after(response)
+        error = RateLimited(
+            f"The image service is busy; try again in {retry_after} s. {charge_note}", retry_after
+        )
+    elif status == 402 and payment is not None and "nonce" in (detail or "").lower():
+        # Only a resend of the same signed header after a lost connection meets a used nonce:
+        # the first send may have been charged.
+        error = GatewayRefused(
+            "The connection dropped after the payment was sent and the image service now "
+            "reports it as used; it may have been charged. An admin can check /spend."
+        )
+        charged = None
+    elif status == 402:
+        reason = f" ({detail})" if detail else ""
+        error = InsufficientFunds(
+            f"The image service did not accept the bot's payment{reason}. {charge_note} "
+            "An admin should check that the bot's wallet has USDC."
+        )
+    elif status == 400:
+        reason = detail or "invalid request"
+        error = GatewayRefused(f"The image service rejected the request: {reason}. {charge_note}")
+    elif status == 504:
+        error = GatewayRefused(f"The image service timed out. {charge_note} Try again.")
+    else:
+        error = GatewayRefused(f"The image service failed (HTTP {status}). {charge_note}")
+    error.charged = charged
+    return error
+
+
+def _retry_after(response: httpx.Response) -> int:
+    value = response.headers.get("retry-after", "")
+    return int(value) if value.isdigit() else 30
+
+
+def _error_message(body: Any) -> str | None:
+    if not isinstance(body, dict):
+        return None
+    error = body.get("error")
+    message = error.get("message") if isinstance(error, dict) else error
+    return str(message)[:200] if message else None
+
+
+def _safe_json(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+async def _json_body(response: httpx.Response, charged: bool) -> dict[str, Any]:
+    try:
+        body = await _to_thread_if_big(len(response.content), json.loads, response.content)
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        note = "It was charged; an admin can check /spend." if charged else _NOTHING
+        raise BadReply(f"The image service sent a reply I can't read. {note}")
+    return body
+
+
+def _data_uris(images: tuple[ImageInput, ...]) -> list[str]:
+    return [f"data:{image.mime};base64,{base64.b64encode(image.data).decode()}" for image in images]
+
+
+def _decode_data_uri(uri: str) -> bytes | None:
+    _, _, payload = uri.partition(",") if uri.startswith("data:") else ("", "", uri)
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+async def _to_thread_if_big(size: int, function: Any, *args: Any) -> Any:
+    if size > _THREAD_THRESHOLD:
+        return await asyncio.to_thread(function, *args)
+    return function(*args)

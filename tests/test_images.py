@@ -1,0 +1,378 @@
+"""The image service and the bot, end to end against the sandbox gateway over real HTTP."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from adapters.console import ConsoleChat, run_console
+from bot.commands import EditRequest, GenerateRequest, parse
+from bot.config import load_settings
+from bot.errors import ImagebotError, PaymentRefused
+from bot.images import (
+    BadReply,
+    ContentRefused,
+    ImageService,
+    InsufficientFunds,
+    JobAbandoned,
+    Picture,
+    RateLimited,
+)
+from bot.sandbox import Sandbox, Settlement
+from bot.service import ImageBot, Sender
+from bot.x402 import PaymentIntent, Wallet, X402Payer
+
+CAP = 500_000
+
+
+def png(width: int = 64, height: int = 48, colour: str = "red") -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), colour).save(out, "PNG")
+    return out.getvalue()
+
+
+@dataclass(frozen=True)
+class RunningSandbox:
+    gateway: Sandbox
+    url: str
+
+    @property
+    def settlements(self) -> list[Settlement]:
+        return self.gateway.settlements
+
+
+@pytest.fixture
+async def sandbox() -> AsyncIterator[RunningSandbox]:
+    gateway = Sandbox(job_seconds=0.3)
+    yield RunningSandbox(gateway, await gateway.start())
+    await gateway.close()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=30) as client:
+        yield client
+
+
+def service_for(
+    http: httpx.AsyncClient, url: str, *, cap: int = CAP, deadline: float = 10.0
+) -> ImageService:
+    payer = X402Payer(http, Wallet.create(), max_micro=cap)
+    return ImageService(http, payer, url, poll_interval=0.05, job_deadline=deadline)
+
+
+def request(text: str, *files: bytes) -> GenerateRequest | EditRequest:
+    parsed = parse(text, files)
+    assert isinstance(parsed, GenerateRequest | EditRequest)
+    return parsed
+
+
+async def run(service: ImageService, text: str, *files: bytes):  # type: ignore[no-untyped-def]
+    parsed = request(text, *files)
+    if isinstance(parsed, GenerateRequest):
+        return await service.generate(parsed)
+    return await service.edit(parsed)
+
+
+async def test_generate_pays_the_quote_once_and_returns_the_picture(
+    sandbox: RunningSandbox, http: httpx.AsyncClient
+) -> None:
+    service = service_for(http, sandbox.url)
+    result = await run(service, "/imagegen -s 1216x832 a red fox")
+    (picture,) = result.pictures
+    assert (picture.mime, picture.width, picture.height) == ("image/png", 1216, 832)
+    assert result.charged_micro == 52_500
+    assert [s.amount_micro for s in sandbox.settlements] == [52_500]
+    assert result.tx_hash == sandbox.settlements[0].tx_hash
+
+
+async def test_data_uri_pictures_are_decoded(
+    sandbox: RunningSandbox, http: httpx.AsyncClient
+) -> None:
+    service = service_for(http, sandbox.url)
+    result = await run(service, "/imagegen -m gpt-image --n 2 two cats")
+    assert len(result.pictures) == 2
+    assert all(picture.width == 1024 for picture in result.pictures)
+    assert result.charged_micro == 42_000 == sum(s.amount_micro for s in sandbox.settlements)
+
+
+async def test_revised_prompt_is_returned(sandbox: RunningSandbox, http: httpx.AsyncClient) -> None:
+    result = await run(service_for(http, sandbox.url), "/imagegen -m dall-e-3 a city")
+    assert result.revised_prompt
+
+
+async def test_slow_job_is_polled_and_settles_once(
+    sandbox: RunningSandbox, http: httpx.AsyncClient
+) -> None:
+    service = service_for(http, sandbox.url)
+    result = await run(service, "/imagegen -m gpt-image-2 -s 1536x1024 a harbour")
+    assert result.pictures[0].width == 1536
+    assert result.charged_micro == 126_000
+    assert [s.amount_micro for s in sandbox.settlements] == [126_000]
+    assert result.tx_hash == sandbox.settlements[0].tx_hash
+
+
+async def test_edit_with_mask_is_drawn_from_the_input(
+    sandbox: RunningSandbox, http: httpx.AsyncClient
+) -> None:
+    service = service_for(http, sandbox.url)
+    result = await run(
+        service, "/img2img --mask -s 1024x1536 add a hat", png(), png(colour="white")
+    )
+    assert (result.pictures[0].width, result.pictures[0].height) == (1024, 1536)
+    assert result.charged_micro == 42_000
+
+
+async def test_multi_image_fusion(sandbox: RunningSandbox, http: httpx.AsyncClient) -> None:
+    service = service_for(http, sandbox.url)
+    result = await run(service, "/img2img -m nano-banana fuse them", png(), png(), png())
+    assert result.charged_micro == 52_500
+
+
+@pytest.mark.parametrize(
+    ("word", "error", "fragment"),
+    [
+        ("#policy", ContentRefused, "content policy"),
+        ("#ratelimit", RateLimited, "try again in 7 s"),
+        ("#servererror", ImagebotError, "failed"),
+        ("#timeout", ImagebotError, "timed out"),
+        ("#nofunds", InsufficientFunds, "wallet"),
+        ("#fail", JobAbandoned, "could not make it"),
+    ],
+)
+async def test_each_failure_has_its_message_and_charges_nothing(
+    sandbox: RunningSandbox, http: httpx.AsyncClient, word: str, error: type, fragment: str
+) -> None:
+    service = service_for(http, sandbox.url)
+    with pytest.raises(error) as caught:
+        await run(service, f"/imagegen a fox {word}")
+    assert fragment in caught.value.user_message
+    assert "Nothing was charged." in caught.value.user_message
+    assert caught.value.charged is False
+    assert sandbox.settlements == []
+
+
+async def test_job_that_never_completes_is_abandoned_at_the_deadline(
+    sandbox: RunningSandbox, http: httpx.AsyncClient
+) -> None:
+    service = service_for(http, sandbox.url, deadline=0.5)
+    with pytest.raises(JobAbandoned) as caught:
+        await run(service, "/imagegen a fox #never")
+    assert "stopped waiting" in caught.value.user_message
+    assert "Nothing was charged." in caught.value.user_message
+    assert sandbox.settlements == []
+
+
+async def test_quote_above_the_cap_is_refused_and_nothing_is_settled(
+    sandbox: RunningSandbox, http: httpx.AsyncClient
+) -> None:
+    service = service_for(http, sandbox.url, cap=50_000)
+    with pytest.raises(PaymentRefused) as caught:
+        await run(service, "/imagegen a fox")  # nano-banana quotes 52,500
+    assert "$0.0525" in caught.value.user_message and "$0.05" in caught.value.user_message
+    assert sandbox.settlements == []
+
+
+async def test_payment_hook_sees_the_intent_before_the_header_is_sent(
+    sandbox: RunningSandbox, http: httpx.AsyncClient
+) -> None:
+    seen: list[tuple[PaymentIntent, int]] = []
+
+    async def record(intent: PaymentIntent) -> None:
+        seen.append((intent, len(sandbox.settlements)))
+
+    service = service_for(http, sandbox.url)
+    parsed = request("/imagegen a fox")
+    assert isinstance(parsed, GenerateRequest)
+    await service.generate(parsed, on_payment=record)
+    ((intent, settled_before),) = seen
+    assert settled_before == 0
+    assert intent.quote.amount_micro == 52_500
+    assert sandbox.settlements[0].nonce.lower() == intent.nonce.lower()
+
+
+async def test_unreachable_gateway_says_nothing_was_charged(http: httpx.AsyncClient) -> None:
+    service = service_for(http, "http://127.0.0.1:9")
+    with pytest.raises(ImagebotError) as caught:
+        await run(service, "/imagegen a fox")
+    assert "couldn't reach" in caught.value.user_message
+    assert caught.value.charged is False
+
+
+async def test_gateway_that_returns_no_image_reports_the_charge(
+    http: httpx.AsyncClient, unused_tcp_port: int
+) -> None:
+    from aiohttp import web
+
+    async def empty(_: web.Request) -> web.Response:
+        return web.json_response({"created": 1, "data": [{"url": "data:image/png;base64,AAAA"}]})
+
+    app = web.Application()
+    app.router.add_post("/v1/images/generations", empty)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
+    try:
+        service = service_for(http, f"http://127.0.0.1:{unused_tcp_port}")
+        with pytest.raises(BadReply) as caught:
+            await run(service, "/imagegen a fox")
+        assert "not a PNG, JPEG or WebP" in caught.value.user_message
+    finally:
+        await runner.cleanup()
+
+
+def list_dir(path: Path) -> list[Path]:
+    return list(path.iterdir())
+
+
+class RecordingChat:
+    """An in-memory Chat: the core is exercised without any platform."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+        self.progress: list[str] = []
+        self.pictures: list[tuple[Sequence[Picture], str]] = []
+
+    async def send_text(self, text: str) -> None:
+        self.texts.append(text)
+
+    async def show_progress(self, status: str) -> None:
+        self.progress.append(status)
+
+    async def send_pictures(self, pictures: Sequence[Picture], caption: str) -> None:
+        self.pictures.append((pictures, caption))
+
+
+ALICE = Sender("telegram", "111", "alice", ("111",), private=True)
+
+
+async def test_bot_answers_with_price_in_progress_and_caption(
+    sandbox: RunningSandbox, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    settings = load_settings(_env_file=None, database_path=tmp_path / "l.sqlite3")
+    bot = ImageBot(settings, service_for(http, sandbox.url))
+    chat = RecordingChat()
+    assert await bot.handle(ALICE, chat, "/imagegen -m flux a fox") is True
+    assert chat.progress == ["Drawing with flux · 1024x1024 · $0.042…"]
+    ((pictures, caption),) = chat.pictures
+    assert caption == "flux · 1024x1024 · $0.042" and len(pictures) == 1
+
+
+async def test_bot_refuses_bad_input_before_any_payment(
+    sandbox: RunningSandbox, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    settings = load_settings(_env_file=None, database_path=tmp_path / "l.sqlite3")
+    bot = ImageBot(settings, service_for(http, sandbox.url))
+    chat = RecordingChat()
+    for text in ("/imagegen -m nope x", "/img2img x", "/imagegen -s 1x1 x", "/imagegen"):
+        assert await bot.handle(ALICE, chat, text) is False
+    assert len(chat.texts) == 4 and chat.pictures == [] and chat.progress == []
+    assert sandbox.settlements == []
+
+
+async def test_users_outside_the_allowlist_are_refused_in_private_and_ignored_in_groups(
+    sandbox: RunningSandbox, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    settings = load_settings(
+        _env_file=None, database_path=tmp_path / "l.sqlite3", allowed_users="telegram:222"
+    )
+    bot = ImageBot(settings, service_for(http, sandbox.url))
+    private, group = RecordingChat(), RecordingChat()
+    assert await bot.handle(ALICE, private, "/imagegen a fox") is False
+    in_group = Sender("telegram", "111", "alice", ("-100",), private=False)
+    assert await bot.handle(in_group, group, "/imagegen a fox") is None
+    assert len(private.texts) == 1 and group.texts == []
+    assert sandbox.settlements == []
+
+
+async def test_console_once_saves_the_picture_and_exits_0(
+    sandbox: RunningSandbox,
+    http: httpx.AsyncClient,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    settings = load_settings(_env_file=None, database_path=tmp_path / "l.sqlite3")
+    bot = ImageBot(settings, service_for(http, sandbox.url))
+    source = tmp_path / "in.jpg"
+    Image.new("RGB", (80, 60), "blue").save(source, "JPEG")
+    code = await run_console(bot, tmp_path / "out", f"/img2img --image {source} make it snow")
+    assert code == 0
+    (saved,) = list_dir(tmp_path / "out")
+    assert Image.open(saved).size == (1024, 1024)
+    assert str(saved) in capsys.readouterr().out
+    assert await run_console(bot, tmp_path / "out", "/imagegen #policy x") == 1
+    assert await run_console(bot, tmp_path / "out", "/img2img --image /nonexistent x") == 1
+
+
+async def test_console_chat_writes_each_format_with_its_extension(tmp_path: Path) -> None:
+    chat = ConsoleChat(tmp_path)
+    await chat.send_pictures([Picture(png(), "image/png", 64, 48)], "caption")
+    assert [path.suffix for path in list_dir(tmp_path)] == [".png"]
+
+
+def test_demo_once_runs_offline_from_the_command_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bot.cli", "demo", "--once", "/imagegen a red fox"],
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).parents[1])},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "saved out/" in result.stdout
+    assert len(list((tmp_path / "out").glob("*.png"))) == 1
+
+
+async def test_resent_payment_reported_as_used_is_an_unknown_outcome(
+    http: httpx.AsyncClient, unused_tcp_port: int
+) -> None:
+    """The gateway got the paid request, the answer was lost, the resend meets a used nonce."""
+    from aiohttp import web
+
+    from bot.chains import BASE_SEPOLIA
+
+    requirement = {
+        "scheme": "exact",
+        "network": BASE_SEPOLIA.caip2,
+        "asset": BASE_SEPOLIA.usdc,
+        "amount": "52500",
+        "payTo": "0x1f9994449098867e0A14f77DcAD0fD3beBe3ae15",
+        "maxTimeoutSeconds": 300,
+        "extra": {},
+    }
+    headers_seen: list[str] = []
+
+    async def generations(request: web.Request) -> web.StreamResponse:
+        header = request.headers.get("PAYMENT-SIGNATURE")
+        if header is None:
+            return web.json_response({"x402Version": 2, "accepts": [requirement]}, status=402)
+        headers_seen.append(header)
+        if len(headers_seen) == 1:
+            assert request.transport is not None
+            request.transport.close()  # the answer to the paid request is lost
+            return web.Response()
+        return web.json_response({"error": "nonce_already_used"}, status=402)
+
+    app = web.Application()
+    app.router.add_post("/v1/images/generations", generations)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
+    try:
+        service = service_for(http, f"http://127.0.0.1:{unused_tcp_port}")
+        with pytest.raises(ImagebotError) as caught:
+            await run(service, "/imagegen a fox")
+    finally:
+        await runner.cleanup()
+    assert len(headers_seen) == 2 and headers_seen[0] == headers_seen[1]
+    assert caught.value.charged is None
+    assert "may have been charged" in caught.value.user_message
