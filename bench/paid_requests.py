@@ -144,13 +144,26 @@ async def imagebot_batch(
         stop.set()
         worst_lag = await ticker
         after = await asyncio.to_thread(gateway.settled)
-    errors = [result for result in results if isinstance(result, BaseException)]
     name = "imagebot" if transport == "httpx" else f"imagebot+{transport}"
+    return batch_of(name, results, after - before, cpu, wall, worst_lag, sandbox_cpu)
+
+
+def batch_of(
+    client: str,
+    outcomes: list[Any],
+    settled: int,
+    cpu: float,
+    wall: float,
+    worst_lag: float,
+    sandbox_cpu: float,
+) -> Batch:
+    """Summarise one measured batch; outcomes that are exceptions count as failures."""
+    errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
     return Batch(
-        client=name,
-        count=count,
-        ok=count - len(errors),
-        settled=after - before,
+        client=client,
+        count=len(outcomes),
+        ok=len(outcomes) - len(errors),
+        settled=settled,
         cpu_seconds=cpu,
         wall_seconds=wall,
         worst_lag_seconds=worst_lag,
@@ -195,18 +208,7 @@ def sdk_batch(gateway: Gateway, count: int, request: GenerateRequest) -> Batch:
     finally:
         for client in clients:
             client.close()
-    errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
-    return Batch(
-        client="blockrun-llm",
-        count=count,
-        ok=count - len(errors),
-        settled=after - before,
-        cpu_seconds=cpu,
-        wall_seconds=wall,
-        worst_lag_seconds=worst_lag,
-        sandbox_cpu_seconds=sandbox_cpu,
-        first_error=describe(errors[0]) if errors else None,
-    )
+    return batch_of("blockrun-llm", outcomes, after - before, cpu, wall, worst_lag, sandbox_cpu)
 
 
 def run_threads(
