@@ -2,7 +2,7 @@
 
 Run: ``.venv/bin/python bench/paid_requests.py [--levels 50,500] [--latency 0.2]``.
 The sandbox gateway runs in a child process, so its CPU is not counted as the bot's. Each
-level runs imagebot (``ImageService`` + ``X402Payer`` + one ``httpx.AsyncClient``), then, in
+level runs imagebot (``ImageService`` + ``X402Payer`` + the bot's ``gateway_client()``), then, in
 a separate phase, BlockRun's ``blockrun-llm`` SDK (``ImageClient`` in threads) when installed.
 """
 
@@ -28,6 +28,7 @@ from eth_account import Account
 
 from bot.commands import GenerateRequest, parse
 from bot.images import ImageService
+from bot.runtime import GATEWAY_CONNECTIONS, gateway_client
 from bot.sandbox import Sandbox
 from bot.x402 import Wallet, X402Payer
 
@@ -37,7 +38,7 @@ WARMUP_REQUESTS = 5
 TARGET_CPU_MS = 3.0
 TARGET_WALL_RATIO_AT_50 = 2.0
 TARGET_LAG_MS = 50.0
-PACKAGES = ("httpx", "httpcore", "anyio", "sniffio", "aiohttp", "blockrun-llm")
+PACKAGES = ("httpx", "httpx-aiohttp", "httpcore", "aiohttp", "blockrun-llm")
 
 
 @dataclass(frozen=True)
@@ -107,21 +108,19 @@ async def loop_ticker(stop: asyncio.Event) -> float:
     return worst
 
 
-def imagebot_client(count: int, transport: str) -> httpx.AsyncClient:
-    """One shared client whose pool holds ``count`` connections."""
-    if transport == "aiohttp":
-        from aiohttp_transport import AiohttpTransport
-
-        return httpx.AsyncClient(transport=AiohttpTransport(count), timeout=120)
-    limits = httpx.Limits(max_connections=count, max_keepalive_connections=count)
-    return httpx.AsyncClient(limits=limits, timeout=120)
+def imagebot_client(transport: str, connections: int) -> httpx.AsyncClient:
+    """The bot's own gateway client, or plain httpx (httpcore's pool) for comparison."""
+    if transport == "httpcore":
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        return httpx.AsyncClient(limits=limits, timeout=120)
+    return gateway_client(connections)
 
 
 async def imagebot_batch(
-    gateway: Gateway, count: int, request: GenerateRequest, transport: str
+    gateway: Gateway, count: int, request: GenerateRequest, transport: str, connections: int
 ) -> Batch:
     """Warm up, then time ``count`` concurrent ``ImageService.generate`` calls."""
-    async with imagebot_client(count, transport) as http:
+    async with imagebot_client(transport, connections) as http:
         payer = X402Payer(http, Wallet.create(), max_micro=1_000_000)
         service = ImageService(http, payer, gateway.url)
         for _ in range(WARMUP_REQUESTS):
@@ -144,7 +143,7 @@ async def imagebot_batch(
         stop.set()
         worst_lag = await ticker
         after = await asyncio.to_thread(gateway.settled)
-    name = "imagebot" if transport == "httpx" else f"imagebot+{transport}"
+    name = "imagebot" if transport == "shipped" else f"imagebot+{transport}"
     return batch_of(name, results, after - before, cpu, wall, worst_lag, sandbox_cpu)
 
 
@@ -279,13 +278,19 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.2, help="sandbox latency, seconds")
     parser.add_argument(
         "--transport",
-        default="httpx",
-        choices=("httpx", "aiohttp", "both"),
-        help="imagebot's httpx transport: httpx's own pool (as the bot ships), aiohttp, or both",
+        default="shipped",
+        choices=("shipped", "httpcore", "both"),
+        help="imagebot's HTTP client: as shipped (httpx over aiohttp), plain httpx, or both",
+    )
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=GATEWAY_CONNECTIONS,
+        help="imagebot's connection cap (shipped: %(default)s)",
     )
     args = parser.parse_args()
     levels = [int(level) for level in args.levels.split(",")]
-    transports = ["httpx", "aiohttp"] if args.transport == "both" else [args.transport]
+    transports = ["shipped", "httpcore"] if args.transport == "both" else [args.transport]
     request = parse(COMMAND)
     assert isinstance(request, GenerateRequest)
 
@@ -310,7 +315,7 @@ def main() -> None:
         for count in levels:
             print(f"\n{count} concurrent paid requests")
             ours = [
-                asyncio.run(imagebot_batch(gateway, count, request, transport))
+                asyncio.run(imagebot_batch(gateway, count, request, transport, args.connections))
                 for transport in transports
             ]
             for batch in ours:

@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 MAX_VALIDITY_SECONDS = 3600
 CLOCK_SKEW_SECONDS = 600
 FIRST_RESEND_DELAY_SECONDS = 0.5
+# Paid exchanges and polls at once: bounds the CPU burst when many replies land together.
+MAX_EXCHANGES_IN_FLIGHT = 64
 
 _TRANSFER_TYPEHASH = keccak(
     text="TransferWithAuthorization(address from,address to,uint256 value,"
@@ -228,17 +230,30 @@ class X402Payer:
         max_micro: int,
         clock: Callable[[], float] = time.time,
         resend_attempts: int = 2,
+        max_in_flight: int = MAX_EXCHANGES_IN_FLIGHT,
     ) -> None:
         self._http = http
         self._wallet = wallet
         self._max_micro = max_micro
         self._clock = clock
         self._resend_attempts = resend_attempts
+        self._in_flight = asyncio.Semaphore(max_in_flight)
 
     async def post(
         self, url: str, *, json: dict[str, Any], on_payment: PaymentHook | None = None
     ) -> PaidResponse:
         """POST json; on a 402 check the quote, let the hook record it, sign once and retry."""
+        async with self._in_flight:
+            return await self._pay(url, json, on_payment)
+
+    async def get(self, url: str, payment: SignedPayment | None) -> httpx.Response:
+        """GET, e.g. to poll a 202 job, with the same payment header; resends like post."""
+        async with self._in_flight:
+            return await self._send("GET", url, payment, None)
+
+    async def _pay(
+        self, url: str, json: dict[str, Any], on_payment: PaymentHook | None
+    ) -> PaidResponse:
         response = await self._http.post(url, json=json)
         if response.status_code != 402:
             return PaidResponse(response, None, read_receipt(response))
@@ -254,10 +269,6 @@ class X402Payer:
         payment = _signed(intent, self._wallet.sign(intent))
         response = await self._send("POST", url, payment, json)
         return PaidResponse(response, payment, read_receipt(response))
-
-    async def get(self, url: str, payment: SignedPayment | None) -> httpx.Response:
-        """GET, e.g. to poll a 202 job, with the same payment header; resends like post."""
-        return await self._send("GET", url, payment, None)
 
     def _intent(self, quote: Quote, payer: str) -> PaymentIntent:
         now = int(self._clock())
@@ -294,7 +305,7 @@ class X402Payer:
                     "%s %s lost (%s), attempt %d of %d",
                     method,
                     url,
-                    type(exc).__name__,
+                    type(exc.__cause__ or exc).__name__,
                     attempt + 1,
                     self._resend_attempts + 1,
                 )

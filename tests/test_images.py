@@ -26,6 +26,7 @@ from bot.images import (
     Picture,
     RateLimited,
 )
+from bot.runtime import gateway_client
 from bot.sandbox import Sandbox, Settlement
 from bot.service import ImageBot, Sender
 from bot.x402 import PaymentIntent, Wallet, X402Payer
@@ -58,7 +59,7 @@ async def sandbox() -> AsyncIterator[RunningSandbox]:
 
 @pytest.fixture
 async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=30) as client:
+    async with gateway_client() as client:
         yield client
 
 
