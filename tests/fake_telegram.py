@@ -1,0 +1,1026 @@
+"""A fake Telegram Bot API on loopback, so the real python-telegram-bot runs in tests offline.
+
+Point PTB at it with ``base_url(fake.base_url)`` and ``base_file_url(fake.base_file_url)``.
+It speaks the wire format of ``api.telegram.org`` (form or multipart requests, ``{"ok": ...}``
+answers with Telegram's error texts and HTTP statuses) for the methods the bot uses: long-polled
+``getUpdates``, text, photos, documents, albums, edits, chat actions, commands and file
+downloads, and it enforces Telegram's limits:
+
+==============================  =================================================================
+limit                           answer
+==============================  =================================================================
+text over 4096 characters       400 ``message is too long`` (``MESSAGE_TOO_LONG`` for edits)
+caption over 1024 characters    400 ``message caption is too long``
+photo upload over 10 MiB        400 ``file of size N bytes is too big for a photo; ...``
+width + height > 10000          400 ``PHOTO_INVALID_DIMENSIONS`` (so is a side ratio over 20)
+bytes that are not an image     400 ``IMAGE_PROCESS_FAILED``
+album of 0, 1 or 11+ items      400 (Telegram's texts for 0 and 11+; 1 is the fake's own rule)
+request body over 50 MiB        413 ``Request Entity Too Large``
+``getFile`` over 20 MiB         400 ``file is too big`` (the bot download limit)
+==============================  =================================================================
+
+Characters are counted in UTF-16 code units after HTML tags are removed (``parse_mode=HTML``);
+Markdown is counted as sent. Tests play the users (``send_text``, ``send_photo``, ``send_album``,
+``send_document``), watch the bot (``sent``, ``wait_for``, ``messages_in``, ``chat_actions``,
+``commands``) and inject faults (``flood``, ``fail``).
+
+Photos keep the uploaded bytes: every size of a photo downloads the original, and the smaller
+sizes report a file size in proportion to their area.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import itertools
+import json
+import mimetypes
+import re
+import secrets
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import PurePosixPath
+from typing import Any, NamedTuple
+
+from aiohttp import BodyPartReader, hdrs, web
+from PIL import Image
+
+DEFAULT_TOKEN = "123456789:AAFakeTelegramTokenForImagebotTests"
+DEFAULT_BOT_USERNAME = "ImageTestBot"
+
+TEXT_MAX_CHARS = 4096
+CAPTION_MAX_CHARS = 1024
+ALBUM_MAX_ITEMS = 10
+PHOTO_MAX_BYTES = 10 * 2**20
+PHOTO_MAX_SIDES = 10_000  # width + height
+PHOTO_MAX_RATIO = 20
+UPLOAD_MAX_BYTES = 50 * 2**20
+DOWNLOAD_MAX_BYTES = 20 * 2**20
+
+_THUMBNAIL_SIDES = (90, 320, 800)
+_CHAT_ACTIONS = frozenset(
+    {
+        "typing",
+        "upload_photo",
+        "record_video",
+        "upload_video",
+        "record_voice",
+        "upload_voice",
+        "upload_document",
+        "choose_sticker",
+        "find_location",
+        "record_video_note",
+        "upload_video_note",
+    }
+)
+# Update kinds Telegram leaves out unless allowed_updates asks for them.
+_OPT_IN_UPDATES = frozenset({"chat_member", "message_reaction", "message_reaction_count"})
+# PTB sends these as JSON text inside the form.
+_JSON_PARAMS = frozenset(
+    {
+        "allowed_updates",
+        "caption_entities",
+        "commands",
+        "entities",
+        "link_preview_options",
+        "media",
+        "reaction",
+        "reply_markup",
+        "reply_parameters",
+        "scope",
+    }
+)
+_INT_PARAMS = frozenset(
+    {"chat_id", "limit", "message_id", "message_thread_id", "offset", "reply_to_message_id"}
+)
+_COMMAND = re.compile(r"/[A-Za-z0-9_]{1,32}(?:@[A-Za-z0-9_]{3,32})?")
+_COMMAND_NAME = re.compile(r"[a-z0-9_]{1,32}")
+_HTML_TAG = re.compile(r"<[^>]*>")
+_CONFLICT = (
+    "Conflict: terminated by other getUpdates request; "
+    "make sure that only one bot instance is running"
+)
+_MEDIA_NOT_FOUND = "can't parse InputMedia: media not found"
+_NOT_MODIFIED = (
+    "Bad Request: message is not modified: specified new message content and reply markup are "
+    "exactly the same as a current content and reply markup of the message"
+)
+
+
+@dataclass(frozen=True)
+class User:
+    """A person who writes to the bot."""
+
+    id: int
+    first_name: str
+    username: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        user: dict[str, Any] = {"id": self.id, "is_bot": False, "first_name": self.first_name}
+        if self.username:
+            user["username"] = self.username
+        return user
+
+
+@dataclass(frozen=True)
+class Chat:
+    """A chat the fake knows: private with ``user``, or a supergroup (a forum if ``is_forum``)."""
+
+    id: int
+    title: str | None = None
+    user: User | None = None
+    is_forum: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        if self.user is not None:
+            chat = {"id": self.id, "type": "private", "first_name": self.user.first_name}
+            if self.user.username:
+                chat["username"] = self.user.username
+            return chat
+        chat = {"id": self.id, "type": "supergroup", "title": self.title}
+        if self.is_forum:
+            chat["is_forum"] = True
+        return chat
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One file part of a multipart request."""
+
+    filename: str
+    content_type: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Call:
+    """One Bot API request of the bot (``getUpdates`` aside) and how the fake answered it."""
+
+    method: str
+    params: dict[str, Any]
+    files: dict[str, Upload]
+    at: float  # time.monotonic() when the request arrived
+    result: Any = None
+    error_code: int | None = None
+    description: str | None = None
+
+    @property
+    def chat_id(self) -> int | str | None:
+        return self.params.get("chat_id")
+
+    @property
+    def ok(self) -> bool:
+        return self.error_code is None
+
+
+class _ApiError(Exception):
+    """An answer ``{"ok": false, ...}`` with Telegram's ``error_code`` and ``description``."""
+
+    def __init__(
+        self, code: int, description: str, parameters: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(description)
+        self.code = code
+        self.description = description
+        self.parameters = parameters
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "ok": False,
+            "error_code": self.code,
+            "description": self.description,
+        }
+        if self.parameters:
+            body["parameters"] = self.parameters
+        return body
+
+
+@dataclass(frozen=True)
+class _StoredFile:
+    data: bytes
+    size: int  # what Telegram reports, which may differ from len(data)
+    unique_id: str
+    path: str
+    file_name: str
+    mime_type: str
+
+
+class _Input(NamedTuple):
+    """A file a request sends: a fresh upload or one already stored, named by its file_id."""
+
+    data: bytes
+    file_name: str
+    mime_type: str
+
+
+class _Photo(NamedTuple):
+    data: bytes
+    width: int
+    height: int
+    extension: str
+
+
+@dataclass
+class _ChatState:
+    chat: Chat
+    messages: dict[int, dict[str, Any]] = field(default_factory=dict)
+    last_message_id: int = 0
+    # What each bot text message was sent as, to tell an edit that changes nothing.
+    sources: dict[int, str] = field(default_factory=dict)
+
+
+_Handler = Callable[[dict[str, Any], dict[str, Upload]], Awaitable[Any]]
+
+
+class FakeTelegram:
+    """A Telegram Bot API server on loopback that records every call and plays the users."""
+
+    def __init__(
+        self,
+        *,
+        token: str = DEFAULT_TOKEN,
+        bot_username: str = DEFAULT_BOT_USERNAME,
+        bot_name: str = "Image Test Bot",
+    ) -> None:
+        self.token = token
+        self.bot_username = bot_username
+        self.bot_id = int(token.partition(":")[0])
+        self.sent: list[Call] = []
+        self.url = ""  # the server root, once started
+        self.base_url = ""  # for Bot(base_url=...): ends in /bot, PTB appends the token
+        self.base_file_url = ""  # for Bot(base_file_url=...): ends in /file/bot
+        self._bot_user = {
+            "id": self.bot_id,
+            "is_bot": True,
+            "first_name": bot_name,
+            "username": bot_username,
+        }
+        self._chats: dict[int, _ChatState] = {}
+        self._files: dict[str, _StoredFile] = {}
+        self._paths: dict[str, _StoredFile] = {}  # file_path -> file, once getFile gave it out
+        self._serial = itertools.count(1)
+        self._updates: deque[dict[str, Any]] = deque()
+        self._last_update_id = 0
+        self._allowed_updates: frozenset[str] = frozenset()
+        self._poll_generation = 0
+        self._closing = False
+        self._update_arrived = asyncio.Event()
+        self._call_arrived = asyncio.Event()
+        self._faults: dict[str, deque[_ApiError]] = {}
+        self._commands: dict[tuple[str, str], list[dict[str, str]]] = {}
+        self._methods: dict[str, tuple[str, _Handler]] = {
+            name.lower(): (name, handler)
+            for name, handler in {
+                "getMe": self._get_me,
+                "getUpdates": self._get_updates,
+                "deleteWebhook": self._delete_webhook,
+                "setMyCommands": self._set_my_commands,
+                "getMyCommands": self._get_my_commands,
+                "sendMessage": self._send_message,
+                "editMessageText": self._edit_message_text,
+                "deleteMessage": self._delete_message,
+                "sendChatAction": self._send_chat_action,
+                "sendPhoto": self._send_photo,
+                "sendDocument": self._send_document,
+                "sendMediaGroup": self._send_media_group,
+                "getFile": self._get_file,
+                "setMessageReaction": self._set_message_reaction,
+            }.items()
+        }
+        self._runner: web.AppRunner | None = None
+        self.app = web.Application(client_max_size=UPLOAD_MAX_BYTES + 2**20)
+        self.app.add_routes(
+            [
+                web.post("/bot{token}/{method}", self._api),
+                web.get("/bot{token}/{method}", self._api),
+                web.get("/file/bot{token}/{path:.+}", self._download),
+            ]
+        )
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        """Listen on ``host:port`` (0 = any free port) and set the URLs to give PTB."""
+        # Cancelling a handler when its client hangs up ends an abandoned long poll at once.
+        self._runner = web.AppRunner(self.app, shutdown_timeout=1.0, handler_cancellation=True)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, host, port).start()
+        self.url = f"http://{host}:{self._runner.addresses[0][1]}"
+        self.base_url = f"{self.url}/bot"
+        self.base_file_url = f"{self.url}/file/bot"
+
+    async def close(self) -> None:
+        self._closing = True
+        self._wake_polls()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # Users and chats
+
+    def private_chat(self, user_id: int, first_name: str, username: str | None = None) -> Chat:
+        """A private chat with a new user (``chat.user``); its id is the user's."""
+        return self._add_chat(Chat(user_id, user=User(user_id, first_name, username)))
+
+    def group_chat(self, chat_id: int, title: str, forum: bool = False) -> Chat:
+        """A supergroup (a forum with topics if ``forum``) the bot is a member of."""
+        return self._add_chat(Chat(chat_id, title=title, is_forum=forum))
+
+    def send_text(
+        self,
+        chat: Chat,
+        user: User,
+        text: str,
+        *,
+        reply_to: int | None = None,
+        thread_id: int | None = None,
+    ) -> dict[str, Any]:
+        """Deliver ``user``'s text message as an update; a leading /command gets its entity."""
+        content: dict[str, Any] = {"text": text, **_command_entity("entities", text)}
+        return self._incoming(chat, user, content, reply_to=reply_to, thread_id=thread_id)
+
+    def send_photo(
+        self,
+        chat: Chat,
+        user: User,
+        image: bytes,
+        *,
+        caption: str | None = None,
+        media_group_id: str | None = None,
+        reply_to: int | None = None,
+        thread_id: int | None = None,
+    ) -> dict[str, Any]:
+        """Deliver a photo as Telegram does: sizes smallest first, the original last."""
+        content: dict[str, Any] = {"photo": self._photo_sizes(_read_photo(image))}
+        if caption is not None:
+            content |= {"caption": caption, **_command_entity("caption_entities", caption)}
+        if media_group_id is not None:
+            content["media_group_id"] = media_group_id
+        return self._incoming(chat, user, content, reply_to=reply_to, thread_id=thread_id)
+
+    def send_album(
+        self, chat: Chat, user: User, images: list[bytes], caption: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Deliver photos as one album: an update each, one media_group_id, caption on the first."""
+        album_id = self._album_id()
+        return [
+            self.send_photo(
+                chat, user, image, caption=caption if index == 0 else None, media_group_id=album_id
+            )
+            for index, image in enumerate(images)
+        ]
+
+    def send_document(
+        self,
+        chat: Chat,
+        user: User,
+        data: bytes,
+        file_name: str,
+        mime_type: str,
+        caption: str | None = None,
+        *,
+        reply_to: int | None = None,
+        thread_id: int | None = None,
+        size_override: int | None = None,
+    ) -> dict[str, Any]:
+        """Deliver a file sent as a document; ``size_override`` fakes a big one cheaply."""
+        document = self._store(
+            data, "documents", file_name=file_name, mime_type=mime_type, size=size_override
+        )
+        content: dict[str, Any] = {
+            "document": {"file_name": file_name, "mime_type": mime_type, **document}
+        }
+        if caption is not None:
+            content |= {"caption": caption, **_command_entity("caption_entities", caption)}
+        return self._incoming(chat, user, content, reply_to=reply_to, thread_id=thread_id)
+
+    def register_file(self, data: bytes, size_override: int | None = None) -> str:
+        """Store a file and return its file_id; ``size_override`` is the size Telegram reports."""
+        return self._store(data, "documents", size=size_override)["file_id"]
+
+    # Watching the bot
+
+    async def wait_for(
+        self,
+        predicate: str | Callable[[Call], bool],
+        timeout: float = 10.0,  # noqa: ASYNC109 (a deadline for the call to arrive, as tests read it)
+        *,
+        since: int = 0,
+    ) -> Call:
+        """The first call from ``sent[since:]`` that matches (a method name or a predicate).
+
+        Waits for it to arrive; raises TimeoutError after ``timeout`` seconds.
+        """
+        matches = _method_is(predicate) if isinstance(predicate, str) else predicate
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        index = since
+        while True:
+            while index < len(self.sent):
+                call = self.sent[index]
+                index += 1
+                if matches(call):
+                    return call
+            arrived = self._call_arrived
+            try:
+                await asyncio.wait_for(arrived.wait(), deadline - loop.time())
+            except TimeoutError:
+                recent = [call.method for call in self.sent[-10:]]
+                message = f"no matching Bot API call in {timeout}s; the last ones: {recent}"
+                raise TimeoutError(message) from None
+
+    def calls(self, method: str) -> list[Call]:
+        """The bot's calls of ``method``, in order."""
+        return [call for call in self.sent if call.method == method]
+
+    def messages_in(self, chat: Chat | int) -> list[dict[str, Any]]:
+        """The chat's messages as they stand (edits applied, deletions gone), oldest first."""
+        return list(self._chats[chat if isinstance(chat, int) else chat.id].messages.values())
+
+    @property
+    def chat_actions(self) -> list[tuple[int | str | None, str]]:
+        """(chat_id, action) of every accepted sendChatAction, in order."""
+        return [
+            (call.chat_id, call.params["action"])
+            for call in self.sent
+            if call.method == "sendChatAction" and call.ok
+        ]
+
+    @property
+    def commands(self) -> list[dict[str, str]]:
+        """The commands setMyCommands stored for the default scope and no language_code."""
+        return self.commands_for()
+
+    def commands_for(
+        self, scope: dict[str, Any] | None = None, language_code: str = ""
+    ) -> list[dict[str, str]]:
+        return self._commands.get((_scope_key(scope), language_code), [])
+
+    @property
+    def pending_updates(self) -> list[dict[str, Any]]:
+        """Updates waiting for the bot: not yet confirmed by a getUpdates offset."""
+        return list(self._updates)
+
+    # Faults
+
+    def flood(self, method: str, times: int = 1, retry_after: int = 1) -> None:
+        """Answer the next ``times`` calls of ``method`` 429 with ``retry_after``."""
+        error = _ApiError(
+            429, f"Too Many Requests: retry after {retry_after}", {"retry_after": retry_after}
+        )
+        self._faults.setdefault(method.lower(), deque()).extend([error] * times)
+
+    def fail(self, method: str, error_code: int, description: str, times: int = 1) -> None:
+        """Answer the next ``times`` calls of ``method`` with this error."""
+        error = _ApiError(error_code, description)
+        self._faults.setdefault(method.lower(), deque()).extend([error] * times)
+
+    # HTTP
+
+    async def _api(self, request: web.Request) -> web.Response:
+        if request.match_info["token"] != self.token:
+            return _failure(_ApiError(401, "Unauthorized"))
+        arrived = time.monotonic()
+        name = request.match_info["method"]
+        method, handler = self._methods.get(name.lower(), (name, None))
+        try:
+            params, files = await _read_params(request)
+        except _ApiError as exc:
+            return _failure(exc)
+        try:
+            if handler is None:
+                raise _ApiError(404, "Not Found")
+            faults = self._faults.get(method.lower())
+            if faults:
+                raise faults.popleft()
+            result = await handler(params, files)
+        except _ApiError as exc:
+            self._record(
+                Call(
+                    method, params, files, arrived, error_code=exc.code, description=exc.description
+                )
+            )
+            return _failure(exc)
+        self._record(Call(method, params, files, arrived, result=result))
+        return web.json_response({"ok": True, "result": result})
+
+    async def _download(self, request: web.Request) -> web.Response:
+        if request.match_info["token"] != self.token:
+            return _failure(_ApiError(401, "Unauthorized"))
+        stored = self._paths.get(request.match_info["path"])
+        if stored is None:
+            return _failure(_ApiError(404, "Not Found"))
+        return web.Response(body=stored.data, content_type="application/octet-stream")
+
+    def _record(self, call: Call) -> None:
+        if call.method == "getUpdates":
+            return  # polls would drown out what the bot did
+        self.sent.append(call)
+        self._call_arrived.set()
+        self._call_arrived = asyncio.Event()
+
+    # Bot API methods
+
+    async def _get_me(self, params: dict[str, Any], files: dict[str, Upload]) -> Any:
+        return {
+            **self._bot_user,
+            "can_join_groups": True,
+            "can_read_all_group_messages": False,
+            "supports_inline_queries": False,
+            "can_connect_to_business": False,
+            "has_main_web_app": False,
+        }
+
+    async def _get_updates(self, params: dict[str, Any], files: dict[str, Upload]) -> Any:
+        offset = _int_param(params, "offset", 0)
+        limit = min(max(_int_param(params, "limit", 100), 1), 100)
+        timeout = float(params.get("timeout") or 0)
+        allowed = params.get("allowed_updates")
+        if isinstance(allowed, list):
+            self._allowed_updates = frozenset(map(str, allowed))
+        if offset < 0:
+            while len(self._updates) > -offset:
+                self._updates.popleft()
+        else:
+            while self._updates and self._updates[0]["update_id"] < offset:
+                self._updates.popleft()
+        # As on Telegram, a new poll ends the one still waiting, which answers 409.
+        self._poll_generation += 1
+        generation = self._poll_generation
+        self._wake_polls()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self._updates and not self._closing and loop.time() < deadline:
+            arrived = self._update_arrived
+            try:
+                await asyncio.wait_for(arrived.wait(), deadline - loop.time())
+            except TimeoutError:
+                break
+            if generation != self._poll_generation:
+                raise _ApiError(409, _CONFLICT)
+        return list(itertools.islice(self._updates, limit))
+
+    async def _delete_webhook(self, params: dict[str, Any], files: dict[str, Upload]) -> Any:
+        if _is_true(params.get("drop_pending_updates")):
+            self._updates.clear()
+        return True
+
+    async def _set_my_commands(self, params: dict[str, Any], files: dict[str, Upload]) -> Any:
+        commands = params.get("commands")
+        if not isinstance(commands, list):
+            raise _ApiError(400, 'Bad Request: parameter "commands" is required')
+        for command in commands:
+            name = command.get("command") if isinstance(command, dict) else None
+            if not isinstance(name, str) or not _COMMAND_NAME.fullmatch(name):
+                raise _ApiError(400, "Bad Request: BOT_COMMAND_INVALID")
+        key = (_scope_key(params.get("scope")), str(params.get("language_code") or ""))
+        self._commands[key] = [
+            {"command": command["command"], "description": command.get("description", "")}
+            for command in commands
+        ]
+        return True
+
+    async def _get_my_commands(self, params: dict[str, Any], files: dict[str, Upload]) -> Any:
+        return self.commands_for(params.get("scope"), str(params.get("language_code") or ""))
+
+    async def _send_message(self, params: dict[str, Any], files: dict[str, Upload]) -> Any:
+        state = self._chat_state(params)
+        content = _text_content(params, "Bad Request: message is too long")
+        message = self._outgoing(state, params, content)
+        state.sources[message["message_id"]] = _source(params)
+        return message
+
+    async def _edit_message_text(self, params: dict[str, Any], files: dict[str, Upload]) -> Any:
+        state = self._chat_state(params)
+        message_id = params.get("message_id")
+        old = state.messages.get(message_id) if isinstance(message_id, int) else None
+        if old is None:
+            raise _ApiError(400, "Bad Request: message to edit not found")
+        if old["from"]["id"] != self.bot_id:
+            raise _ApiError(400, "Bad Request: message can't be edited")
+        if "text" not in old:
+            raise _ApiError(400, "Bad Request: there is no text in the message to edit")
+        content = _text_content(params, "Bad Request: MESSAGE_TOO_LONG")
+        source = _source(params)
+        if state.sources.get(old["message_id"]) == source:
+            raise _ApiError(400, _NOT_MODIFIED)
+        edited = {
+            key: value
+            for key, value in old.items()
+            if key not in ("text", "entities", "reply_markup")
+        }
+        edited |= content | {"edit_date": int(time.time())} | _inline_markup(params)
+        state.messages[old["message_id"]] = edited
+        state.sources[old["message_id"]] = source
+        return edited
+
+    async def _delete_message(self, params: dict[str, Any], files: dict[str, Upload]) -> Any:
+        state = self._chat_state(params)
+        if params.get("message_id") not in state.messages:
+            raise _ApiError(400, "Bad Request: message to delete not found")
+        del state.messages[params["message_id"]]
+        return True
+
+    async def _send_chat_action(self, params: dict[str, Any], files: dict[str, Upload]) -> Any:
+        self._chat_state(params)
+        if params.get("action") not in _CHAT_ACTIONS:
+            raise _ApiError(400, "Bad Request: wrong parameter action in request")
+        return True
+
+    async def _send_photo(self, params: dict[str, Any], files: dict[str, Upload]) -> Any:
+        state = self._chat_state(params)
+        source = self._input_file(params, files, "photo", "there is no photo in the request")
+        caption = _caption_content(params.get("caption"), params.get("parse_mode"))
+        photo = _check_photo(source.data)
+        content = {"photo": self._photo_sizes(photo), **caption}
+        return self._outgoing(state, params, content)
+
+    async def _send_document(self, params: dict[str, Any], files: dict[str, Upload]) -> Any:
+        state = self._chat_state(params)
+        source = self._input_file(params, files, "document", "there is no document in the request")
+        caption = _caption_content(params.get("caption"), params.get("parse_mode"))
+        content = {"document": self._document(source), **caption}
+        return self._outgoing(state, params, content)
+
+    async def _send_media_group(self, params: dict[str, Any], files: dict[str, Upload]) -> Any:
+        state = self._chat_state(params)
+        media = params.get("media")
+        if not media:
+            raise _ApiError(400, "Bad Request: there are no messages to send")
+        if not isinstance(media, list) or not all(isinstance(item, dict) for item in media):
+            raise _ApiError(400, "Bad Request: can't parse media JSON object")
+        if len(media) > ALBUM_MAX_ITEMS:
+            raise _ApiError(400, "Bad Request: too many messages to send as an album")
+        if len(media) < 2:
+            # Telegram sends a lone item outside any album; its documentation asks for 2-10.
+            raise _ApiError(400, "Bad Request: an album needs 2-10 items (fake's rule)")
+        kinds = {item.get("type") for item in media}
+        unsupported = kinds - {"photo", "document"}
+        if unsupported:
+            kind = unsupported.pop()
+            raise _ApiError(
+                400, f"Bad Request: the fake has no {kind!r} albums, only photos or documents"
+            )
+        if "document" in kinds and len(kinds) > 1:
+            raise _ApiError(400, "Bad Request: document can't be mixed with other media types")
+        # Check every item before sending any: a refused album sends nothing.
+        checked: list[tuple[dict[str, Any], _Input, _Photo | None]] = []
+        for item in media:
+            source = self._input_file(item, files, "media", _MEDIA_NOT_FOUND)
+            caption = _caption_content(item.get("caption"), item.get("parse_mode"))
+            photo = _check_photo(source.data) if item["type"] == "photo" else None
+            checked.append((caption, source, photo))
+        album_id = self._album_id()
+        messages = []
+        for caption, source, photo in checked:
+            if photo is not None:
+                content = {"photo": self._photo_sizes(photo)}
+            else:
+                content = {"document": self._document(source)}
+            content |= caption | {"media_group_id": album_id}
+            messages.append(self._outgoing(state, params, content))
+        return messages
+
+    async def _get_file(self, params: dict[str, Any], files: dict[str, Upload]) -> Any:
+        file_id = params.get("file_id")
+        stored = self._files.get(file_id) if isinstance(file_id, str) else None
+        if stored is None:
+            raise _ApiError(400, "Bad Request: invalid file_id")
+        if stored.size > DOWNLOAD_MAX_BYTES:
+            raise _ApiError(400, "Bad Request: file is too big")
+        self._paths[stored.path] = stored
+        return {
+            "file_id": file_id,
+            "file_unique_id": stored.unique_id,
+            "file_size": stored.size,
+            "file_path": stored.path,
+        }
+
+    async def _set_message_reaction(self, params: dict[str, Any], files: dict[str, Upload]) -> Any:
+        state = self._chat_state(params)
+        if params.get("message_id") not in state.messages:
+            raise _ApiError(400, "Bad Request: message to react not found")
+        return True
+
+    # Messages, updates and files
+
+    def _add_chat(self, chat: Chat) -> Chat:
+        self._chats[chat.id] = _ChatState(chat)
+        return chat
+
+    def _chat_state(self, params: dict[str, Any]) -> _ChatState:
+        chat_id = params.get("chat_id")
+        if chat_id is None or chat_id == "":
+            raise _ApiError(400, "Bad Request: chat_id is empty")
+        state = self._chats.get(chat_id) if isinstance(chat_id, int) else None
+        if state is None:
+            raise _ApiError(400, "Bad Request: chat not found")
+        return state
+
+    def _incoming(
+        self,
+        chat: Chat,
+        user: User,
+        content: dict[str, Any],
+        *,
+        reply_to: int | None,
+        thread_id: int | None,
+    ) -> dict[str, Any]:
+        state = self._chats.get(chat.id)
+        if state is None:
+            raise ValueError(f"unknown chat {chat.id}: make it with private_chat or group_chat")
+        reply = None
+        if reply_to is not None:
+            if reply_to not in state.messages:
+                raise ValueError(f"no message {reply_to} in chat {chat.id} to reply to")
+            reply = _without_reply(state.messages[reply_to])
+        message = self._message(state, user.to_json(), content, thread_id, reply)
+        self._push_update("message", message)
+        return message
+
+    def _outgoing(
+        self, state: _ChatState, params: dict[str, Any], content: dict[str, Any]
+    ) -> dict[str, Any]:
+        thread_id = params.get("message_thread_id")
+        reply = self._reply_target(state, params)
+        content = content | _inline_markup(params)
+        return self._message(
+            state,
+            self._bot_user,
+            content,
+            thread_id if isinstance(thread_id, int) else None,
+            reply,
+        )
+
+    def _message(
+        self,
+        state: _ChatState,
+        sender: dict[str, Any],
+        content: dict[str, Any],
+        thread_id: int | None,
+        reply: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        state.last_message_id += 1
+        message: dict[str, Any] = {
+            "message_id": state.last_message_id,
+            "from": sender,
+            "chat": state.chat.to_json(),
+            "date": int(time.time()),
+        }
+        if thread_id is not None:
+            message["message_thread_id"] = thread_id
+            if state.chat.is_forum:
+                message["is_topic_message"] = True
+        if reply is not None:
+            message["reply_to_message"] = reply
+        message |= content
+        state.messages[message["message_id"]] = message
+        return message
+
+    def _reply_target(self, state: _ChatState, params: dict[str, Any]) -> dict[str, Any] | None:
+        """The message the bot replies to, from reply_parameters or reply_to_message_id."""
+        reply = params.get("reply_parameters")
+        if isinstance(reply, dict):
+            message_id = reply.get("message_id")
+            lenient = reply.get("allow_sending_without_reply") is True
+        elif "reply_to_message_id" in params:
+            message_id = params["reply_to_message_id"]
+            lenient = _is_true(params.get("allow_sending_without_reply"))
+        else:
+            return None
+        target = state.messages.get(message_id) if isinstance(message_id, int) else None
+        if target is None:
+            if lenient:
+                return None
+            raise _ApiError(400, "Bad Request: message to be replied not found")
+        return _without_reply(target)
+
+    def _push_update(self, kind: str, payload: dict[str, Any]) -> None:
+        wanted = (
+            kind in self._allowed_updates if self._allowed_updates else kind not in _OPT_IN_UPDATES
+        )
+        if not wanted:
+            return
+        self._last_update_id += 1
+        self._updates.append({"update_id": self._last_update_id, kind: payload})
+        self._wake_polls()
+
+    def _wake_polls(self) -> None:
+        self._update_arrived.set()
+        self._update_arrived = asyncio.Event()
+
+    def _album_id(self) -> str:
+        return str(10**17 + next(self._serial))
+
+    def _input_file(
+        self, params: dict[str, Any], files: dict[str, Upload], name: str, missing: str
+    ) -> _Input:
+        """The file a parameter names: its own part, ``attach://<part>``, a file_id or a URL."""
+        value = params.get(name)
+        if value is None or (isinstance(value, str) and value.startswith("attach://")):
+            upload = files.get(name if value is None else value.removeprefix("attach://"))
+            if upload is None:
+                raise _ApiError(400, f"Bad Request: {missing}")
+            return _Input(upload.data, upload.filename, upload.content_type)
+        stored = self._files.get(value) if isinstance(value, str) else None
+        if stored is not None:
+            return _Input(stored.data, stored.file_name, stored.mime_type)
+        if isinstance(value, str) and value.startswith(("http://", "https://")):
+            raise _ApiError(400, "Bad Request: failed to get HTTP URL content")  # no internet
+        raise _ApiError(400, "Bad Request: wrong file identifier/HTTP URL specified")
+
+    def _photo_sizes(self, photo: _Photo) -> list[dict[str, Any]]:
+        """PhotoSize objects for ``photo``: thumbnails by longest side, then the original."""
+        width, height, data = photo.width, photo.height, photo.data
+        longest = max(width, height)
+        sizes = []
+        for side in _THUMBNAIL_SIDES:
+            if side < longest:
+                thumb_width = max(1, width * side // longest)
+                thumb_height = max(1, height * side // longest)
+                share = max(1, len(data) * thumb_width * thumb_height // (width * height))
+                stored = self._store(data, "photos", extension=photo.extension, size=share)
+                sizes.append({**stored, "width": thumb_width, "height": thumb_height})
+        stored = self._store(data, "photos", extension=photo.extension)
+        sizes.append({**stored, "width": width, "height": height})
+        return sizes
+
+    def _document(self, source: _Input) -> dict[str, Any]:
+        stored = self._store(
+            source.data, "documents", file_name=source.file_name, mime_type=source.mime_type
+        )
+        return {"file_name": source.file_name, "mime_type": source.mime_type, **stored}
+
+    def _store(
+        self,
+        data: bytes,
+        folder: str,
+        *,
+        extension: str | None = None,
+        file_name: str | None = None,
+        mime_type: str | None = None,
+        size: int | None = None,
+    ) -> dict[str, Any]:
+        """Keep ``data`` under a new file_id and return the file's JSON fields."""
+        serial = next(self._serial)
+        if extension is None:
+            extension = PurePosixPath(file_name or "").suffix
+        file_name = file_name or f"file_{serial}{extension}"
+        mime_type = mime_type or mimetypes.guess_type(file_name)[0] or "application/octet-stream"
+        file_id = f"fake{serial}-{secrets.token_urlsafe(12)}"
+        stored = _StoredFile(
+            data=data,
+            size=len(data) if size is None else size,
+            unique_id=f"unique{serial}",
+            path=f"{folder}/file_{serial}{extension}",
+            file_name=file_name,
+            mime_type=mime_type,
+        )
+        self._files[file_id] = stored
+        return {"file_id": file_id, "file_unique_id": stored.unique_id, "file_size": stored.size}
+
+
+async def _read_params(request: web.Request) -> tuple[dict[str, Any], dict[str, Upload]]:
+    """The request's parameters (JSON ones decoded, ids as ints) and its uploaded files."""
+    raw: dict[str, Any] = dict(request.query)
+    files: dict[str, Upload] = {}
+    if request.content_type == "multipart/form-data":
+        if (request.content_length or 0) > UPLOAD_MAX_BYTES:
+            raise _ApiError(413, "Request Entity Too Large")
+        # Read parts into memory: request.post() would spool every upload to a temporary file.
+        async for part in await request.multipart():
+            if not isinstance(part, BodyPartReader) or part.name is None:
+                continue
+            if part.filename is None:
+                raw[part.name] = await part.text()
+            else:
+                content_type = part.headers.get(hdrs.CONTENT_TYPE, "application/octet-stream")
+                data = bytearray()
+                while not part.at_eof():  # part.read() goes 8 KiB at a time: slow for photos
+                    data += await part.read_chunk(2**20)
+                files[part.name] = Upload(part.filename, content_type, bytes(data))
+    elif request.content_type == "application/json":
+        body = await request.json()
+        if isinstance(body, dict):
+            raw.update(body)
+    elif request.body_exists:
+        raw.update(await request.post())
+    params: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, str) and key in _JSON_PARAMS:
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise _ApiError(400, f"Bad Request: can't parse {key} JSON object") from None
+        elif isinstance(value, str) and key in _INT_PARAMS:
+            with contextlib.suppress(ValueError):  # e.g. chat_id "@channel" stays a string
+                value = int(value)
+        params[key] = value
+    return params, files
+
+
+def _method_is(method: str) -> Callable[[Call], bool]:
+    return lambda call: call.method == method
+
+
+def _failure(error: _ApiError) -> web.Response:
+    return web.json_response(error.to_json(), status=error.code)
+
+
+def _read_photo(data: bytes) -> _Photo:
+    """The image's size and file extension, from its header alone."""
+    try:
+        with Image.open(BytesIO(data)) as image:
+            extension = "." + (image.format or "jpeg").lower().replace("jpeg", "jpg")
+            return _Photo(data, image.width, image.height, extension)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        raise _ApiError(400, "Bad Request: IMAGE_PROCESS_FAILED") from None
+
+
+def _check_photo(data: bytes) -> _Photo:
+    """Read an uploaded photo, or refuse it as Telegram does."""
+    if len(data) > PHOTO_MAX_BYTES:
+        raise _ApiError(
+            400,
+            f"Bad Request: file of size {len(data)} bytes is too big for a photo; "
+            f"the maximum size is {PHOTO_MAX_BYTES} bytes",
+        )
+    photo = _read_photo(data)
+    short, long = sorted((photo.width, photo.height))
+    if photo.width + photo.height > PHOTO_MAX_SIDES or long > PHOTO_MAX_RATIO * short:
+        raise _ApiError(400, "Bad Request: PHOTO_INVALID_DIMENSIONS")
+    return photo
+
+
+def _text_content(params: dict[str, Any], too_long: str) -> dict[str, Any]:
+    text = params.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise _ApiError(400, "Bad Request: message text is empty")
+    visible = _visible(text, params.get("parse_mode"))
+    if _utf16_length(visible) > TEXT_MAX_CHARS:
+        raise _ApiError(400, too_long)
+    content: dict[str, Any] = {"text": visible}
+    if params.get("entities"):
+        content["entities"] = params["entities"]
+    return content
+
+
+def _caption_content(caption: object, parse_mode: object) -> dict[str, Any]:
+    if not isinstance(caption, str) or not caption:
+        return {}
+    visible = _visible(caption, parse_mode)
+    if _utf16_length(visible) > CAPTION_MAX_CHARS:
+        raise _ApiError(400, "Bad Request: message caption is too long")
+    return {"caption": visible}
+
+
+def _visible(text: str, parse_mode: object) -> str:
+    """The text a reader sees: HTML markup removed; Markdown is left as sent."""
+    if isinstance(parse_mode, str) and parse_mode.lower() == "html":
+        return html.unescape(_HTML_TAG.sub("", text))
+    return text
+
+
+def _utf16_length(text: str) -> int:
+    return len(text.encode("utf-16-le")) // 2
+
+
+def _command_entity(key: str, text: str) -> dict[str, Any]:
+    """``{key: [bot_command entity]}`` when ``text`` starts with a /command, else nothing."""
+    match = _COMMAND.match(text)
+    if match is None:
+        return {}
+    return {key: [{"type": "bot_command", "offset": 0, "length": _utf16_length(match[0])}]}
+
+
+def _inline_markup(params: dict[str, Any]) -> dict[str, Any]:
+    """Messages carry the bot's reply_markup only when it is an inline keyboard."""
+    markup = params.get("reply_markup")
+    if isinstance(markup, dict) and "inline_keyboard" in markup:
+        return {"reply_markup": markup}
+    return {}
+
+
+def _source(params: dict[str, Any]) -> str:
+    fields = ("text", "parse_mode", "entities", "reply_markup")
+    return json.dumps([params.get(name) for name in fields], sort_keys=True)
+
+
+def _without_reply(message: dict[str, Any]) -> dict[str, Any]:
+    """A replied-to message as Telegram nests it: without its own reply_to_message."""
+    return {key: value for key, value in message.items() if key != "reply_to_message"}
+
+
+def _scope_key(scope: object) -> str:
+    return json.dumps(scope or {"type": "default"}, sort_keys=True)
+
+
+def _int_param(params: dict[str, Any], name: str, default: int) -> int:
+    value = params.get(name)
+    return value if isinstance(value, int) else default
+
+
+def _is_true(value: object) -> bool:
+    return value is True or (isinstance(value, str) and value.lower() in ("true", "1"))

@@ -1,0 +1,380 @@
+"""The fake Telegram Bot API, driven by the real python-telegram-bot over loopback HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from collections.abc import AsyncIterator
+from io import BytesIO
+
+import httpx
+import pytest
+from fake_telegram import FakeTelegram
+from PIL import Image
+from telegram import (
+    Bot,
+    BotCommand,
+    BotCommandScopeAllGroupChats,
+    InputMediaPhoto,
+    Update,
+)
+from telegram.constants import ChatAction
+from telegram.error import BadRequest, Conflict, InvalidToken, RetryAfter
+from telegram.ext import Application, CommandHandler, ContextTypes
+
+
+def png(width: int = 64, height: int = 48) -> bytes:
+    out = BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 90)).save(out, "PNG")
+    return out.getvalue()
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeTelegram]:
+    fake = FakeTelegram()
+    await fake.start()
+    yield fake
+    await fake.close()
+
+
+@pytest.fixture
+async def bot(fake: FakeTelegram) -> AsyncIterator[Bot]:
+    async with Bot(fake.token, base_url=fake.base_url, base_file_url=fake.base_file_url) as bot:
+        yield bot
+
+
+async def test_get_me_describes_the_bot(fake: FakeTelegram, bot: Bot) -> None:
+    me = await bot.get_me()
+
+    assert (me.id, me.username, me.is_bot) == (fake.bot_id, "ImageTestBot", True)
+    assert me.can_join_groups is True
+    assert fake.calls("getMe")
+
+
+async def test_errors_have_telegrams_wire_format(fake: FakeTelegram) -> None:
+    fake.flood("getMe")
+    async with httpx.AsyncClient() as client:
+        wrong_token = await client.post(f"{fake.base_url}123:wrong/getMe")
+        unknown = await client.post(f"{fake.base_url}{fake.token}/sendHologram")
+        flooded = await client.post(f"{fake.base_url}{fake.token}/getMe")
+
+    assert (wrong_token.status_code, wrong_token.json()) == (
+        401,
+        {"ok": False, "error_code": 401, "description": "Unauthorized"},
+    )
+    assert (unknown.status_code, unknown.json()) == (
+        404,
+        {"ok": False, "error_code": 404, "description": "Not Found"},
+    )
+    assert (flooded.status_code, flooded.json()) == (
+        429,
+        {
+            "ok": False,
+            "error_code": 429,
+            "description": "Too Many Requests: retry after 1",
+            "parameters": {"retry_after": 1},
+        },
+    )
+
+
+async def test_ptb_reads_a_wrong_token_as_invalid(fake: FakeTelegram) -> None:
+    with pytest.raises(InvalidToken):
+        async with Bot("1:wrong", base_url=fake.base_url, base_file_url=fake.base_file_url):
+            pass
+
+
+async def test_a_command_reaches_the_bot_with_its_entity_and_offsets_confirm(
+    fake: FakeTelegram, bot: Bot
+) -> None:
+    alice = fake.private_chat(1001, "Alice", "alice")
+    assert alice.user is not None
+    fake.send_text(alice, alice.user, "/imagine a red fox")
+
+    [update] = await bot.get_updates(timeout=5)
+
+    assert update.message is not None
+    assert update.message.text == "/imagine a red fox"
+    assert update.message.from_user is not None and update.message.from_user.id == 1001
+    assert update.message.chat.type == "private"
+    [entity] = update.message.entities
+    assert (entity.type, entity.offset, entity.length) == ("bot_command", 0, 8)
+    assert await bot.get_updates(offset=update.update_id + 1, timeout=0) == ()
+    assert fake.pending_updates == []
+
+
+async def test_a_long_poll_waits_for_an_update_or_its_timeout(fake: FakeTelegram, bot: Bot) -> None:
+    alice = fake.private_chat(1001, "Alice")
+    assert alice.user is not None
+    started = time.monotonic()
+    assert await bot.get_updates(timeout=dt.timedelta(seconds=0.3)) == ()
+    assert time.monotonic() - started >= 0.3
+
+    poll = asyncio.create_task(bot.get_updates(timeout=10))
+    await asyncio.sleep(0.1)
+    assert not poll.done()
+    fake.send_text(alice, alice.user, "hello")
+    updates = await asyncio.wait_for(poll, 2)
+
+    assert [update.message.text for update in updates if update.message] == ["hello"]
+
+
+async def test_a_second_poller_ends_the_first_with_conflict(fake: FakeTelegram, bot: Bot) -> None:
+    first = asyncio.create_task(bot.get_updates(timeout=10))
+    await asyncio.sleep(0.1)
+    async with Bot(fake.token, base_url=fake.base_url) as second:
+        await second.get_updates(timeout=0)
+
+    with pytest.raises(Conflict, match="terminated by other getUpdates request"):
+        await asyncio.wait_for(first, 2)
+
+
+async def test_send_photo_records_the_upload_and_its_real_size(
+    fake: FakeTelegram, bot: Bot
+) -> None:
+    alice = fake.private_chat(1001, "Alice")
+    image = png(640, 480)
+
+    await bot.send_chat_action(alice.id, ChatAction.UPLOAD_PHOTO)
+    message = await bot.send_photo(alice.id, image, caption="a red fox")
+
+    assert (message.photo[-1].width, message.photo[-1].height) == (640, 480)
+    assert [size.width for size in message.photo] == [90, 320, 640]
+    assert message.caption == "a red fox"
+    assert message.from_user is not None and message.from_user.id == fake.bot_id
+    call = fake.calls("sendPhoto")[0]
+    assert call.chat_id == alice.id
+    assert call.files["photo"].data == image
+    assert call.result["photo"][-1]["file_size"] == len(image)
+    assert fake.chat_actions == [(alice.id, "upload_photo")]
+    assert fake.messages_in(alice)[-1]["message_id"] == message.message_id
+
+
+async def test_send_media_group_sends_an_album(fake: FakeTelegram, bot: Bot) -> None:
+    alice = fake.private_chat(1001, "Alice")
+    images = [png(100 + index, 100) for index in range(3)]
+
+    messages = await bot.send_media_group(
+        alice.id, [InputMediaPhoto(image) for image in images], caption="three foxes"
+    )
+
+    assert len(messages) == 3
+    assert len({message.media_group_id for message in messages}) == 1
+    assert [message.caption for message in messages] == ["three foxes", None, None]
+    assert [message.photo[-1].width for message in messages] == [100, 101, 102]
+    assert [message.message_id for message in messages] == [1, 2, 3]
+    call = fake.calls("sendMediaGroup")[0]
+    attached = [item["media"].removeprefix("attach://") for item in call.params["media"]]
+    assert [call.files[name].data for name in attached] == images
+
+
+@pytest.mark.parametrize("count", [1, 11])
+async def test_an_album_needs_two_to_ten_items(fake: FakeTelegram, bot: Bot, count: int) -> None:
+    alice = fake.private_chat(1001, "Alice")
+
+    with pytest.raises(BadRequest):
+        await bot.send_media_group(alice.id, [InputMediaPhoto(png()) for _ in range(count)])
+    assert fake.messages_in(alice) == []
+
+
+async def test_a_users_album_arrives_as_updates_sharing_a_group(
+    fake: FakeTelegram, bot: Bot
+) -> None:
+    alice = fake.private_chat(1001, "Alice")
+    assert alice.user is not None
+    fake.send_album(alice, alice.user, [png(), png()], caption="/edit make it blue")
+
+    updates = await bot.get_updates(timeout=5)
+
+    messages = [update.message for update in updates if update.message]
+    assert len(messages) == 2
+    assert messages[0].media_group_id is not None
+    assert messages[0].media_group_id == messages[1].media_group_id
+    assert [message.caption for message in messages] == ["/edit make it blue", None]
+    assert messages[0].caption_entities[0].type == "bot_command"
+
+
+async def test_the_bot_downloads_the_largest_size_of_a_users_photo(
+    fake: FakeTelegram, bot: Bot
+) -> None:
+    alice = fake.private_chat(1001, "Alice")
+    assert alice.user is not None
+    image = png(1600, 900)
+    sent = fake.send_photo(alice, alice.user, image, caption="make it blue")
+    largest = sent["photo"][-1]
+
+    file = await bot.get_file(largest["file_id"])
+    data = await file.download_as_bytearray()
+
+    assert (largest["width"], largest["height"]) == (1600, 900)
+    assert [size["width"] for size in sent["photo"]] == [90, 320, 800, 1600]
+    assert file.file_size == len(image)
+    assert bytes(data) == image
+
+
+async def test_get_file_refuses_files_over_20_mb(fake: FakeTelegram, bot: Bot) -> None:
+    file_id = fake.register_file(b"not really 25 MB", size_override=25 * 2**20)
+
+    with pytest.raises(BadRequest, match="File is too big"):
+        await bot.get_file(file_id)
+
+
+async def test_flood_control_raises_retry_after(
+    fake: FakeTelegram, bot: Bot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PTB_TIMEDELTA", "true")  # PTB's future, warning-free retry_after
+    alice = fake.private_chat(1001, "Alice")
+    fake.flood("sendMessage", retry_after=1)
+
+    with pytest.raises(RetryAfter) as refused:
+        await bot.send_message(alice.id, "hello")
+    await bot.send_message(alice.id, "hello")
+
+    assert refused.value.retry_after == dt.timedelta(seconds=1)
+    assert [call.error_code for call in fake.calls("sendMessage")] == [429, None]
+
+
+async def test_fail_injects_any_error(fake: FakeTelegram, bot: Bot) -> None:
+    alice = fake.private_chat(1001, "Alice")
+    fake.fail("sendPhoto", 400, "Bad Request: IMAGE_PROCESS_FAILED", times=2)
+
+    for _ in range(2):
+        with pytest.raises(BadRequest, match="Image_process_failed"):
+            await bot.send_photo(alice.id, png())
+    assert (await bot.send_photo(alice.id, png())).photo
+
+
+async def test_an_edit_that_changes_nothing_is_refused(fake: FakeTelegram, bot: Bot) -> None:
+    alice = fake.private_chat(1001, "Alice")
+    message = await bot.send_message(alice.id, "Drawing…")
+
+    with pytest.raises(BadRequest) as refused:
+        await bot.edit_message_text("Drawing…", alice.id, message.message_id)
+    edited = await bot.edit_message_text("Done", alice.id, message.message_id)
+
+    assert "message is not modified" in refused.value.message.lower()
+    assert edited is not True and edited.text == "Done"
+    assert [sent["text"] for sent in fake.messages_in(alice)] == ["Done"]
+
+
+@pytest.mark.parametrize(
+    ("caption", "error"),
+    [
+        ("x" * 1025, "Message caption is too long"),
+        ("<b>" + "x" * 1024 + "</b>", None),  # the limit counts what the reader sees
+    ],
+)
+async def test_captions_over_1024_characters_are_refused(
+    fake: FakeTelegram, bot: Bot, caption: str, error: str | None
+) -> None:
+    alice = fake.private_chat(1001, "Alice")
+
+    if error is None:
+        sent = await bot.send_photo(alice.id, png(), caption=caption, parse_mode="HTML")
+        assert sent.caption == "x" * 1024
+    else:
+        with pytest.raises(BadRequest, match=error):
+            await bot.send_photo(alice.id, png(), caption=caption)
+
+
+async def test_texts_over_4096_characters_are_refused(fake: FakeTelegram, bot: Bot) -> None:
+    alice = fake.private_chat(1001, "Alice")
+
+    with pytest.raises(BadRequest, match="Message is too long"):
+        await bot.send_message(alice.id, "x" * 4097)
+    assert (await bot.send_message(alice.id, "x" * 4096)).text == "x" * 4096
+
+
+@pytest.mark.parametrize(
+    ("image", "error"),
+    [
+        (png(2100, 100), "Photo_invalid_dimensions"),  # PTB capitalizes Telegram's text
+        (png(5001, 5000), "Photo_invalid_dimensions"),
+        (b"\xff" * (10 * 2**20 + 1), "is too big for a photo"),
+        (b"not a picture", "Image_process_failed"),
+    ],
+    ids=["ratio", "sides", "bytes", "garbage"],
+)
+async def test_photos_telegram_would_refuse_are_refused(
+    fake: FakeTelegram, bot: Bot, image: bytes, error: str
+) -> None:
+    alice = fake.private_chat(1001, "Alice")
+
+    with pytest.raises(BadRequest, match=error):
+        await bot.send_photo(alice.id, image)
+
+
+async def test_set_my_commands_is_stored_per_scope(fake: FakeTelegram, bot: Bot) -> None:
+    await bot.set_my_commands([BotCommand("imagine", "Draw a picture"), BotCommand("help", "Help")])
+    await bot.set_my_commands(
+        [BotCommand("imagine", "Draw for the group")], scope=BotCommandScopeAllGroupChats()
+    )
+
+    assert fake.commands == [
+        {"command": "imagine", "description": "Draw a picture"},
+        {"command": "help", "description": "Help"},
+    ]
+    assert fake.commands_for({"type": "all_group_chats"})[0]["description"] == "Draw for the group"
+    assert [command.command for command in await bot.get_my_commands()] == ["imagine", "help"]
+    with pytest.raises(BadRequest, match="Bot_command_invalid"):
+        await bot.set_my_commands([BotCommand("Imagine", "Capitals are refused")])
+
+
+async def test_a_forum_topic_is_echoed_and_replies_nest(fake: FakeTelegram, bot: Bot) -> None:
+    group = fake.group_chat(-1001234, "Artists", forum=True)
+    bob = fake.private_chat(2002, "Bob").user
+    assert bob is not None
+    asked = fake.send_text(group, bob, "/imagine@ImageTestBot a cat", thread_id=7)
+
+    [update] = await bot.get_updates(timeout=5)
+    reply = await bot.send_message(
+        group.id, "Here it is", message_thread_id=7, reply_to_message_id=asked["message_id"]
+    )
+
+    assert update.message is not None and update.message.message_thread_id == 7
+    assert update.message.is_topic_message is True
+    assert update.message.entities[0].length == len("/imagine@ImageTestBot")
+    assert reply.message_thread_id == 7
+    assert reply.reply_to_message is not None
+    assert reply.reply_to_message.message_id == asked["message_id"]
+    with pytest.raises(BadRequest, match="Message to be replied not found"):
+        await bot.send_message(group.id, "Lost", reply_to_message_id=999)
+
+
+async def test_an_application_answers_commands_over_long_polling(fake: FakeTelegram) -> None:
+    alice = fake.private_chat(1001, "Alice")
+    assert alice.user is not None
+    seen: list[int] = []
+
+    async def start(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        seen.append(update.update_id)
+        assert update.message is not None
+        await update.message.reply_text(f"Hello {update.message.text}")
+
+    application = (
+        Application.builder()
+        .token(fake.token)
+        .base_url(fake.base_url)
+        .base_file_url(fake.base_file_url)
+        .build()
+    )
+    application.add_handler(CommandHandler("start", start))
+    fake.send_text(alice, alice.user, "/start 1")  # waiting before the bot starts
+    async with application:
+        await application.start()
+        await application.updater.start_polling()  # type: ignore[union-attr]
+        await fake.wait_for(lambda call: call.params.get("text") == "Hello /start 1")
+        fake.send_text(alice, alice.user, "/start@ImageTestBot 2")
+        fake.send_text(alice, alice.user, "/start 3")
+        await fake.wait_for(lambda call: call.params.get("text") == "Hello /start 3")
+        await application.updater.stop()  # type: ignore[union-attr]
+        await application.stop()
+
+    assert [call.params["text"] for call in fake.calls("sendMessage")] == [
+        "Hello /start 1",
+        "Hello /start@ImageTestBot 2",
+        "Hello /start 3",
+    ]
+    assert seen == [1, 2, 3]
+    assert fake.pending_updates == []  # the last poll confirmed every update
+    assert [call.method for call in fake.sent[:2]] == ["getMe", "deleteWebhook"]
