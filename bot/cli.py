@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 import tempfile
+from datetime import date
 from pathlib import Path
 
+from bot.commands import PLATFORMS
 from bot.config import Settings, load_settings
 from bot.errors import ConfigError
+from bot.ledger import Ledger, Report, to_json
+from bot.money import usd_string
 from bot.runtime import configure_logging, open_bot
 from bot.x402 import Wallet
 
@@ -52,9 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     sandbox.set_defaults(handler=_sandbox)
 
     spend = commands.add_parser("spend", help="the ledger report")
-    spend.add_argument("--json", action="store_true")
-    spend.add_argument("--since", metavar="YYYY-MM-DD")
-    spend.add_argument("--user", metavar="platform:id")
+    spend.add_argument("--json", action="store_true", help="one JSON object, amounts as strings")
+    spend.add_argument("--since", metavar="YYYY-MM-DD", type=_day, help="only from this UTC day on")
+    spend.add_argument("--user", metavar="platform:id", type=_principal, help="only this user")
     spend.set_defaults(handler=_spend)
     return parser
 
@@ -121,9 +126,61 @@ def _sandbox(args: argparse.Namespace) -> int:
 
 
 def _spend(args: argparse.Namespace) -> int:
-    _settings()
-    print("imagebot: the spend report arrives with the ledger.", file=sys.stderr)
-    return 1
+    settings = _settings()
+    report = asyncio.run(_report(settings.database_path, args.since, args.user))
+    print(json.dumps(to_json(report)) if args.json else report_table(report))
+    return 0
+
+
+async def _report(path: Path, since: date | None, user: str | None) -> Report:
+    ledger = await Ledger.open(path)
+    try:
+        return await ledger.report(since=since, user=user)
+    finally:
+        await ledger.close()
+
+
+def report_table(report: Report) -> str:
+    """The shell report: one row per user, then the totals."""
+    rows = [("user", "name", "requests", "images", "usd", "unknown", "last use")]
+    for user in report.users:
+        last = user.last_at.strftime("%Y-%m-%dT%H:%M:%SZ") if user.last_at else "-"
+        rows.append(
+            (
+                user.user,
+                user.display_name or "-",
+                str(user.requests),
+                str(user.images),
+                usd_string(user.micro),
+                usd_string(user.pending_micro) if user.pending_micro else "-",
+                last,
+            )
+        )
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+    lines.append(f"total settled: {usd_string(report.total_micro)} USD")
+    if report.pending_micro:
+        lines.append(f"outcome unknown (not in the total): {usd_string(report.pending_micro)} USD")
+    return "\n".join(lines)
+
+
+def _day(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("use a UTC day such as 2026-11-21") from None
+
+
+def _principal(text: str) -> str:
+    platform, _, user_id = text.partition(":")
+    if platform not in PLATFORMS or not user_id:
+        raise argparse.ArgumentTypeError(
+            f"use platform:id with a platform in {', '.join(PLATFORMS)}"
+        )
+    return text
 
 
 def _settings() -> Settings:

@@ -28,7 +28,11 @@ class Settings(BaseSettings):
     """Every variable of CONTRACT's settings table; field names match the variables."""
 
     model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", extra="ignore", hide_input_in_errors=True
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        hide_input_in_errors=True,
+        populate_by_name=True,
     )
 
     telegram_bot_token: SecretStr | None = None

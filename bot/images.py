@@ -156,9 +156,11 @@ class ImageService:
 
     async def _answer(self, paid: PaidResponse) -> dict[str, Any]:
         response = paid.response
+        if response.status_code == 200:  # a paid request answered 200 has been settled
+            return await _json_body(response, charged=True)
+        if response.status_code == 202:  # a job is charged only when a poll sees it completed
+            return await _json_body(response, charged=False)
         charged = paid.receipt is not None and paid.receipt.tx_hash is not None
-        if response.status_code in (200, 202):
-            return await _json_body(response, charged)
         raise _error_for(response, paid.payment, charged)
 
     async def _wait_for_job(
@@ -194,8 +196,8 @@ class ImageService:
             response = await self._payer.get(poll_url, payment)
         except httpx.TransportError:
             return {"status": "in_progress"}  # the next poll asks again with the same header
-        if response.status_code == 200:
-            return await _json_body(response, charged=False)
+        if response.status_code == 200:  # unreadable: it may have said "completed"
+            return await _json_body(response, charged=None)
         if response.status_code in (429, 500, 502, 503, 504):
             return {"status": "in_progress"}
         raise _error_for(response, payment, charged=False)
@@ -203,58 +205,57 @@ class ImageService:
     async def _fetch_all(self, reply: dict[str, Any], charged_micro: int) -> tuple[Picture, ...]:
         items = reply.get("data")
         if not isinstance(items, list) or not items:
-            raise BadReply(_paid_but(charged_micro, "sent no image"))
+            raise _bad_reply(charged_micro, "sent no image")
         fetches = [self._fetch(item, charged_micro) for item in items]
         return tuple(await asyncio.gather(*fetches))
 
     async def _fetch(self, item: Any, charged_micro: int) -> Picture:
         url = item.get("url") or item.get("b64_json") if isinstance(item, dict) else None
         if not isinstance(url, str):
-            raise BadReply(_paid_but(charged_micro, "sent an image without an address"))
+            raise _bad_reply(charged_micro, "sent an image without an address")
         if url.startswith("data:") or not url.startswith(("http://", "https://")):
             data = await _to_thread_if_big(len(url), _decode_data_uri, url)
         else:
             data = await self._download(url, charged_micro)
         if data is None:
-            raise BadReply(_paid_but(charged_micro, "sent an image I can't decode"))
+            raise _bad_reply(charged_micro, "sent an image I can't decode")
         return _picture(data, charged_micro)
 
     async def _download(self, url: str, charged_micro: int) -> bytes:
         try:
             async with self._http.stream("GET", url, timeout=self._download_timeout) as response:
                 if response.status_code != 200:
-                    raise BadReply(
-                        _paid_but(charged_micro, "gave an image link that does not work")
-                    )
+                    raise _bad_reply(charged_micro, "gave an image link that does not work")
                 chunks, size = [], 0
                 async for chunk in response.aiter_bytes():
                     size += len(chunk)
                     if size > MAX_PICTURE_BYTES:
-                        raise BadReply(_paid_but(charged_micro, "sent an image that is too big"))
+                        raise _bad_reply(charged_micro, "sent an image that is too big")
                     chunks.append(chunk)
                 return b"".join(chunks)
         except httpx.HTTPError:
-            raise BadReply(
-                _paid_but(charged_micro, "gave an image link I couldn't fetch")
-            ) from None
+            raise _bad_reply(charged_micro, "gave an image link I couldn't fetch") from None
 
 
 def _picture(data: bytes, charged_micro: int) -> Picture:
     mime = detect_mime(data)
     if mime is None or len(data) > MAX_PICTURE_BYTES:
-        raise BadReply(_paid_but(charged_micro, "sent a file that is not a PNG, JPEG or WebP"))
+        raise _bad_reply(charged_micro, "sent a file that is not a PNG, JPEG or WebP")
     try:
         with Image.open(io.BytesIO(data)) as image:  # reads the header only
             width, height = image.size
     except (OSError, ValueError):
-        raise BadReply(_paid_but(charged_micro, "sent an image I can't read")) from None
+        raise _bad_reply(charged_micro, "sent an image I can't read") from None
     return Picture(data, mime, width, height)
 
 
-def _paid_but(charged_micro: int, what: str) -> str:
-    if charged_micro:
-        return f"The image service {what}; {format_usd(charged_micro)} was charged for it."
-    return f"The image service {what}. {_NOTHING}"
+def _bad_reply(charged_micro: int, what: str) -> BadReply:
+    """An unusable answer to a call that cost ``charged_micro`` (0: nothing was charged)."""
+    if not charged_micro:
+        return BadReply(f"The image service {what}. {_NOTHING}")
+    error = BadReply(f"The image service {what}; {format_usd(charged_micro)} was charged for it.")
+    error.charged = True
+    return error
 
 
 def _charged_micro(paid: PaidResponse, reply: dict[str, Any], estimate_micro: int) -> int:
@@ -335,14 +336,20 @@ def _safe_json(response: httpx.Response) -> Any:
         return None
 
 
-async def _json_body(response: httpx.Response, charged: bool) -> dict[str, Any]:
+async def _json_body(response: httpx.Response, charged: bool | None) -> dict[str, Any]:
     try:
         body = await _to_thread_if_big(len(response.content), json.loads, response.content)
     except ValueError:
         body = None
     if not isinstance(body, dict):
-        note = "It was charged; an admin can check /spend." if charged else _NOTHING
-        raise BadReply(f"The image service sent a reply I can't read. {note}")
+        note = {
+            True: "It was charged; an admin can check /spend.",
+            None: "It may have been charged; an admin can check /spend.",
+            False: _NOTHING,
+        }[charged]
+        error = BadReply(f"The image service sent a reply I can't read. {note}")
+        error.charged = charged
+        raise error
     return body
 
 

@@ -1,4 +1,4 @@
-"""The texts the bot sends that do not depend on a request: help and the model list."""
+"""The texts the bot sends that are not about one request: help, models and spend reports."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ from collections.abc import Mapping
 
 from bot.catalog import DEFAULT_EDIT_MODEL, DEFAULT_GENERATE_MODEL, MODELS, get_model
 from bot.commands import MAX_N
+from bot.ledger import Report, UserSpend
 from bot.money import format_usd
+
+REPORT_LINES = 20  # a chat message stays short; `imagebot spend` lists everyone
 
 
 def help_text() -> str:
@@ -55,3 +58,55 @@ def _prices(table: Mapping[str, int]) -> str:
     for size, micro in table.items():
         by_price.setdefault(micro, []).append(size)
     return "; ".join(f"{format_usd(micro)} {', '.join(sizes)}" for micro, sizes in by_price.items())
+
+
+def spend_text(spend: UserSpend, *, own: bool) -> str:
+    """``/spend`` for the caller (``own``) or, for an admin, one other user."""
+    who = "You have" if own else f"{_name(spend.user, spend.display_name)} has"
+    lines = [
+        f"{who} spent {format_usd(spend.today_micro)} today, "
+        f"{format_usd(spend.month_micro)} this month and {format_usd(spend.total_micro)} "
+        f"in all ({_images(spend.images)})."
+    ]
+    if spend.unknown_micro:
+        lines.append(
+            f"{format_usd(spend.unknown_micro)} more may have been charged (outcome unknown); "
+            "it counts against the daily limit."
+        )
+    if spend.left_today_micro is None:
+        lines.append("No personal daily limit (admin).")
+    else:
+        lines.append(
+            f"Left today: {format_usd(spend.left_today_micro)}; the limit resets at 00:00 UTC."
+        )
+    return "\n".join(lines)
+
+
+def report_text(report: Report) -> str:
+    """``/spend all``: the total, then the biggest spenders, one line each."""
+    requests = sum(user.requests for user in report.users)
+    images = sum(user.images for user in report.users)
+    lines = [
+        f"All users: {format_usd(report.total_micro)} in {requests} requests ({_images(images)})."
+    ]
+    if report.pending_micro:
+        lines.append(f"Outcome unknown, not counted above: {format_usd(report.pending_micro)}.")
+    for user in report.users[:REPORT_LINES]:
+        last = user.last_at.strftime("%Y-%m-%d %H:%M UTC") if user.last_at else "never"
+        unknown = f", {format_usd(user.pending_micro)} unknown" if user.pending_micro else ""
+        lines.append(
+            f"• {_name(user.user, user.display_name)}: {format_usd(user.micro)}{unknown}, "
+            f"{_images(user.images)}, last {last}"
+        )
+    hidden = len(report.users) - REPORT_LINES
+    if hidden > 0:
+        lines.append(f"…and {hidden} more; `imagebot spend` on the server lists everyone.")
+    return "\n".join(lines)
+
+
+def _name(user: str, display_name: str) -> str:
+    return f"{display_name} ({user})" if display_name else user
+
+
+def _images(count: int) -> str:
+    return f"{count} image" if count == 1 else f"{count} images"

@@ -11,8 +11,11 @@ from httpx_aiohttp import HttpxAiohttpClient
 
 from bot.config import Settings
 from bot.images import ImageService
+from bot.ledger import Ledger
 from bot.service import ImageBot
 from bot.x402 import Wallet, X402Payer
+
+log = logging.getLogger(__name__)
 
 # Keeps secrets out of logs: httpx logs each request URL at INFO, and Telegram's carries the token.
 _QUIET_LOGGERS = ("httpx", "httpcore", "aiohttp.access")
@@ -30,7 +33,6 @@ def gateway_client(max_connections: int = GATEWAY_CONNECTIONS) -> httpx.AsyncCli
 
     httpx's API with aiohttp's connection pool underneath: httpcore's pool costs ~10 ms of CPU
     per paid request at 50 concurrent requests and ~25 ms at 500; aiohttp's ~1 ms (bench/README).
-    The connection cap also bounds how many replies can land in one event-loop pass.
     """
     limits = httpx.Limits(
         max_connections=max_connections, max_keepalive_connections=max_connections
@@ -42,14 +44,27 @@ def gateway_client(max_connections: int = GATEWAY_CONNECTIONS) -> httpx.AsyncCli
 async def open_bot(
     settings: Settings, wallet: Wallet | None = None, **service_options: float
 ) -> AsyncIterator[ImageBot]:
-    """One image service and one bot for every adapter in the process.
+    """One image service, one ledger and one bot for every adapter in the process.
 
     The wallet comes from ``WALLET_PRIVATE_KEY`` unless one is given (the demo's throwaway).
+    Payments left pending by a crashed run are settled as ``unknown`` (or ``failed`` when
+    nothing was signed) before the bot takes its first command.
     """
     key = settings.wallet_private_key
     if wallet is None and key is not None:
         wallet = Wallet(key.get_secret_value())
-    async with gateway_client() as http:
-        payer = X402Payer(http, wallet, max_micro=settings.max_micro_per_request)
-        images = ImageService(http, payer, settings.image_api_url, **service_options)
-        yield ImageBot(settings, images)
+    ledger = await Ledger.open(settings.database_path)
+    try:
+        unknown, failed = await ledger.recover()
+        if unknown or failed:
+            log.warning(
+                "a previous run stopped mid-payment: %d payment(s) marked unknown, %d failed",
+                unknown,
+                failed,
+            )
+        async with gateway_client() as http:
+            payer = X402Payer(http, wallet, max_micro=settings.max_micro_per_request)
+            images = ImageService(http, payer, settings.image_api_url, **service_options)
+            yield ImageBot(settings, images, ledger)
+    finally:
+        await ledger.close()

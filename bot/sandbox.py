@@ -178,6 +178,7 @@ class Sandbox:
         self._image_bytes = 0
         self._rendered: OrderedDict[tuple[object, ...], bytes] = OrderedDict()
         self._runner: web.AppRunner | None = None
+        self.url = ""  # the API root, once started
         self.app = web.Application(client_max_size=_MAX_BODY_BYTES)
         self.app.add_routes(
             [
@@ -189,12 +190,18 @@ class Sandbox:
             ]
         )
 
+    @property
+    def payments_received(self) -> int:
+        """Signed payments accepted so far, settled or not (a paid request may still be running)."""
+        return len(self._used_nonces)
+
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Listen on ``host:port`` (0 = any free port) and return the API root URL."""
         self._runner = web.AppRunner(self.app, shutdown_timeout=1.0)
         await self._runner.setup()
         await web.TCPSite(self._runner, host, port).start()
-        return f"http://{host}:{self._runner.addresses[0][1]}"
+        self.url = f"http://{host}:{self._runner.addresses[0][1]}"
+        return self.url
 
     async def close(self) -> None:
         if self._runner is not None:

@@ -15,8 +15,10 @@ from bot.commands import EditRequest, GenerateRequest, Help, Models, Request, Sp
 from bot.config import Settings
 from bot.errors import ImagebotError
 from bot.images import ImageResult, ImageService, Picture
+from bot.ledger import Attempt, Budget, BudgetExceeded, Ledger
 from bot.money import format_usd
-from bot.replies import help_text, models_text
+from bot.replies import help_text, models_text, report_text, spend_text
+from bot.x402 import PaymentIntent
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +48,35 @@ class Chat(Protocol):
     async def show_progress(self, status: str) -> None: ...
 
 
-class ImageBot:
-    """Runs chat commands against one image service."""
+class LedgerPayment:
+    """The payer's hook for one request: records the real quote on its ledger row before signing."""
 
-    def __init__(self, settings: Settings, images: ImageService) -> None:
+    def __init__(self, ledger: Ledger, row_id: int, budget: Budget) -> None:
+        self._ledger = ledger
+        self._row_id = row_id
+        self._budget = budget
+        self.signed_micro: int | None = None  # set once a payment may leave the process
+
+    async def __call__(self, intent: PaymentIntent) -> None:
+        quote = intent.quote
+        await self._ledger.price(
+            self._row_id,
+            quote.amount_micro,
+            self._budget,
+            network=quote.chain.caip2,
+            payer=intent.payer,
+            nonce=intent.nonce,
+        )
+        self.signed_micro = quote.amount_micro
+
+
+class ImageBot:
+    """Runs chat commands against one image service and one ledger."""
+
+    def __init__(self, settings: Settings, images: ImageService, ledger: Ledger) -> None:
         self._settings = settings
         self._images = images
+        self._ledger = ledger
 
     async def handle(
         self,
@@ -82,32 +107,101 @@ class ImageBot:
             await chat.send_text(models_text())
             return True
         if isinstance(request, SpendQuery):
-            await chat.send_text("Spend reports are not available yet.")
-            return False
+            return await self._spend(request, sender, chat)
         if not self._user_allowed(sender):
             if not sender.private:
                 return None
             await chat.send_text("Sorry, this bot makes pictures only for its members.")
             return False
-        return await self._draw(request, chat)
+        return await self._draw(request, sender, chat)
 
-    async def _draw(self, request: GenerateRequest | EditRequest, chat: Chat) -> bool:
-        verb = "Drawing" if isinstance(request, GenerateRequest) else "Editing"
+    async def _draw(
+        self, request: GenerateRequest | EditRequest, sender: Sender, chat: Chat
+    ) -> bool:
+        generating = isinstance(request, GenerateRequest)
+        attempt = Attempt(
+            platform=sender.platform,
+            user_id=sender.user_id,
+            display_name=sender.display_name,
+            chat_id=sender.chat_ids[0] if sender.chat_ids else "",
+            command="imagegen" if generating else "img2img",
+            model=request.model.id,
+            size=request.size,
+            n=request.n,
+        )
+        budget = self._budget(sender.principal)
+        try:
+            row_id = await self._ledger.reserve(attempt, request.estimate_micro, budget)
+        except BudgetExceeded as error:
+            await chat.send_text(error.user_message)
+            return False
+        payment = LedgerPayment(self._ledger, row_id, budget)
         await chat.show_progress(
-            f"{verb} with {request.model.name} · {request.size} · "
-            f"{format_usd(request.estimate_micro)}…"
+            f"{'Drawing' if generating else 'Editing'} with {request.model.name} · "
+            f"{request.size} · {format_usd(request.estimate_micro)}…"
         )
         try:
             if isinstance(request, GenerateRequest):
-                result = await self._images.generate(request)
+                result = await self._images.generate(request, payment)
             else:
-                result = await self._images.edit(request)
+                result = await self._images.edit(request, payment)
         except ImagebotError as error:
             log.info("request failed: %s", error.user_message)
+            await self._close_failed(row_id, payment, error, request.estimate_micro)
             await chat.send_text(error.user_message)
             return False
+        except BaseException as error:  # cancelled at shutdown, or a bug: keep the row honest
+            await self._close_interrupted(row_id, payment, error)
+            raise
+        await self._ledger.settle(row_id, result.charged_micro, result.tx_hash)
         await chat.send_pictures(result.pictures, _caption(request, result))
         return True
+
+    async def _close_failed(
+        self, row_id: int, payment: LedgerPayment, error: ImagebotError, estimate_micro: int
+    ) -> None:
+        if error.charged is None:
+            await self._ledger.mark_unknown(row_id, error.user_message)
+        elif error.charged:
+            charged = payment.signed_micro if payment.signed_micro is not None else estimate_micro
+            await self._ledger.settle(row_id, charged, None)
+        else:
+            await self._ledger.fail(row_id, error.user_message)
+
+    async def _close_interrupted(
+        self, row_id: int, payment: LedgerPayment, error: BaseException
+    ) -> None:
+        reason = f"interrupted: {type(error).__name__}"
+        if payment.signed_micro is None:
+            await self._ledger.fail(row_id, reason)
+        else:
+            await self._ledger.mark_unknown(row_id, reason)
+
+    async def _spend(self, query: SpendQuery, sender: Sender, chat: Chat) -> bool:
+        if query.who is None:
+            spend = await self._ledger.user_spend(sender.principal, self._budget(sender.principal))
+            await chat.send_text(spend_text(spend, own=True))
+            return True
+        if not self._settings.is_admin(sender.principal):
+            await chat.send_text("Only the bot's admins can see other people's spending.")
+            return False
+        if query.who == "all":
+            await chat.send_text(report_text(await self._ledger.report()))
+            return True
+        user = await self._ledger.find_user(query.who) if query.who.startswith("@") else query.who
+        if user is None:
+            await chat.send_text(f"I have no spending recorded for {query.who}.")
+            return False
+        spend = await self._ledger.user_spend(user, self._budget(user))
+        await chat.send_text(spend_text(spend, own=False))
+        return True
+
+    def _budget(self, principal: str) -> Budget:
+        return Budget(
+            user_daily_micro=self._settings.user_daily_micro,
+            global_daily_micro=self._settings.global_daily_micro,
+            exempt=self._settings.is_admin(principal),
+        )
 
     def _chat_allowed(self, sender: Sender) -> bool:
         allowed = self._settings.allowed_chats

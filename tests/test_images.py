@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,9 +14,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from adapters.console import ConsoleChat, run_console
+from adapters.console import ConsoleChat
 from bot.commands import EditRequest, GenerateRequest, parse
-from bot.config import load_settings
 from bot.errors import ImagebotError, PaymentRefused
 from bot.images import (
     BadReply,
@@ -28,7 +28,6 @@ from bot.images import (
 )
 from bot.runtime import gateway_client
 from bot.sandbox import Sandbox, Settlement
-from bot.service import ImageBot, Sender
 from bot.x402 import PaymentIntent, Wallet, X402Payer
 
 CAP = 500_000
@@ -226,97 +225,16 @@ async def test_gateway_that_returns_no_image_reports_the_charge(
         with pytest.raises(BadReply) as caught:
             await run(service, "/imagegen a fox")
         assert "not a PNG, JPEG or WebP" in caught.value.user_message
+        assert caught.value.charged is True
     finally:
         await runner.cleanup()
-
-
-def list_dir(path: Path) -> list[Path]:
-    return list(path.iterdir())
-
-
-class RecordingChat:
-    """An in-memory Chat: the core is exercised without any platform."""
-
-    def __init__(self) -> None:
-        self.texts: list[str] = []
-        self.progress: list[str] = []
-        self.pictures: list[tuple[Sequence[Picture], str]] = []
-
-    async def send_text(self, text: str) -> None:
-        self.texts.append(text)
-
-    async def show_progress(self, status: str) -> None:
-        self.progress.append(status)
-
-    async def send_pictures(self, pictures: Sequence[Picture], caption: str) -> None:
-        self.pictures.append((pictures, caption))
-
-
-ALICE = Sender("telegram", "111", "alice", ("111",), private=True)
-
-
-async def test_bot_answers_with_price_in_progress_and_caption(
-    sandbox: RunningSandbox, http: httpx.AsyncClient, tmp_path: Path
-) -> None:
-    settings = load_settings(_env_file=None, database_path=tmp_path / "l.sqlite3")
-    bot = ImageBot(settings, service_for(http, sandbox.url))
-    chat = RecordingChat()
-    assert await bot.handle(ALICE, chat, "/imagegen -m flux a fox") is True
-    assert chat.progress == ["Drawing with flux · 1024x1024 · $0.042…"]
-    ((pictures, caption),) = chat.pictures
-    assert caption == "flux · 1024x1024 · $0.042" and len(pictures) == 1
-
-
-async def test_bot_refuses_bad_input_before_any_payment(
-    sandbox: RunningSandbox, http: httpx.AsyncClient, tmp_path: Path
-) -> None:
-    settings = load_settings(_env_file=None, database_path=tmp_path / "l.sqlite3")
-    bot = ImageBot(settings, service_for(http, sandbox.url))
-    chat = RecordingChat()
-    for text in ("/imagegen -m nope x", "/img2img x", "/imagegen -s 1x1 x", "/imagegen"):
-        assert await bot.handle(ALICE, chat, text) is False
-    assert len(chat.texts) == 4 and chat.pictures == [] and chat.progress == []
-    assert sandbox.settlements == []
-
-
-async def test_users_outside_the_allowlist_are_refused_in_private_and_ignored_in_groups(
-    sandbox: RunningSandbox, http: httpx.AsyncClient, tmp_path: Path
-) -> None:
-    settings = load_settings(
-        _env_file=None, database_path=tmp_path / "l.sqlite3", allowed_users="telegram:222"
-    )
-    bot = ImageBot(settings, service_for(http, sandbox.url))
-    private, group = RecordingChat(), RecordingChat()
-    assert await bot.handle(ALICE, private, "/imagegen a fox") is False
-    in_group = Sender("telegram", "111", "alice", ("-100",), private=False)
-    assert await bot.handle(in_group, group, "/imagegen a fox") is None
-    assert len(private.texts) == 1 and group.texts == []
-    assert sandbox.settlements == []
-
-
-async def test_console_once_saves_the_picture_and_exits_0(
-    sandbox: RunningSandbox,
-    http: httpx.AsyncClient,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    settings = load_settings(_env_file=None, database_path=tmp_path / "l.sqlite3")
-    bot = ImageBot(settings, service_for(http, sandbox.url))
-    source = tmp_path / "in.jpg"
-    Image.new("RGB", (80, 60), "blue").save(source, "JPEG")
-    code = await run_console(bot, tmp_path / "out", f"/img2img --image {source} make it snow")
-    assert code == 0
-    (saved,) = list_dir(tmp_path / "out")
-    assert Image.open(saved).size == (1024, 1024)
-    assert str(saved) in capsys.readouterr().out
-    assert await run_console(bot, tmp_path / "out", "/imagegen #policy x") == 1
-    assert await run_console(bot, tmp_path / "out", "/img2img --image /nonexistent x") == 1
 
 
 async def test_console_chat_writes_each_format_with_its_extension(tmp_path: Path) -> None:
     chat = ConsoleChat(tmp_path)
     await chat.send_pictures([Picture(png(), "image/png", 64, 48)], "caption")
-    assert [path.suffix for path in list_dir(tmp_path)] == [".png"]
+    (saved,) = os.listdir(tmp_path)
+    assert saved.endswith(".png")
 
 
 def test_demo_once_runs_offline_from_the_command_line(tmp_path: Path) -> None:

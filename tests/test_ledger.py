@@ -1,0 +1,760 @@
+"""The ledger: atomic budgets in one and two processes, recovery, reports and migrations."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import multiprocessing
+import random
+import sqlite3
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import pytest
+
+from bot.errors import ConfigError
+from bot.ledger import (
+    SCHEMA_VERSION,
+    Attempt,
+    Budget,
+    BudgetExceeded,
+    Ledger,
+    Report,
+    UserSpend,
+    UserTotal,
+    to_json,
+)
+
+PRICE = 21_000
+ROOMY = Budget(user_daily_micro=10_000_000, global_daily_micro=100_000_000, exempt=False)
+THREE_FIT = 3 * PRICE + 7_000  # three reservations fit, a fourth does not
+USER_REFUSAL = (
+    "Daily limit reached: you have $0.007 left of your $0.07 per day; it resets at 00:00 UTC. "
+    "Nothing was charged."
+)
+GLOBAL_REFUSAL = (
+    "This bot has reached its daily spending limit; it resets at 00:00 UTC. Nothing was charged."
+)
+
+
+@dataclass
+class Clock:
+    """A settable UTC clock for ``Ledger.open(clock=...)``."""
+
+    at: datetime
+
+    def __call__(self) -> datetime:
+        return self.at
+
+
+def attempt(
+    user_id: str = "111", name: str = "@alice", platform: str = "telegram", n: int = 1
+) -> Attempt:
+    return Attempt(
+        platform, user_id, name, "chat-1", "imagegen", "openai/gpt-image-1", "1024x1024", n
+    )
+
+
+def nonce(number: int) -> str:
+    return f"0x{number:064x}"
+
+
+async def price(ledger: Ledger, row: int, amount: int, budget: Budget, number: int) -> None:
+    await ledger.price(
+        row, amount, budget, network="eip155:8453", payer="0xPAYER", nonce=nonce(number)
+    )
+
+
+async def rows_of(path: Path) -> list[dict[str, Any]]:
+    async with aiosqlite.connect(path) as db:
+        db.row_factory = aiosqlite.Row
+        return [
+            dict(row) for row in await db.execute_fetchall("SELECT * FROM attempts ORDER BY id")
+        ]
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock(datetime(2026, 11, 21, 4, 38, 35, tzinfo=UTC))
+
+
+@pytest.fixture
+async def ledger(tmp_path: Path, clock: Clock) -> AsyncIterator[Ledger]:
+    async with await Ledger.open(tmp_path / "data" / "ledger.sqlite3", clock=clock) as opened:
+        yield opened
+
+
+def split(outcomes: list[Any]) -> tuple[list[int], list[BudgetExceeded]]:
+    rows = [o for o in outcomes if isinstance(o, int)]
+    refusals = [o for o in outcomes if isinstance(o, BudgetExceeded)]
+    assert len(rows) + len(refusals) == len(outcomes), outcomes
+    return rows, refusals
+
+
+# Budgets
+
+
+async def test_open_creates_the_folder_and_uses_wal(tmp_path: Path) -> None:
+    path = tmp_path / "new" / "folder" / "ledger.sqlite3"
+    async with await Ledger.open(path):
+        pass
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+
+
+async def test_100_concurrent_reserves_fill_the_user_cap_exactly(ledger: Ledger, tmp_path: Path):
+    budget = Budget(user_daily_micro=THREE_FIT, global_daily_micro=10**9, exempt=False)
+    outcomes = await asyncio.gather(
+        *(ledger.reserve(attempt(), PRICE, budget) for _ in range(100)), return_exceptions=True
+    )
+    rows, refusals = split(outcomes)
+    assert len(rows) == 3
+    assert len(refusals) == 97
+    assert {(r.scope, r.user_message, r.charged) for r in refusals} == {
+        ("user", USER_REFUSAL, False)
+    }
+    stored = await rows_of(tmp_path / "data" / "ledger.sqlite3")
+    assert [(r["status"], r["quoted_micro"], r["nonce"]) for r in stored] == [
+        ("pending", PRICE, None)
+    ] * 3
+
+
+async def test_100_concurrent_reserves_fill_the_global_cap_exactly(ledger: Ledger) -> None:
+    budget = Budget(user_daily_micro=10**9, global_daily_micro=THREE_FIT, exempt=False)
+    outcomes = await asyncio.gather(
+        *(ledger.reserve(attempt(str(i)), PRICE, budget) for i in range(100)),
+        return_exceptions=True,
+    )
+    rows, refusals = split(outcomes)
+    assert len(rows) == 3
+    assert {(r.scope, r.user_message) for r in refusals} == {("global", GLOBAL_REFUSAL)}
+    assert len(refusals) == 97
+    assert (await ledger.report()).pending_micro == 3 * PRICE
+
+
+def _reserve_from_another_process(path: str, start: Any, results: Any) -> None:
+    async def run() -> list[Any]:
+        budget = Budget(user_daily_micro=THREE_FIT, global_daily_micro=10**9, exempt=False)
+        async with await Ledger.open(path) as ledger:
+            await asyncio.to_thread(start.wait)
+            return await asyncio.gather(
+                *(ledger.reserve(attempt(), PRICE, budget) for _ in range(50)),
+                return_exceptions=True,
+            )
+
+    outcomes = asyncio.run(run())
+    results.put(
+        (
+            sum(isinstance(o, int) for o in outcomes),
+            sum(isinstance(o, BudgetExceeded) and o.user_message == USER_REFUSAL for o in outcomes),
+        )
+    )
+
+
+async def test_two_processes_sharing_the_file_cannot_overspend(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    async with await Ledger.open(path) as ledger:
+        context = multiprocessing.get_context("spawn")
+        start, results = context.Barrier(2), context.Queue()
+        workers = [
+            context.Process(target=_reserve_from_another_process, args=(str(path), start, results))
+            for _ in range(2)
+        ]
+        for worker in workers:
+            worker.start()
+        counts = [await asyncio.to_thread(results.get, timeout=60) for _ in workers]
+        for worker in workers:
+            await asyncio.to_thread(worker.join, 10)
+        assert sum(reserved for reserved, _ in counts) == 3
+        assert sum(refused for _, refused in counts) == 97
+        assert all(reserved < 50 for reserved, _ in counts)
+        assert (await ledger.report()).pending_micro == 3 * PRICE
+
+
+async def test_admin_is_exempt_from_the_user_cap_but_not_the_global_cap(ledger: Ledger) -> None:
+    admin = Budget(user_daily_micro=0, global_daily_micro=THREE_FIT, exempt=True)
+    rows = [await ledger.reserve(attempt("1"), PRICE, admin) for _ in range(3)]
+    assert len(rows) == 3
+    with pytest.raises(BudgetExceeded) as refused:
+        await ledger.reserve(attempt("1"), PRICE, admin)
+    assert refused.value.scope == "global"
+
+
+async def test_user_cap_zero_means_the_user_cannot_spend(ledger: Ledger) -> None:
+    with pytest.raises(BudgetExceeded) as refused:
+        await ledger.reserve(attempt(), PRICE, Budget(0, 10**9, exempt=False))
+    assert refused.value.scope == "user"
+    assert "you have $0.00 left of your $0.00 per day" in refused.value.user_message
+    assert (await ledger.report()).users == []
+
+
+async def test_user_cap_is_checked_before_the_global_cap(ledger: Ledger) -> None:
+    with pytest.raises(BudgetExceeded) as refused:
+        await ledger.reserve(attempt(), PRICE, Budget(PRICE - 1, PRICE - 1, exempt=False))
+    assert refused.value.scope == "user"
+
+
+async def test_failed_rows_free_their_budget(ledger: Ledger) -> None:
+    budget = Budget(2 * PRICE, 10**9, exempt=False)
+    first = await ledger.reserve(attempt(), PRICE, budget)
+    await ledger.reserve(attempt(), PRICE, budget)
+    with pytest.raises(BudgetExceeded):
+        await ledger.reserve(attempt(), PRICE, budget)
+    await ledger.fail(first, "gateway said 500")
+    await ledger.reserve(attempt(), PRICE, budget)
+
+
+async def test_unknown_rows_keep_counting_against_the_budget(ledger: Ledger) -> None:
+    budget = Budget(2 * PRICE, 10**9, exempt=False)
+    first = await ledger.reserve(attempt(), PRICE, budget)
+    await price(ledger, first, PRICE, budget, 1)
+    await ledger.mark_unknown(first, "connection lost after paying")
+    await ledger.reserve(attempt(), PRICE, budget)
+    with pytest.raises(BudgetExceeded):
+        await ledger.reserve(attempt(), PRICE, budget)
+    spend = await ledger.user_spend("telegram:111", budget)
+    assert (spend.total_micro, spend.unknown_micro, spend.left_today_micro) == (0, 2 * PRICE, 0)
+
+
+async def test_settled_rows_count_at_the_charged_amount(ledger: Ledger) -> None:
+    budget = Budget(100_000, 10**9, exempt=False)
+    cheaper = await ledger.reserve(attempt(), 60_000, budget)
+    await ledger.settle(cheaper, 30_000, "0xtx1")
+    dearer = await ledger.reserve(attempt(), 70_000, budget)  # 30,000 + 70,000 fits exactly
+    await ledger.settle(dearer, 70_001, "0xtx2")
+    with pytest.raises(BudgetExceeded) as refused:
+        await ledger.reserve(attempt(), 1, budget)
+    assert "you have $0.00 left" in refused.value.user_message
+    assert (await ledger.report()).total_micro == 100_001
+
+
+async def test_amounts_must_be_integers(ledger: Ledger) -> None:
+    with pytest.raises(sqlite3.IntegrityError):
+        await ledger.reserve(attempt(), 0.5, ROOMY)  # type: ignore[arg-type]
+
+
+async def test_resolving_a_row_twice_is_an_error(ledger: Ledger) -> None:
+    row = await ledger.reserve(attempt(), PRICE, ROOMY)
+    await ledger.settle(row, PRICE, "0xtx")
+    with pytest.raises(ValueError, match="is not pending or unknown"):
+        await ledger.fail(row, "late")
+    with pytest.raises(ValueError, match="is not pending"):
+        await ledger.mark_unknown(row, "late")
+    with pytest.raises(ValueError):
+        await ledger.settle(12345, PRICE, None)
+
+
+async def test_a_late_receipt_settles_an_unknown_row(ledger: Ledger) -> None:
+    row = await ledger.reserve(attempt(), PRICE, ROOMY)
+    await ledger.mark_unknown(row, "timeout")
+    await ledger.settle(row, PRICE, "0xlate")
+    report = await ledger.report()
+    assert (report.total_micro, report.pending_micro) == (PRICE, 0)
+
+
+# price()
+
+
+async def test_price_with_the_reserved_amount_is_not_rechecked(ledger: Ledger, tmp_path: Path):
+    row = await ledger.reserve(attempt(), PRICE, ROOMY)
+    nothing_left = Budget(0, 0, exempt=False)
+    await price(ledger, row, PRICE, nothing_left, 1)
+    (stored,) = await rows_of(tmp_path / "data" / "ledger.sqlite3")
+    assert (stored["network"], stored["payer"], stored["nonce"]) == (
+        "eip155:8453",
+        "0xPAYER",
+        nonce(1),
+    )
+
+
+async def test_a_higher_price_that_no_longer_fits_leaves_the_row_unchanged(
+    ledger: Ledger, tmp_path: Path
+) -> None:
+    budget = Budget(50_000, 10**9, exempt=False)
+    row = await ledger.reserve(attempt(), 40_000, budget)
+    before = await rows_of(tmp_path / "data" / "ledger.sqlite3")
+    with pytest.raises(BudgetExceeded) as refused:
+        await price(ledger, row, 50_001, budget, 1)
+    assert refused.value.scope == "user"
+    assert "you have $0.05 left of your $0.05 per day" in refused.value.user_message
+    assert await rows_of(tmp_path / "data" / "ledger.sqlite3") == before
+    with pytest.raises(BudgetExceeded) as refused:
+        await price(ledger, row, 50_000, Budget(10**9, 45_000, exempt=False), 1)
+    assert refused.value.scope == "global"
+    # The row's own reservation is not counted twice: 50,000 replaces 40,000.
+    await price(ledger, row, 50_000, budget, 1)
+    (stored,) = await rows_of(tmp_path / "data" / "ledger.sqlite3")
+    assert (stored["quoted_micro"], stored["nonce"]) == (50_000, nonce(1))
+    with pytest.raises(BudgetExceeded):
+        await ledger.reserve(attempt(), 1, budget)
+
+
+async def test_a_nonce_is_recorded_once(ledger: Ledger, tmp_path: Path) -> None:
+    first = await ledger.reserve(attempt(), PRICE, ROOMY)
+    second = await ledger.reserve(attempt(), PRICE, ROOMY)
+    await price(ledger, first, PRICE, ROOMY, 7)
+    with pytest.raises(sqlite3.IntegrityError):
+        await price(ledger, second, PRICE, ROOMY, 7)
+    with pytest.raises(ValueError, match="not pending and unpriced"):
+        await price(ledger, first, PRICE, ROOMY, 8)
+    stored = await rows_of(tmp_path / "data" / "ledger.sqlite3")
+    assert [row["nonce"] for row in stored] == [nonce(7), None]
+
+
+# recover()
+
+
+def _reserve_and_hang(path: str, ready: Any) -> None:
+    async def run() -> None:
+        ledger = await Ledger.open(path)
+        signed = await ledger.reserve(attempt("dead"), PRICE, ROOMY)
+        await price(ledger, signed, PRICE, ROOMY, 666)
+        await ledger.reserve(attempt("dead"), PRICE, ROOMY)
+        ready.put("ready")
+        await asyncio.sleep(600)
+
+    asyncio.run(run())
+
+
+async def test_recover_resolves_only_the_rows_of_dead_processes(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    context = multiprocessing.get_context("spawn")
+    ready = context.Queue()
+    doomed = context.Process(target=_reserve_and_hang, args=(str(path), ready))
+    async with await Ledger.open(path) as live, await Ledger.open(path) as recovering:
+        live_signed = await live.reserve(attempt("live"), PRICE, ROOMY)
+        await price(live, live_signed, PRICE, ROOMY, 1)
+        await live.reserve(attempt("live"), PRICE, ROOMY)
+        own = await recovering.reserve(attempt("own"), PRICE, ROOMY)
+        doomed.start()
+        assert await asyncio.to_thread(ready.get, timeout=60) == "ready"
+        doomed.kill()
+        await asyncio.to_thread(doomed.join, 10)
+
+        assert await recovering.recover() == (1, 1)
+        assert await recovering.recover() == (0, 0)
+        statuses = {
+            (row["user_id"], row["nonce"] is not None): (row["status"], row["error"])
+            for row in await rows_of(path)
+        }
+        assert statuses == {
+            ("live", True): ("pending", None),
+            ("live", False): ("pending", None),
+            ("own", False): ("pending", None),
+            ("dead", True): ("unknown", "the bot stopped before learning the outcome"),
+            ("dead", False): ("failed", "the bot stopped before signing"),
+        }
+        assert len(list(path.with_name("ledger.sqlite3.runs").glob("*.lock"))) == 2
+        await recovering.fail(own, "done")
+        await live.settle(live_signed, PRICE, "0xtx")
+
+
+async def test_recover_resolves_the_rows_of_a_closed_ledger(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    async with await Ledger.open(path) as closed:
+        signed = await closed.reserve(attempt(), PRICE, ROOMY)
+        await price(closed, signed, PRICE, ROOMY, 1)
+        await closed.reserve(attempt(), PRICE, ROOMY)
+    async with await Ledger.open(path) as ledger:
+        assert await ledger.recover() == (1, 1)
+        report = await ledger.report()
+    assert (report.total_micro, report.pending_micro) == (0, PRICE)
+
+
+# Reports
+
+
+async def test_user_spend_across_a_utc_day_and_month_boundary(ledger: Ledger, clock: Clock):
+    budget = Budget(100_000, 150_000, exempt=False)
+
+    async def spend(amount: int, user: str = "111") -> None:
+        await ledger.settle(await ledger.reserve(attempt(user), amount, budget), amount, None)
+
+    clock.at = datetime(2026, 1, 31, 23, 59, 59, tzinfo=UTC)
+    await spend(10_000)
+    await spend(90_000)
+    with pytest.raises(BudgetExceeded):
+        await spend(1)
+    clock.at = datetime(2026, 2, 1, 0, 0, 0, tzinfo=UTC)  # a new day: the caps start again
+    await spend(20_000)
+    await spend(100_000, "222")
+    feb_1 = await ledger.user_spend("telegram:111", budget)
+    assert (feb_1.today_micro, feb_1.month_micro, feb_1.total_micro) == (20_000, 20_000, 120_000)
+    assert feb_1.left_today_micro == 30_000  # the global cap has 30,000 left that day
+    clock.at = datetime(2026, 2, 2, 10, 0, tzinfo=UTC)
+    await spend(40_000)
+    row = await ledger.reserve(attempt(), 5_000, budget)
+    await ledger.mark_unknown(row, "lost")
+
+    assert await ledger.user_spend("telegram:111", budget) == UserSpend(
+        user="telegram:111",
+        display_name="@alice",
+        today_micro=40_000,
+        month_micro=60_000,
+        total_micro=160_000,
+        images=4,
+        requests=4,
+        unknown_micro=5_000,
+        left_today_micro=55_000,
+        last_at=datetime(2026, 2, 2, 10, 0, tzinfo=UTC),
+    )
+    admin = Budget(100_000, 150_000, exempt=True)
+    assert (await ledger.user_spend("telegram:111", admin)).left_today_micro is None
+
+
+async def test_user_spend_of_an_unknown_user_is_zero(ledger: Ledger) -> None:
+    assert await ledger.user_spend("discord:9", ROOMY) == UserSpend(
+        "discord:9", "", 0, 0, 0, 0, 0, 0, ROOMY.user_daily_micro, None
+    )
+
+
+async def test_report_filters_by_day_and_user(ledger: Ledger, clock: Clock) -> None:
+    async def spend(user: str, amount: int, at: datetime, n: int = 1) -> int:
+        clock.at = at
+        row = await ledger.reserve(attempt(user, name=f"@u{user}", n=n), amount, ROOMY)
+        await ledger.settle(row, amount, None)
+        return row
+
+    before = datetime(2026, 3, 9, 23, 59, 59, tzinfo=UTC)
+    midnight = datetime(2026, 3, 10, tzinfo=UTC)
+    later = datetime(2026, 3, 11, 8, 0, tzinfo=UTC)
+    await spend("1", 10_000, before)
+    await spend("1", 20_000, midnight, n=2)
+    await spend("2", 30_000, later)
+    await spend("3", 20_000, later)
+    unknown = await ledger.reserve(attempt("3", name="@u3"), 5_000, ROOMY)
+    await ledger.mark_unknown(unknown, "lost")
+    for user in ("4", "2"):  # a user with only failed rows, and a failure after a success
+        clock.at = later + timedelta(hours=1)
+        await ledger.fail(await ledger.reserve(attempt(user, name=f"@u{user}"), PRICE, ROOMY), "no")
+
+    everything = await ledger.report()
+    assert [(u.user, u.last_at) for u in everything.users] == [
+        ("telegram:1", midnight),
+        ("telegram:2", later),
+        ("telegram:3", later),
+    ]
+    assert (everything.total_micro, everything.pending_micro) == (80_000, 5_000)
+
+    since = await ledger.report(since=date(2026, 3, 10))
+    assert since == Report(
+        total_micro=70_000,
+        pending_micro=5_000,
+        users=[
+            UserTotal("telegram:2", "@u2", 1, 1, 30_000, 0, later),
+            UserTotal("telegram:1", "@u1", 1, 2, 20_000, 0, midnight),
+            UserTotal("telegram:3", "@u3", 1, 1, 20_000, 5_000, later),
+        ],
+    )
+    assert await ledger.report(user="telegram:1") == Report(
+        30_000, 0, [UserTotal("telegram:1", "@u1", 2, 3, 30_000, 0, midnight)]
+    )
+    assert await ledger.report(since=date(2026, 3, 11), user="telegram:1") == Report(0, 0, [])
+    assert await ledger.report(user="telegram:4") == Report(0, 0, [])
+    with pytest.raises(ValueError, match="platform:id"):
+        await ledger.report(user="alice")
+
+
+async def test_find_user_matches_the_latest_display_name(ledger: Ledger) -> None:
+    await ledger.reserve(attempt("1", name="@Alice"), PRICE, ROOMY)
+    await ledger.reserve(attempt("2", name="bob", platform="discord"), PRICE, ROOMY)
+    assert await ledger.find_user("alice") == "telegram:1"
+    assert await ledger.find_user("@ALICE") == "telegram:1"
+    assert await ledger.find_user("@bob") == "discord:2"
+    await ledger.reserve(attempt("3", name="alice", platform="discord"), PRICE, ROOMY)
+    assert await ledger.find_user("@alice") == "discord:3"
+    for unknown in ("carol", "", "@", "   "):
+        assert await ledger.find_user(unknown) is None
+
+
+async def test_an_empty_display_name_keeps_the_last_known_one(ledger: Ledger) -> None:
+    await ledger.reserve(attempt(name="@alice"), PRICE, ROOMY)
+    await ledger.reserve(attempt(name=""), PRICE, ROOMY)
+    assert (await ledger.user_spend("telegram:111", ROOMY)).display_name == "@alice"
+    assert (await ledger.report()).users[0].display_name == "@alice"
+
+
+def test_to_json_has_the_contract_shape() -> None:
+    at = datetime(2026, 11, 21, 4, 38, 35, tzinfo=UTC)
+    settled_only = Report(157_500, 0, [UserTotal("telegram:111", "@a", 3, 3, 157_500, 0, at)])
+    assert json.dumps(to_json(settled_only)) == json.dumps(
+        {
+            "total_usd": "0.157500",
+            "users": [
+                {
+                    "user": "telegram:111",
+                    "requests": 3,
+                    "images": 3,
+                    "usd": "0.157500",
+                    "last_at": "2026-11-21T04:38:35Z",
+                }
+            ],
+        }
+    )
+    with_unknown = Report(
+        1_000_000,
+        21_000,
+        [
+            UserTotal("discord:5", "", 1, 4, 1_000_000, 0, at),
+            UserTotal("telegram:111", "@a", 0, 0, 0, 21_000, at),
+        ],
+    )
+    assert json.dumps(to_json(with_unknown)) == json.dumps(
+        {
+            "total_usd": "1.000000",
+            "pending_usd": "0.021000",
+            "users": [
+                {
+                    "user": "discord:5",
+                    "requests": 1,
+                    "images": 4,
+                    "usd": "1.000000",
+                    "last_at": "2026-11-21T04:38:35Z",
+                },
+                {
+                    "user": "telegram:111",
+                    "requests": 0,
+                    "images": 0,
+                    "usd": "0.000000",
+                    "pending_usd": "0.021000",
+                    "last_at": "2026-11-21T04:38:35Z",
+                },
+            ],
+        }
+    )
+    assert to_json(Report(0, 0, [])) == {"total_usd": "0.000000", "users": []}
+
+
+# The totals tables against the rows
+
+
+def expected_report(rows: list[dict[str, Any]], since: date | None = None) -> Report:
+    start = 0 if since is None else int(datetime(*since.timetuple()[:3], tzinfo=UTC).timestamp())
+    lines: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row["status"] == "failed" or row["created_at"] < start:
+            continue
+        user = f"{row['platform']}:{row['user_id']}"
+        line = lines.setdefault(user, {"requests": 0, "images": 0, "micro": 0, "pending": 0})
+        if row["status"] == "settled":
+            line["requests"] += 1
+            line["images"] += row["n"]
+            line["micro"] += row["charged_micro"]
+        else:
+            line["pending"] += row["quoted_micro"]
+        line["last_at"] = max(line.get("last_at", 0), row["created_at"])
+    users = [
+        UserTotal(
+            user,
+            latest_name(rows, user),
+            line["requests"],
+            line["images"],
+            line["micro"],
+            line["pending"],
+            datetime.fromtimestamp(line["last_at"], UTC),
+        )
+        for user, line in lines.items()
+    ]
+    users.sort(key=lambda line: (-line.micro, line.user))
+    return Report(sum(u.micro for u in users), sum(u.pending_micro for u in users), users)
+
+
+def latest_name(rows: list[dict[str, Any]], user: str) -> str:
+    names = [r["display_name"] for r in rows if f"{r['platform']}:{r['user_id']}" == user]
+    return next((name for name in reversed(names) if name), "")
+
+
+def expected_spend(
+    rows: list[dict[str, Any]], user: str, budget: Budget, now: datetime
+) -> UserSpend:
+    def counted(row: dict[str, Any]) -> int:
+        return {"settled": row["charged_micro"], "failed": 0}.get(
+            row["status"], row["quoted_micro"]
+        )
+
+    def day(row: dict[str, Any]) -> date:
+        return datetime.fromtimestamp(row["created_at"], UTC).date()
+
+    mine = [r for r in rows if f"{r['platform']}:{r['user_id']}" == user]
+    settled = [r for r in mine if r["status"] == "settled"]
+    today = now.date()
+    counted_rows = [r for r in mine if r["status"] != "failed"]
+    left = min(
+        budget.user_daily_micro - sum(counted(r) for r in mine if day(r) == today),
+        budget.global_daily_micro - sum(counted(r) for r in rows if day(r) == today),
+    )
+    return UserSpend(
+        user=user,
+        display_name=latest_name(rows, user),
+        today_micro=sum(r["charged_micro"] for r in settled if day(r) == today),
+        month_micro=sum(
+            r["charged_micro"] for r in settled if day(r).replace(day=1) == today.replace(day=1)
+        ),
+        total_micro=sum(r["charged_micro"] for r in settled),
+        images=sum(r["n"] for r in settled),
+        requests=len(settled),
+        unknown_micro=sum(r["quoted_micro"] for r in mine if r["status"] in ("pending", "unknown")),
+        left_today_micro=None if budget.exempt else max(0, left),
+        last_at=datetime.fromtimestamp(max(r["created_at"] for r in counted_rows), UTC)
+        if counted_rows
+        else None,
+    )
+
+
+USERS = [
+    ("telegram", "1", "@ann"),
+    ("telegram", "1", "@Annie"),
+    ("telegram", "1", ""),
+    ("telegram", "2", "@bob"),
+    ("discord", "1", "carol"),
+    ("discord", "9", ""),
+    ("console", "local", "operator"),
+]
+
+
+async def random_step(ledger: Ledger, path: Path, rng: random.Random, step: int) -> None:
+    """One reserve, or one price/settle/fail/mark_unknown of a row that is still open.
+
+    The last steps only reserve, and unknown rows are seldom resolved, so some stay open.
+    """
+    budget = Budget(
+        rng.choice([0, 300_000, 1_000_000]), rng.choice([1_500_000, 5_000_000]), rng.random() < 0.2
+    )
+    async with aiosqlite.connect(path) as db:
+        open_rows = await db.execute_fetchall(
+            "SELECT id, status, nonce FROM attempts WHERE status IN ('pending', 'unknown')"
+        )
+    if rng.random() < 0.4 or not open_rows or step >= 740:
+        platform, user_id, name = rng.choice(USERS)
+        with contextlib.suppress(BudgetExceeded):
+            await ledger.reserve(
+                attempt(user_id, name, platform, rng.randint(1, 4)),
+                rng.choice([0, 21_000, 52_500, 120_000]),
+                budget,
+            )
+        return
+    row, status, signed = rng.choice(open_rows)
+    if status == "unknown" and rng.random() < 0.8:
+        return
+    if status == "pending" and signed is None and rng.random() < 0.7:
+        try:
+            await price(ledger, row, rng.choice([21_000, 39_000, 120_000]), budget, step)
+        except BudgetExceeded:
+            await ledger.fail(row, "over budget at the real price")
+    elif rng.random() < 0.5:
+        await ledger.settle(row, rng.choice([0, 21_000, 39_000, 150_000]), f"0xtx{step}")
+    elif status == "pending" and rng.random() < 0.5:
+        await ledger.mark_unknown(row, "lost")
+    else:
+        await ledger.fail(row, "refused")
+
+
+async def test_totals_equal_the_rows_after_random_operations(tmp_path: Path) -> None:
+    rng = random.Random(402)
+    path = tmp_path / "ledger.sqlite3"
+    clock = Clock(datetime(2026, 1, 30, 20, 0, tzinfo=UTC))
+    async with await Ledger.open(path, clock=clock) as first:
+        second = await Ledger.open(path, clock=clock)
+        for step in range(800):
+            clock.at += timedelta(minutes=rng.randint(0, 30))
+            await random_step(rng.choice([first, second]), path, rng, step)
+            if step == 500:  # the second bot stops with a signed and an unsigned row open
+                signed = await second.reserve(attempt("2", "@bob"), PRICE, ROOMY)
+                await price(second, signed, PRICE, ROOMY, 10_000)
+                await second.reserve(attempt("2", "@bob"), PRICE, ROOMY)
+                await second.close()
+                unknown, failed = await first.recover()
+                assert unknown >= 1 and failed >= 1
+                second = first
+        rows = await rows_of(path)
+        assert {row["status"] for row in rows} == {"pending", "settled", "failed", "unknown"}
+        assert len({row["created_at"] // 86_400 for row in rows}) >= 5
+
+        assert await first.report() == expected_report(rows)
+        for user in {f"{p}:{u}" for p, u, _ in USERS}:
+            mine = [r for r in rows if f"{r['platform']}:{r['user_id']}" == user]
+            assert await first.report(user=user) == expected_report(mine)
+            for budget in (ROOMY, Budget(50_000, 600_000, exempt=False), Budget(0, 0, exempt=True)):
+                assert await first.user_spend(user, budget) == expected_spend(
+                    rows, user, budget, clock.at
+                )
+        for since in (date(2026, 1, 31), date(2026, 2, 1), date(2026, 2, 2)):
+            assert await first.report(since=since) == expected_report(rows, since)
+
+
+# Migrations
+
+V1_SCHEMA = """
+CREATE TABLE attempts (
+    id INTEGER PRIMARY KEY, run_id TEXT NOT NULL, platform TEXT NOT NULL,
+    user_id TEXT NOT NULL, display_name TEXT NOT NULL, chat_id TEXT NOT NULL,
+    command TEXT NOT NULL, model TEXT NOT NULL, size TEXT NOT NULL,
+    n INTEGER NOT NULL CHECK (n > 0), quoted_micro INTEGER NOT NULL CHECK (quoted_micro >= 0),
+    charged_micro INTEGER CHECK (charged_micro >= 0),
+    status TEXT NOT NULL CHECK (status IN ('pending', 'settled', 'failed', 'unknown')),
+    tx_hash TEXT, network TEXT, payer TEXT, nonce TEXT UNIQUE, error TEXT,
+    created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL,
+    CHECK ((status = 'settled') = (charged_micro IS NOT NULL))
+) STRICT;
+CREATE INDEX attempts_by_user ON attempts (platform, user_id, created_at, status);
+CREATE INDEX attempts_by_time ON attempts (created_at);
+CREATE INDEX attempts_by_name ON attempts (lower(ltrim(display_name, '@')));
+CREATE INDEX attempts_pending_by_run ON attempts (run_id) WHERE status = 'pending';
+PRAGMA user_version = 1;
+"""
+
+
+def write_v1_ledger(path: Path, at: datetime) -> None:
+    """A schema-v1 file as released: the rows only, no totals tables."""
+    created = int(at.timestamp())
+    with sqlite3.connect(path) as db:
+        db.executescript(V1_SCHEMA)
+        db.executemany(
+            "INSERT INTO attempts (run_id, platform, user_id, display_name, chat_id, command,"
+            " model, size, n, quoted_micro, charged_micro, status, nonce, created_at, updated_at)"
+            " VALUES ('gone', ?, ?, ?, 'c', 'imagegen', 'm', '1024x1024', ?, ?, ?, ?, ?, ?, ?)",
+            [
+                ("telegram", "1", "@ann", 2, 21_000, 20_000, "settled", "0x1", created, created),
+                ("telegram", "1", "", 1, 39_000, None, "unknown", "0x2", created + 5, created),
+                ("telegram", "2", "bob", 1, 52_500, None, "failed", None, created + 9, created),
+                ("discord", "7", "eve", 1, 21_000, None, "pending", None, created + 20, created),
+            ],
+        )
+
+
+async def test_a_v1_ledger_is_upgraded_in_place(tmp_path: Path, clock: Clock) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    await asyncio.to_thread(write_v1_ledger, path, clock.at)
+    before = await rows_of(path)
+    async with await Ledger.open(path, clock=clock) as ledger:
+        assert await rows_of(path) == before
+        assert await ledger.report() == expected_report(before)
+        assert (await ledger.report()).users[0] == UserTotal(
+            "telegram:1", "@ann", 1, 2, 20_000, 39_000, clock.at + timedelta(seconds=5)
+        )
+        budget = Budget(60_000, 10**9, exempt=False)
+        with pytest.raises(BudgetExceeded):  # 20,000 settled + 39,000 unknown already today
+            await ledger.reserve(attempt("1"), 1_001, budget)
+        await ledger.reserve(attempt("1"), 1_000, budget)
+        assert await ledger.recover() == (0, 1)
+        assert await ledger.report() == expected_report(await rows_of(path))
+    async with aiosqlite.connect(path) as db:
+        assert await db.execute_fetchall("PRAGMA user_version") == [(SCHEMA_VERSION,)]
+
+
+async def test_a_ledger_from_a_newer_imagebot_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    async with await Ledger.open(path):
+        pass
+    async with aiosqlite.connect(path) as db:
+        await db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+        await db.commit()
+    with pytest.raises(ConfigError, match="DATABASE_PATH"):
+        await Ledger.open(path)
+    assert list(path.with_name("ledger.sqlite3.runs").glob("*.lock")) == []

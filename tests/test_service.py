@@ -1,0 +1,348 @@
+"""The bot with its real ledger, end to end against the sandbox gateway over real HTTP.
+
+Covers what the ledger promises the admins: every settled charge is recorded once and
+equals what the gateway settled, budgets hold under concurrency (also across two
+processes sharing one database), and a crash mid-payment leaves an ``unknown`` row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from eth_account import Account
+from PIL import Image
+
+from adapters.console import run_console
+from bot.config import load_settings
+from bot.images import Picture
+from bot.runtime import open_bot
+from bot.sandbox import Sandbox
+from bot.service import ImageBot, Sender
+from bot.x402 import Wallet
+
+ROOT = Path(__file__).parents[1]
+NANO_BANANA_MICRO = 52_500
+ALICE = Sender("telegram", "111", "@alice", ("111",), private=True)
+BOB = Sender("discord", "222", "bob", ("900", "901"), private=False)
+ADMIN = Sender("telegram", "999", "@boss", ("999",), private=True)
+
+
+class RecordingChat:
+    """An in-memory Chat: the core is exercised without any platform."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+        self.progress: list[str] = []
+        self.pictures: list[tuple[Sequence[Picture], str]] = []
+
+    async def send_text(self, text: str) -> None:
+        self.texts.append(text)
+
+    async def show_progress(self, status: str) -> None:
+        self.progress.append(status)
+
+    async def send_pictures(self, pictures: Sequence[Picture], caption: str) -> None:
+        self.pictures.append((pictures, caption))
+
+
+@pytest.fixture
+async def sandbox() -> AsyncIterator[Sandbox]:
+    gateway = Sandbox(job_seconds=0.3)
+    await gateway.start()
+    yield gateway
+    await gateway.close()
+
+
+@asynccontextmanager
+async def running_bot(sandbox: Sandbox, database: Path, **settings: Any) -> AsyncIterator[ImageBot]:
+    loaded = load_settings(
+        _env_file=None,
+        image_api_url=sandbox.url,
+        database_path=database,
+        admin_ids="telegram:999",
+        **settings,
+    )
+    async with open_bot(loaded, Wallet.create(), poll_interval=0.05, job_deadline=10) as bot:
+        yield bot
+
+
+def png(width: int = 64, height: int = 48) -> bytes:
+    from io import BytesIO
+
+    out = BytesIO()
+    Image.new("RGB", (width, height), "red").save(out, "PNG")
+    return out.getvalue()
+
+
+async def imagebot(*args: str, env: dict[str, str], cwd: Path) -> tuple[int, str]:
+    """Run the ``imagebot`` command line in its own process; return its exit code and stdout."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bot.cli",
+        *args,
+        cwd=cwd,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode is not None
+    assert not err or process.returncode, err.decode()
+    return process.returncode, out.decode()
+
+
+def cli_env(sandbox: Sandbox, database: Path, **extra: str) -> dict[str, str]:
+    return {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": str(ROOT),
+        "IMAGE_API_URL": sandbox.url,
+        "DATABASE_PATH": str(database),
+        "WALLET_PRIVATE_KEY": Account.create().key.hex(),
+        **extra,
+    }
+
+
+async def test_bot_answers_with_price_in_progress_and_caption(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    async with running_bot(sandbox, tmp_path / "l.sqlite3") as bot:
+        chat = RecordingChat()
+        assert await bot.handle(ALICE, chat, "/imagegen -m flux a fox") is True
+    assert chat.progress == ["Drawing with flux · 1024x1024 · $0.042…"]
+    ((pictures, caption),) = chat.pictures
+    assert caption == "flux · 1024x1024 · $0.042" and len(pictures) == 1
+
+
+async def test_bot_refuses_bad_input_before_any_payment(sandbox: Sandbox, tmp_path: Path) -> None:
+    async with running_bot(sandbox, tmp_path / "l.sqlite3") as bot:
+        chat = RecordingChat()
+        for text in ("/imagegen -m nope x", "/img2img x", "/imagegen -s 1x1 x", "/imagegen"):
+            assert await bot.handle(ALICE, chat, text) is False
+        assert len(chat.texts) == 4 and chat.pictures == [] and chat.progress == []
+        spend = RecordingChat()
+        await bot.handle(ALICE, spend, "/spend")
+    assert sandbox.settlements == []
+    assert spend.texts[0].startswith("You have spent $0.00 today")
+
+
+async def test_users_outside_the_allowlist_are_refused_in_private_and_ignored_in_groups(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    async with running_bot(sandbox, tmp_path / "l.sqlite3", allowed_users="telegram:222") as bot:
+        private, group = RecordingChat(), RecordingChat()
+        assert await bot.handle(ALICE, private, "/imagegen a fox") is False
+        in_group = Sender("telegram", "111", "alice", ("-100",), private=False)
+        assert await bot.handle(in_group, group, "/imagegen a fox") is None
+    assert len(private.texts) == 1 and group.texts == []
+    assert sandbox.settlements == []
+
+
+async def test_console_once_saves_the_picture_and_exits_0(
+    sandbox: Sandbox, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "in.jpg"
+    Image.new("RGB", (80, 60), "blue").save(source, "JPEG")
+    async with running_bot(sandbox, tmp_path / "l.sqlite3") as bot:
+        out = tmp_path / "out"
+        assert await run_console(bot, out, f"/img2img --image {source} make it snow") == 0
+        (saved,) = os.listdir(out)
+        assert Image.open(out / saved).size == (1024, 1024)
+        assert str(out / saved) in capsys.readouterr().out
+        assert await run_console(bot, out, "/imagegen #policy x") == 1
+        assert await run_console(bot, out, "/img2img --image /nonexistent x") == 1
+
+
+async def test_spend_report_equals_what_the_gateway_settled(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """Mixed successes, 202 jobs, gateway failures and refusals; only settled charges count."""
+    database = tmp_path / "ledger.sqlite3"
+    script = [
+        (ALICE, "/imagegen a fox", True),
+        (ALICE, "/imagegen -m nano-banana-pro a slow fox", True),  # 202 + polling
+        (ALICE, "/imagegen #policy a fox", False),  # 403 before payment
+        (ALICE, "/imagegen #servererror a fox", False),  # 500 after the paid request
+        (ALICE, "/imagegen #fail a fox", False),  # 202 job that fails, never charged
+        (BOB, "/img2img make it winter", True),
+        (BOB, "/imagegen -m flux -n 2 two foxes", True),
+        (BOB, "/imagegen #nofunds a fox", False),  # payment refused by the gateway
+        (BOB, "/imagegen #timeout a fox", False),  # 504
+        (BOB, "/imagegen -m nano-banana -n 4 four foxes", False),  # quote above the cap
+        (BOB, "/imagegen -m nope a fox", False),  # refused by the parser
+    ]
+    async with running_bot(sandbox, database, max_micro_per_request="0.20") as bot:
+        for sender, text, succeeds in script:
+            chat = RecordingChat()
+            attachments = (png(),) if text.startswith("/img2img") else ()
+            assert await bot.handle(sender, chat, text, attachments) is succeeds, (text, chat.texts)
+        admin = RecordingChat()
+        await bot.handle(ADMIN, admin, "/spend all")
+    settled = sum(settlement.amount_micro for settlement in sandbox.settlements)
+    assert len(sandbox.settlements) == 4 and settled > 0
+
+    code, out = await imagebot("spend", "--json", env=cli_env(sandbox, database), cwd=tmp_path)
+
+    assert code == 0
+    report = json.loads(out)
+    assert report["total_usd"] == f"{settled // 1_000_000}.{settled % 1_000_000:06d}"
+    assert "pending_usd" not in report
+    by_user = {row["user"]: row for row in report["users"]}
+    assert set(by_user) == {"telegram:111", "discord:222"}
+    assert (by_user["telegram:111"]["requests"], by_user["telegram:111"]["images"]) == (2, 2)
+    assert (by_user["discord:222"]["requests"], by_user["discord:222"]["images"]) == (2, 3)
+    assert admin.texts[0].startswith("All users: ")
+    assert "@alice (telegram:111)" in admin.texts[0] and "bob (discord:222)" in admin.texts[0]
+
+
+async def test_spend_tells_users_their_own_figures_and_only_admins_see_others(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    async with running_bot(sandbox, tmp_path / "l.sqlite3") as bot:
+        assert await bot.handle(ALICE, RecordingChat(), "/imagegen a fox")
+        own, other, everyone = RecordingChat(), RecordingChat(), RecordingChat()
+        await bot.handle(ALICE, own, "/spend")
+        await bot.handle(BOB, other, "/spend telegram:111")
+        await bot.handle(BOB, everyone, "/spend all")
+        by_name, by_id, unknown = RecordingChat(), RecordingChat(), RecordingChat()
+        await bot.handle(ADMIN, by_name, "/spend @alice")
+        await bot.handle(ADMIN, by_id, "/spend telegram:111")
+        await bot.handle(ADMIN, unknown, "/spend @nobody")
+        admin_own = RecordingChat()
+        await bot.handle(ADMIN, admin_own, "/spend")
+    assert own.texts == [
+        "You have spent $0.0525 today, $0.0525 this month and $0.0525 in all (1 image).\n"
+        "Left today: $0.9475; the limit resets at 00:00 UTC."
+    ]
+    for refused in (other, everyone):
+        assert refused.texts == ["Only the bot's admins can see other people's spending."]
+    assert by_name.texts == by_id.texts
+    assert by_name.texts[0].startswith("@alice (telegram:111) has spent $0.0525 today")
+    assert unknown.texts == ["I have no spending recorded for @nobody."]
+    assert "No personal daily limit (admin)." in admin_own.texts[0]
+
+
+async def test_100_concurrent_requests_against_a_cap_that_fits_3_pay_for_exactly_3(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    cap = f"0.{3 * NANO_BANANA_MICRO:06d}"
+    async with running_bot(sandbox, tmp_path / "l.sqlite3", user_daily_micro=cap) as bot:
+        chats = [RecordingChat() for _ in range(100)]
+        outcomes = await asyncio.gather(
+            *(bot.handle(ALICE, chat, "/imagegen a fox") for chat in chats)
+        )
+    assert outcomes.count(True) == 3 and outcomes.count(False) == 97
+    assert len(sandbox.settlements) == 3
+    refusals = [chat.texts for chat in chats if chat.texts]
+    assert len(refusals) == 97
+    assert all("Daily limit reached" in texts[0] and "00:00 UTC" in texts[0] for texts in refusals)
+
+
+FLEET_SCRIPT = """
+import asyncio, sys
+from bot.config import load_settings
+from bot.runtime import open_bot
+from bot.service import Sender
+
+class Quiet:
+    async def send_text(self, text): pass
+    async def show_progress(self, status): pass
+    async def send_pictures(self, pictures, caption): pass
+
+async def main():
+    alice = Sender("telegram", "111", "@alice", ("111",), private=True)
+    async with open_bot(load_settings(_env_file=None)) as bot:
+        sys.stdout.write("ready\\n"); sys.stdout.flush()
+        sys.stdin.readline()
+        outcomes = await asyncio.gather(
+            *(bot.handle(alice, Quiet(), "/imagegen a fox") for _ in range(50))
+        )
+    print(outcomes.count(True))
+
+asyncio.run(main())
+"""
+
+
+async def test_two_bot_processes_sharing_one_ledger_pay_for_exactly_3(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    database = tmp_path / "shared.sqlite3"
+    cap = f"0.{3 * NANO_BANANA_MICRO:06d}"
+    processes = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            FLEET_SCRIPT,
+            env=cli_env(sandbox, database, USER_DAILY_LIMIT_USD=cap),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
+    for process in processes:  # both ledgers are open before either fires
+        assert process.stdout is not None
+        assert await asyncio.wait_for(process.stdout.readline(), 60) == b"ready\n"
+    for process in processes:
+        assert process.stdin is not None
+        process.stdin.write(b"go\n")
+    outputs = [await asyncio.wait_for(process.communicate(), 60) for process in processes]
+
+    paid = [int(out.decode().strip()) for out, _ in outputs]
+    assert sum(paid) == 3
+    assert len(sandbox.settlements) == 3
+
+
+async def test_crash_after_the_payment_was_sent_leaves_an_unknown_row(tmp_path: Path) -> None:
+    """SIGKILL while the paid request is at the gateway; the restarted bot shows it as unknown."""
+    sandbox = Sandbox(latency=30.0)
+    await sandbox.start()
+    database = tmp_path / "ledger.sqlite3"
+    env = cli_env(sandbox, database)
+    try:
+        victim = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bot.cli",
+            "console",
+            "--once",
+            "/imagegen a fox",
+            cwd=tmp_path,
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+        )
+        for _ in range(600):
+            if sandbox.payments_received:
+                break
+            await asyncio.sleep(0.05)
+        assert sandbox.payments_received == 1, "the paid request never reached the gateway"
+        os.kill(victim.pid, signal.SIGKILL)
+        assert await victim.wait() == -signal.SIGKILL
+
+        code, spend_all = await imagebot("console", "--once", "/spend all", env=env, cwd=tmp_path)
+        _, report = await imagebot("spend", "--json", env=env, cwd=tmp_path)
+    finally:
+        await sandbox.close()
+
+    assert code == 0
+    assert "Outcome unknown, not counted above: $0.0525." in spend_all
+    assert json.loads(report)["pending_usd"] == "0.052500"
+    assert json.loads(report)["total_usd"] == "0.000000"
+    rows = await ledger_statuses(database)
+    assert rows == ["unknown"]
+
+
+async def ledger_statuses(database: Path) -> list[str]:
+    import aiosqlite
+
+    async with aiosqlite.connect(database) as db:
+        cursor = await db.execute("SELECT status FROM attempts ORDER BY id")
+        return [row[0] for row in await cursor.fetchall()]
