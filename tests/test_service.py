@@ -200,6 +200,9 @@ async def test_spend_report_equals_what_the_gateway_settled(
     assert set(by_user) == {"telegram:111", "discord:222"}
     assert (by_user["telegram:111"]["requests"], by_user["telegram:111"]["images"]) == (2, 2)
     assert (by_user["discord:222"]["requests"], by_user["discord:222"]["images"]) == (2, 3)
+    _, table = await imagebot("spend", env=cli_env(sandbox, database), cwd=tmp_path)
+    assert f"total settled: {report['total_usd']} USD" in table
+    assert any(line.startswith("telegram:111  @alice") for line in table.splitlines())
     assert admin.texts[0].startswith("All users: ")
     assert "@alice (telegram:111)" in admin.texts[0] and "bob (discord:222)" in admin.texts[0]
 
@@ -346,3 +349,54 @@ async def ledger_statuses(database: Path) -> list[str]:
     async with aiosqlite.connect(database) as db:
         cursor = await db.execute("SELECT status FROM attempts ORDER BY id")
         return [row[0] for row in await cursor.fetchall()]
+
+
+async def test_quote_above_the_estimate_is_checked_against_the_budget_before_signing(
+    tmp_path: Path, unused_tcp_port: int
+) -> None:
+    """The catalog says $0.0525, the gateway asks $0.20; a $0.10 daily cap refuses it unsigned."""
+    from aiohttp import web
+
+    from bot.chains import BASE_SEPOLIA
+
+    requirement = {
+        "scheme": "exact",
+        "network": BASE_SEPOLIA.caip2,
+        "asset": BASE_SEPOLIA.usdc,
+        "amount": "200000",
+        "payTo": "0x1f9994449098867e0A14f77DcAD0fD3beBe3ae15",
+        "maxTimeoutSeconds": 300,
+        "extra": {},
+    }
+    paid_requests: list[str] = []
+
+    async def generations(request: web.Request) -> web.Response:
+        if "PAYMENT-SIGNATURE" in request.headers:
+            paid_requests.append(request.headers["PAYMENT-SIGNATURE"])
+        return web.json_response({"x402Version": 2, "accepts": [requirement]}, status=402)
+
+    app = web.Application()
+    app.router.add_post("/v1/images/generations", generations)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
+    settings = load_settings(
+        _env_file=None,
+        image_api_url=f"http://127.0.0.1:{unused_tcp_port}",
+        database_path=tmp_path / "l.sqlite3",
+        user_daily_micro="0.10",
+    )
+    try:
+        async with open_bot(settings, Wallet.create()) as bot:
+            chat = RecordingChat()
+            assert await bot.handle(ALICE, chat, "/imagegen a fox") is False
+            spend = RecordingChat()
+            await bot.handle(ALICE, spend, "/spend")
+    finally:
+        await runner.cleanup()
+    assert paid_requests == []
+    assert chat.texts == [
+        "Daily limit reached: you have $0.10 left of your $0.10 per day; it resets at "
+        "00:00 UTC. Nothing was charged."
+    ]
+    assert "Left today: $0.10" in spend.texts[0]  # the refused reservation was released
