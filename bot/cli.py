@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
+import signal
 import sys
 import tempfile
 from datetime import date
@@ -73,10 +75,25 @@ def _run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_CONFIG
-    print(
-        "imagebot: the Telegram and Discord adapters are not in this release yet.", file=sys.stderr
-    )
-    return EXIT_CONFIG
+    if settings.telegram_bot_token is None:
+        print("imagebot: the Discord adapter is not in this release yet.", file=sys.stderr)
+        return EXIT_CONFIG
+    return asyncio.run(_serve(settings))
+
+
+async def _serve(settings: Settings) -> int:
+    from adapters.telegram import build_application, serve
+
+    configure_logging(settings.log_level)
+    if settings.discord_bot_token is not None:
+        logging.getLogger(__name__).warning("the Discord adapter is not in this release yet")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    async with open_bot(settings) as bot:
+        await serve(build_application(settings, bot), stop)
+    return 0
 
 
 def _console(args: argparse.Namespace) -> int:

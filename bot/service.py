@@ -7,6 +7,7 @@ every business rule (who may spend, what to say) lives here, not in an adapter.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -21,6 +22,8 @@ from bot.replies import help_text, models_text, report_text, spend_text
 from bot.x402 import PaymentIntent
 
 log = logging.getLogger(__name__)
+
+MAX_JOBS_PER_USER = 2  # one user's burst cannot crowd out everyone else
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ class ImageBot:
         self._settings = settings
         self._images = images
         self._ledger = ledger
+        self._jobs: Counter[str] = Counter()  # image jobs in flight per user
 
     async def handle(
         self,
@@ -113,7 +117,16 @@ class ImageBot:
                 return None
             await chat.send_text("Sorry, this bot makes pictures only for its members.")
             return False
-        return await self._draw(request, sender, chat)
+        if self._jobs[sender.principal] >= MAX_JOBS_PER_USER:
+            await chat.send_text("Wait for your previous image to finish first.")
+            return False
+        self._jobs[sender.principal] += 1
+        try:
+            return await self._draw(request, sender, chat)
+        finally:
+            self._jobs[sender.principal] -= 1
+            if not self._jobs[sender.principal]:
+                del self._jobs[sender.principal]
 
     async def _draw(
         self, request: GenerateRequest | EditRequest, sender: Sender, chat: Chat

@@ -237,17 +237,38 @@ async def test_spend_tells_users_their_own_figures_and_only_admins_see_others(
 async def test_100_concurrent_requests_against_a_cap_that_fits_3_pay_for_exactly_3(
     sandbox: Sandbox, tmp_path: Path
 ) -> None:
+    """100 users at once against the global cap (the per-user cap: tests/test_ledger.py)."""
     cap = f"0.{3 * NANO_BANANA_MICRO:06d}"
-    async with running_bot(sandbox, tmp_path / "l.sqlite3", user_daily_micro=cap) as bot:
-        chats = [RecordingChat() for _ in range(100)]
+    senders = [Sender("telegram", str(1000 + i), "", (str(1000 + i),), True) for i in range(100)]
+    chats = [RecordingChat() for _ in senders]
+    async with running_bot(sandbox, tmp_path / "l.sqlite3", global_daily_micro=cap) as bot:
         outcomes = await asyncio.gather(
-            *(bot.handle(ALICE, chat, "/imagegen a fox") for chat in chats)
+            *(
+                bot.handle(sender, chat, "/imagegen a fox")
+                for sender, chat in zip(senders, chats, strict=True)
+            )
         )
     assert outcomes.count(True) == 3 and outcomes.count(False) == 97
     assert len(sandbox.settlements) == 3
     refusals = [chat.texts for chat in chats if chat.texts]
     assert len(refusals) == 97
-    assert all("Daily limit reached" in texts[0] and "00:00 UTC" in texts[0] for texts in refusals)
+    assert all("daily spending limit" in texts[0] and "00:00 UTC" in texts[0] for texts in refusals)
+
+
+async def test_a_third_job_of_one_user_waits_for_the_first_two(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    chats = [RecordingChat() for _ in range(3)]
+    async with running_bot(sandbox, tmp_path / "l.sqlite3") as bot:
+        outcomes = await asyncio.gather(
+            *(bot.handle(ALICE, chat, "/imagegen a fox") for chat in chats)
+        )
+        later = await bot.handle(ALICE, RecordingChat(), "/imagegen a fox")
+    assert sorted(outcomes, key=str) == [False, True, True]
+    assert [chat.texts for chat in chats if chat.texts] == [
+        ["Wait for your previous image to finish first."]
+    ]
+    assert later is True and len(sandbox.settlements) == 3
 
 
 FLEET_SCRIPT = """
@@ -262,12 +283,12 @@ class Quiet:
     async def send_pictures(self, pictures, caption): pass
 
 async def main():
-    alice = Sender("telegram", "111", "@alice", ("111",), private=True)
+    users = [Sender("telegram", str(i), "", (str(i),), True) for i in range(50)]
     async with open_bot(load_settings(_env_file=None)) as bot:
         sys.stdout.write("ready\\n"); sys.stdout.flush()
         sys.stdin.readline()
         outcomes = await asyncio.gather(
-            *(bot.handle(alice, Quiet(), "/imagegen a fox") for _ in range(50))
+            *(bot.handle(user, Quiet(), "/imagegen a fox") for user in users)
         )
     print(outcomes.count(True))
 
@@ -285,7 +306,7 @@ async def test_two_bot_processes_sharing_one_ledger_pay_for_exactly_3(
             sys.executable,
             "-c",
             FLEET_SCRIPT,
-            env=cli_env(sandbox, database, USER_DAILY_LIMIT_USD=cap),
+            env=cli_env(sandbox, database, GLOBAL_DAILY_LIMIT_USD=cap),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )

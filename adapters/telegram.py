@@ -1,0 +1,272 @@
+"""Telegram adapter on python-telegram-bot's ``Application``: long polling, and translation only.
+
+A message (or an album, gathered first) becomes text + image bytes for ``ImageBot.handle``; the
+core's answers become replies in the same chat and forum topic. Telegram's own limits (20 MB
+bot downloads, photo size and shape, 1,024-character captions, flood control) are handled here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import warnings
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from telegram import BotCommand, InputMediaPhoto, Message, Update
+from telegram.constants import ChatAction, ChatType
+from telegram.error import BadRequest, RetryAfter
+from telegram.ext import Application, ContextTypes, MessageHandler, filters
+from telegram.warnings import PTBDeprecationWarning
+
+from bot.config import Settings
+from bot.images import Picture
+from bot.service import ImageBot, Sender
+
+log = logging.getLogger(__name__)
+
+MAX_DOWNLOAD_BYTES = 20 * 1024 * 1024  # the Bot API refuses getFile above this
+MAX_PHOTO_BYTES = 10 * 1024 * 1024
+MAX_PHOTO_SIDES = 10_000  # width + height
+MAX_PHOTO_RATIO = 20
+MAX_CAPTION_CHARS = 1024
+MAX_TEXT_CHARS = 4096
+ALBUM_QUIET_SECONDS = 0.8  # an album's updates arrive together; act once none came for this long
+CHAT_ACTION_SECONDS = 4.5  # Telegram shows an action for 5 s
+FLOOD_RETRIES = 5
+CONCURRENT_UPDATES = 256
+CONNECTION_POOL = 64
+
+COMMANDS = (
+    BotCommand("imagegen", "make a picture from text"),
+    BotCommand("img2img", "edit the attached or replied-to images"),
+    BotCommand("models", "models, prices and sizes"),
+    BotCommand("spend", "what you have spent and what is left today"),
+    BotCommand("help", "usage with examples"),
+)
+_MIME_EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
+
+T = TypeVar("T")
+
+
+def build_application(
+    settings: Settings, bot: ImageBot
+) -> Application[Any, Any, Any, Any, Any, Any]:
+    """A PTB Application that feeds every message to ``bot``; run it with ``serve``."""
+    assert settings.telegram_bot_token is not None
+    api = settings.telegram_api_url.rstrip("/")
+    application = (
+        Application.builder()
+        .token(settings.telegram_bot_token.get_secret_value())
+        .base_url(f"{api}/bot")
+        .base_file_url(f"{api}/file/bot")
+        .concurrent_updates(CONCURRENT_UPDATES)
+        .connection_pool_size(CONNECTION_POOL)
+        .media_write_timeout(60)
+        .build()
+    )
+    adapter = TelegramAdapter(bot)
+    wanted = filters.UpdateType.MESSAGE & (
+        filters.TEXT | filters.CAPTION | filters.PHOTO | filters.Document.IMAGE
+    )
+    application.add_handler(MessageHandler(wanted, adapter.on_message))
+    return application
+
+
+async def serve(
+    application: Application[Any, Any, Any, Any, Any, Any], stop: asyncio.Event
+) -> None:
+    """Long-poll until ``stop`` is set, then finish the jobs in hand and shut down."""
+    async with application:
+        await _flood_safe(lambda: application.bot.set_my_commands(COMMANDS))
+        await application.start()
+        assert application.updater is not None
+        await application.updater.start_polling(allowed_updates=[Update.MESSAGE])
+        await stop.wait()
+        await application.updater.stop()
+        await application.stop()
+
+
+class TelegramAdapter:
+    """Turns messages into ``ImageBot.handle`` calls; gathers albums first."""
+
+    def __init__(self, bot: ImageBot) -> None:
+        self._bot = bot
+        self._albums: dict[tuple[int, str], list[Message]] = {}
+
+    async def on_message(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        message = update.message
+        if message is None or message.from_user is None:
+            return
+        if message.media_group_id is None:
+            await self._handle([message], context.bot.username)
+            return
+        key = (message.chat_id, message.media_group_id)
+        album = self._albums.setdefault(key, [])
+        album.append(message)
+        if len(album) > 1:
+            return  # the first item's handler gathers the rest
+        seen = 0
+        while seen != len(album):
+            seen = len(album)
+            await asyncio.sleep(ALBUM_QUIET_SECONDS)
+        del self._albums[key]
+        await self._handle(sorted(album, key=lambda item: item.message_id), context.bot.username)
+
+    async def _handle(self, messages: list[Message], bot_username: str) -> None:
+        command = next((m for m in messages if (m.text or m.caption or "").startswith("/")), None)
+        if command is None:
+            return  # the bot reacts to commands only, never to bare text or photos
+        text = command.text or command.caption or ""
+        chat = TelegramChat(command)
+        try:
+            images = await _images_of(messages, command, text)
+        except TooBig:
+            await chat.send_text(
+                "That image is over Telegram's 20 MB limit for bots; send a smaller one."
+            )
+            return
+        user = command.from_user
+        assert user is not None
+        sender = Sender(
+            platform="telegram",
+            user_id=str(user.id),
+            display_name=f"@{user.username}" if user.username else user.full_name,
+            chat_ids=(str(command.chat_id),),
+            private=command.chat.type == ChatType.PRIVATE,
+        )
+        try:
+            await self._bot.handle(sender, chat, text, images, bot_username=bot_username)
+        finally:
+            await chat.close()
+
+
+class TooBig(Exception):
+    """An input image is above the Bot API's download limit."""
+
+
+async def _images_of(messages: list[Message], command: Message, text: str) -> tuple[bytes, ...]:
+    """The command's own images (album order), else the replied-to message's; only for /img2img."""
+    if text.split(maxsplit=1)[0].lower().split("@")[0] != "/img2img":
+        return ()
+    files = [file for message in messages for file in _image_files(message)]
+    if not files and command.reply_to_message is not None:
+        files = _image_files(command.reply_to_message)
+    if any((file.file_size or 0) > MAX_DOWNLOAD_BYTES for file in files):
+        raise TooBig()
+    downloads = [_download(file) for file in files]
+    return tuple(await asyncio.gather(*downloads))
+
+
+def _image_files(message: Message) -> list[Any]:
+    if message.photo:
+        return [message.photo[-1]]  # the largest size
+    document = message.document
+    if document is not None and (document.mime_type or "").startswith("image/"):
+        return [document]
+    return []
+
+
+async def _download(media: Any) -> bytes:
+    try:
+        file = await media.get_file()
+    except BadRequest as error:
+        if "too big" in error.message.lower():
+            raise TooBig() from None
+        raise
+    return bytes(await file.download_as_bytearray())
+
+
+class TelegramChat:
+    """The core's ``Chat`` for one command: replies in its chat and topic, with progress."""
+
+    def __init__(self, command: Message) -> None:
+        self._command = command
+        self._status: Message | None = None
+        self._action: asyncio.Task[None] | None = None
+
+    async def send_text(self, text: str) -> None:
+        await self._clear_status()
+        await _flood_safe(lambda: self._command.reply_text(text[:MAX_TEXT_CHARS], do_quote=True))
+
+    async def show_progress(self, status: str) -> None:
+        self._status = await _flood_safe(lambda: self._command.reply_text(status, do_quote=True))
+        self._action = asyncio.create_task(self._keep_uploading())
+
+    async def send_pictures(self, pictures: Sequence[Picture], caption: str) -> None:
+        caption = caption[:MAX_CAPTION_CHARS]
+        photos = [picture for picture in pictures if _fits_as_photo(picture)]
+        documents = [picture for picture in pictures if not _fits_as_photo(picture)]
+        if len(photos) == 1:
+            await _flood_safe(
+                lambda: self._command.reply_photo(photos[0].data, caption=caption, do_quote=True)
+            )
+        elif photos:
+            media = [
+                InputMediaPhoto(picture.data, caption=caption if index == 0 else None)
+                for index, picture in enumerate(photos)
+            ]
+            await _flood_safe(lambda: self._command.reply_media_group(media, do_quote=True))
+        for index, picture in enumerate(documents):
+            name = f"image-{index + 1}.{_MIME_EXTENSIONS.get(picture.mime, 'png')}"
+            await _flood_safe(
+                lambda picture=picture, name=name: self._command.reply_document(
+                    picture.data, filename=name, caption=None if photos else caption, do_quote=True
+                )
+            )
+        await self._clear_status()
+
+    async def close(self) -> None:
+        await self._clear_status()
+
+    async def _keep_uploading(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):  # a lost chat action is harmless
+                await self._command.chat.send_action(
+                    ChatAction.UPLOAD_PHOTO, message_thread_id=_topic(self._command)
+                )
+            await asyncio.sleep(CHAT_ACTION_SECONDS)
+
+    async def _clear_status(self) -> None:
+        if self._action is not None:
+            self._action.cancel()
+            self._action = None
+        status, self._status = self._status, None
+        if status is not None:
+            with contextlib.suppress(BadRequest):  # already gone
+                await _flood_safe(status.delete)
+
+
+def _topic(message: Message) -> int | None:
+    return message.message_thread_id if message.is_topic_message else None
+
+
+def _fits_as_photo(picture: Picture) -> bool:
+    """Telegram's sendPhoto limits; anything else goes as a document."""
+    long_side, short_side = sorted((picture.width, picture.height), reverse=True)
+    return (
+        len(picture.data) <= MAX_PHOTO_BYTES
+        and picture.width + picture.height <= MAX_PHOTO_SIDES
+        and long_side <= MAX_PHOTO_RATIO * max(short_side, 1)
+    )
+
+
+async def _flood_safe(call: Callable[[], Awaitable[T]]) -> T:
+    """Run a Bot API call, waiting out flood control (HTTP 429) instead of dropping it."""
+    for _ in range(FLOOD_RETRIES):
+        try:
+            return await call()
+        except RetryAfter as error:
+            delay = _seconds(error)
+            log.warning("Telegram flood control: waiting %.0f s", delay)
+            await asyncio.sleep(delay)
+    return await call()
+
+
+def _seconds(error: RetryAfter) -> float:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PTBDeprecationWarning)
+        delay = error.retry_after
+    return delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
