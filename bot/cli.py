@@ -15,7 +15,7 @@ from pathlib import Path
 from bot.commands import PLATFORMS
 from bot.config import Settings, load_settings
 from bot.errors import ConfigError
-from bot.ledger import Ledger, Report, to_json
+from bot.ledger import Ledger, Report, iso_utc, to_json
 from bot.money import usd_string
 from bot.runtime import configure_logging, open_bot
 from bot.x402 import Wallet
@@ -150,18 +150,14 @@ def _spend(args: argparse.Namespace) -> int:
 
 
 async def _report(path: Path, since: date | None, user: str | None) -> Report:
-    ledger = await Ledger.open(path)
-    try:
+    async with await Ledger.open(path) as ledger:
         return await ledger.report(since=since, user=user)
-    finally:
-        await ledger.close()
 
 
 def report_table(report: Report) -> str:
     """The shell report: one row per user, then the totals."""
     rows = [("user", "name", "requests", "images", "usd", "unknown", "last use")]
     for user in report.users:
-        last = user.last_at.strftime("%Y-%m-%dT%H:%M:%SZ") if user.last_at else "-"
         rows.append(
             (
                 user.user,
@@ -170,7 +166,7 @@ def report_table(report: Report) -> str:
                 str(user.images),
                 usd_string(user.micro),
                 usd_string(user.pending_micro) if user.pending_micro else "-",
-                last,
+                iso_utc(user.last_at),
             )
         )
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]

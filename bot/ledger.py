@@ -626,6 +626,11 @@ class Ledger:
             raise ValueError(f"attempt {row_id} is not {' or '.join(from_states)}")
 
 
+def iso_utc(moment: datetime) -> str:
+    """``2026-11-21T04:38:35Z``, as reports print times."""
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def to_json(report: Report) -> dict[str, Any]:
     """The ``imagebot spend --json`` object; ``pending_usd`` only where something is unresolved."""
     users = []
@@ -638,7 +643,7 @@ def to_json(report: Report) -> dict[str, Any]:
         }
         if line.pending_micro:
             entry["pending_usd"] = usd_string(line.pending_micro)
-        entry["last_at"] = line.last_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+        entry["last_at"] = iso_utc(line.last_at)
         users.append(entry)
     result: dict[str, Any] = {"total_usd": usd_string(report.total_micro)}
     if report.pending_micro:

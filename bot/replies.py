@@ -92,7 +92,7 @@ def report_text(report: Report) -> str:
     if report.pending_micro:
         lines.append(f"Outcome unknown, not counted above: {format_usd(report.pending_micro)}.")
     for user in report.users[:REPORT_LINES]:
-        last = user.last_at.strftime("%Y-%m-%d %H:%M UTC") if user.last_at else "never"
+        last = user.last_at.strftime("%Y-%m-%d %H:%M UTC")
         unknown = f", {format_usd(user.pending_micro)} unknown" if user.pending_micro else ""
         lines.append(
             f"• {_name(user.user, user.display_name)}: {format_usd(user.micro)}{unknown}, "
