@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import warnings
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
@@ -17,10 +18,11 @@ from typing import Any, TypeVar
 
 from telegram import BotCommand, InputMediaPhoto, Message, Update
 from telegram.constants import ChatAction, ChatType
-from telegram.error import BadRequest, RetryAfter
+from telegram.error import BadRequest, RetryAfter, TelegramError
 from telegram.ext import Application, ContextTypes, MessageHandler, filters
 from telegram.warnings import PTBDeprecationWarning
 
+from bot.commands import wants_images
 from bot.config import Settings
 from bot.images import Picture
 from bot.service import ImageBot, Sender
@@ -35,6 +37,7 @@ MAX_CAPTION_CHARS = 1024
 MAX_TEXT_CHARS = 4096
 ALBUM_QUIET_SECONDS = 0.8  # an album's updates arrive together; act once none came for this long
 CHAT_ACTION_SECONDS = 4.5  # Telegram shows an action for 5 s
+STATUS_EDIT_SECONDS = 3.0  # at most one status edit this often; newer text replaces older
 FLOOD_RETRIES = 5
 CONCURRENT_UPDATES = 256
 CONNECTION_POOL = 64
@@ -122,7 +125,7 @@ class TelegramAdapter:
         text = command.text or command.caption or ""
         chat = TelegramChat(command)
         try:
-            images = await _images_of(messages, command, text)
+            images = await _images_of(messages, command, text, bot_username)
         except TooBig:
             await chat.send_text(
                 "That image is over Telegram's 20 MB limit for bots; send a smaller one."
@@ -147,9 +150,11 @@ class TooBig(Exception):
     """An input image is above the Bot API's download limit."""
 
 
-async def _images_of(messages: list[Message], command: Message, text: str) -> tuple[bytes, ...]:
+async def _images_of(
+    messages: list[Message], command: Message, text: str, bot_username: str
+) -> tuple[bytes, ...]:
     """The command's own images (album order), else the replied-to message's; only for /img2img."""
-    if text.split(maxsplit=1)[0].lower().split("@")[0] != "/img2img":
+    if not wants_images(text, bot_username=bot_username):
         return ()
     files = [file for message in messages for file in _image_files(message)]
     if not files and command.reply_to_message is not None:
@@ -185,15 +190,27 @@ class TelegramChat:
     def __init__(self, command: Message) -> None:
         self._command = command
         self._status: Message | None = None
+        self._shown = ""  # the status text Telegram has now
+        self._wanted = ""  # the newest status text asked for
+        self._shown_at = 0.0
         self._action: asyncio.Task[None] | None = None
+        self._editor: asyncio.Task[None] | None = None
 
     async def send_text(self, text: str) -> None:
         await self._clear_status()
         await _flood_safe(lambda: self._command.reply_text(text[:MAX_TEXT_CHARS], do_quote=True))
 
     async def show_progress(self, status: str) -> None:
-        self._status = await _flood_safe(lambda: self._command.reply_text(status, do_quote=True))
-        self._action = asyncio.create_task(self._keep_uploading())
+        """The first status is a reply; later ones edit it, throttled, without waiting."""
+        self._wanted = status
+        if self._status is None:
+            self._status = await _flood_safe(
+                lambda: self._command.reply_text(status, do_quote=True)
+            )
+            self._shown, self._shown_at = status, time.monotonic()
+            self._action = asyncio.create_task(self._keep_uploading())
+        elif self._editor is None or self._editor.done():
+            self._editor = asyncio.create_task(self._edit_status())
 
     async def send_pictures(self, pictures: Sequence[Picture], caption: str) -> None:
         caption = caption[:MAX_CAPTION_CHARS]
@@ -229,10 +246,28 @@ class TelegramChat:
                 )
             await asyncio.sleep(CHAT_ACTION_SECONDS)
 
+    async def _edit_status(self) -> None:
+        """Bring the status message up to the newest text, one edit per STATUS_EDIT_SECONDS."""
+        while self._status is not None and self._wanted != self._shown:
+            await asyncio.sleep(self._shown_at + STATUS_EDIT_SECONDS - time.monotonic())
+            text, status = self._wanted, self._status
+            try:
+                await status.edit_text(text)
+            except RetryAfter as error:
+                self._shown_at = time.monotonic() + _seconds(error)
+                continue
+            except BadRequest as error:
+                if "not modified" not in error.message.lower():
+                    log.debug("status edit refused: %s", error.message)
+            except TelegramError as error:
+                log.debug("status edit failed: %s", error)
+            self._shown, self._shown_at = text, time.monotonic()
+
     async def _clear_status(self) -> None:
-        if self._action is not None:
-            self._action.cancel()
-            self._action = None
+        for task in (self._action, self._editor):
+            if task is not None:
+                task.cancel()
+        self._action = self._editor = None
         status, self._status = self._status, None
         if status is not None:
             with contextlib.suppress(BadRequest):  # already gone

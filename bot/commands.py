@@ -120,14 +120,10 @@ def parse(
     ``attachments`` are the raw image files in order (replied-to images first).
     Raises ``UsageError`` when the command is ours but cannot run as written.
     """
-    stripped = text.strip()
-    match = _COMMAND.match(stripped)
-    if match is None:
+    command = _command(text, bot_username)
+    if command is None:
         return None
-    rest = stripped[match.end() :]
-    name, addressee = match.group(1).lower(), match.group(2)
-    if addressee and bot_username and addressee.lower() != bot_username.lower().lstrip("@"):
-        return None
+    name, rest = command
     if name in ("help", "start"):
         return Help()
     if name == "models":
@@ -137,6 +133,24 @@ def parse(
     if name in ("imagegen", "img2img"):
         return _parse_image_command(name, rest, attachments)
     return None
+
+
+def wants_images(text: str, *, bot_username: str | None = None) -> bool:
+    """Whether ``text`` is an /img2img for this bot, so its images are worth downloading."""
+    command = _command(text, bot_username)
+    return command is not None and command[0] == "img2img"
+
+
+def _command(text: str, bot_username: str | None) -> tuple[str, str] | None:
+    """The command's lowercase name and the text after it, unless it is for another bot."""
+    stripped = text.strip()
+    match = _COMMAND.match(stripped)
+    if match is None:
+        return None
+    addressee = match.group(2)
+    if addressee and bot_username and addressee.lower() != bot_username.lower().lstrip("@"):
+        return None
+    return match.group(1).lower(), stripped[match.end() :]
 
 
 def take_image_paths(text: str) -> tuple[str, list[str]]:

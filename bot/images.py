@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -29,6 +30,7 @@ from bot.x402 import PaidResponse, PaymentHook, SignedPayment, X402Payer
 log = logging.getLogger(__name__)
 
 MAX_PICTURE_BYTES = 50 * 1024 * 1024
+WaitHook = Callable[[float], Awaitable[None]]  # told the seconds a slow job has run, per poll
 _THREAD_THRESHOLD = 256 * 1024  # decode bigger bodies off the event loop
 
 
@@ -104,7 +106,10 @@ class ImageService:
         self._download_timeout = download_timeout
 
     async def generate(
-        self, request: GenerateRequest, on_payment: PaymentHook | None = None
+        self,
+        request: GenerateRequest,
+        on_payment: PaymentHook | None = None,
+        on_wait: WaitHook | None = None,
     ) -> ImageResult:
         body: dict[str, Any] = {
             "model": request.model.id,
@@ -114,10 +119,15 @@ class ImageService:
         }
         if request.quality:
             body["quality"] = request.quality
-        return await self._call("/v1/images/generations", body, request.estimate_micro, on_payment)
+        return await self._call(
+            "/v1/images/generations", body, request.estimate_micro, on_payment, on_wait
+        )
 
     async def edit(
-        self, request: EditRequest, on_payment: PaymentHook | None = None
+        self,
+        request: EditRequest,
+        on_payment: PaymentHook | None = None,
+        on_wait: WaitHook | None = None,
     ) -> ImageResult:
         images = await _to_thread_if_big(
             sum(len(image.data) for image in request.images), _data_uris, request.images
@@ -133,10 +143,17 @@ class ImageService:
             body["mask"] = _data_uris((request.mask,))[0]
         if request.quality:
             body["quality"] = request.quality
-        return await self._call("/v1/images/image2image", body, request.estimate_micro, on_payment)
+        return await self._call(
+            "/v1/images/image2image", body, request.estimate_micro, on_payment, on_wait
+        )
 
     async def _call(
-        self, path: str, body: dict[str, Any], estimate_micro: int, on_payment: PaymentHook | None
+        self,
+        path: str,
+        body: dict[str, Any],
+        estimate_micro: int,
+        on_payment: PaymentHook | None,
+        on_wait: WaitHook | None,
     ) -> ImageResult:
         try:
             paid = await self._payer.post(self._api_url + path, json=body, on_payment=on_payment)
@@ -145,7 +162,7 @@ class ImageService:
             raise GatewayError(f"I couldn't reach the image service. {_NOTHING}") from None
         reply = await self._answer(paid)
         if paid.response.status_code == 202:
-            reply = await self._wait_for_job(reply, paid.payment)
+            reply = await self._wait_for_job(reply, paid.payment, on_wait)
         charged = _charged_micro(paid, reply, estimate_micro)
         pictures = await self._fetch_all(reply, charged)
         tx_hash = (reply.get("payment") or {}).get("tx_hash") or (
@@ -164,13 +181,14 @@ class ImageService:
         raise _error_for(response, paid.payment, charged)
 
     async def _wait_for_job(
-        self, envelope: dict[str, Any], payment: SignedPayment | None
+        self, envelope: dict[str, Any], payment: SignedPayment | None, on_wait: WaitHook | None
     ) -> dict[str, Any]:
         poll_url = envelope.get("poll_url")
         if not isinstance(poll_url, str):
             raise BadReply(f"The image service started a job without a poll address. {_NOTHING}")
         poll_url = urljoin(self._api_url + "/", poll_url)
-        deadline = time.monotonic() + self._job_deadline
+        started = time.monotonic()
+        deadline = started + self._job_deadline
         try:
             while time.monotonic() < deadline:
                 await asyncio.sleep(self._poll_interval)
@@ -183,6 +201,8 @@ class ImageService:
                     raise JobAbandoned(
                         f"The image service could not make it ({reason}). {_NOTHING}"
                     )
+                if on_wait is not None:
+                    await on_wait(time.monotonic() - started)
         except asyncio.CancelledError:
             log.info("stopped polling %s before it completed; nothing was charged", poll_url)
             raise

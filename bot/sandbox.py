@@ -19,6 +19,7 @@ tag               answer
 ``#fail``         202; the job ends ``failed`` and is never charged
 ``#never``        202; the job stays ``in_progress`` forever and is never charged
 ``#big``          the picture is ~1.5 MB of noise (1024x1024) for oversize and load tests
+``#wide``         the picture is 4200x200 whatever the size: wider than Telegram's 20:1 photos
 ================  ============================================================================
 
 An authorization's (from, nonce) pair is accepted once, even when the request then fails:
@@ -616,7 +617,7 @@ def _signer(payment: _Payment, chain: Chain) -> str | None:
 
 def _draw_placeholder(order: _Order, index: int) -> bytes:
     """A PNG of the ordered size showing the prompt: the sandbox's stand-in for a picture."""
-    width, height = (int(side) for side in order.size.split("x"))
+    width, height = (4200, 200) if "wide" in order.tags else map(int, order.size.split("x"))
     seed = hashlib.sha256(f"{order.prompt}\n{index}".encode()).digest()
     if "big" in order.tags:
         # Random noise in 3 bits per channel: PNG cannot shrink it much, and it saves fast.

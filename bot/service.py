@@ -48,7 +48,8 @@ class Chat(Protocol):
 
     async def send_pictures(self, pictures: Sequence[Picture], caption: str) -> None: ...
 
-    async def show_progress(self, status: str) -> None: ...
+    async def show_progress(self, status: str) -> None:
+        """Show what the bot is doing; called again with a newer status while a job runs."""
 
 
 class LedgerPayment:
@@ -149,15 +150,23 @@ class ImageBot:
             await chat.send_text(error.user_message)
             return False
         payment = LedgerPayment(self._ledger, row_id, budget)
-        await chat.show_progress(
+        status = (
             f"{'Drawing' if generating else 'Editing'} with {request.model.name} · "
             f"{request.size} · {format_usd(request.estimate_micro)}…"
         )
+        await chat.show_progress(status)
+
+        async def still_working(seconds: float) -> None:
+            try:
+                await chat.show_progress(f"{status} {seconds:.0f} s")
+            except Exception:  # a status line must never cost a paid job
+                log.debug("progress update failed", exc_info=True)
+
         try:
             if isinstance(request, GenerateRequest):
-                result = await self._images.generate(request, payment)
+                result = await self._images.generate(request, payment, still_working)
             else:
-                result = await self._images.edit(request, payment)
+                result = await self._images.edit(request, payment, still_working)
         except ImagebotError as error:
             log.info("request failed: %s", error.user_message)
             await self._close_failed(row_id, payment, error, request.estimate_micro)

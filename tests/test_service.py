@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from eth_account import Account
+from imagebot_cli import cli_env, imagebot
 from PIL import Image
 
 from adapters.console import run_console
@@ -29,7 +29,6 @@ from bot.sandbox import Sandbox
 from bot.service import ImageBot, Sender
 from bot.x402 import Wallet
 
-ROOT = Path(__file__).parents[1]
 NANO_BANANA_MICRO = 52_500
 ALICE = Sender("telegram", "111", "@alice", ("111",), private=True)
 BOB = Sender("discord", "222", "bob", ("900", "901"), private=False)
@@ -81,35 +80,6 @@ def png(width: int = 64, height: int = 48) -> bytes:
     out = BytesIO()
     Image.new("RGB", (width, height), "red").save(out, "PNG")
     return out.getvalue()
-
-
-async def imagebot(*args: str, env: dict[str, str], cwd: Path) -> tuple[int, str]:
-    """Run the ``imagebot`` command line in its own process; return its exit code and stdout."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bot.cli",
-        *args,
-        cwd=cwd,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), timeout=60)
-    assert process.returncode is not None
-    assert not err or process.returncode, err.decode()
-    return process.returncode, out.decode()
-
-
-def cli_env(sandbox: Sandbox, database: Path, **extra: str) -> dict[str, str]:
-    return {
-        "PATH": "/usr/bin:/bin",
-        "PYTHONPATH": str(ROOT),
-        "IMAGE_API_URL": sandbox.url,
-        "DATABASE_PATH": str(database),
-        "WALLET_PRIVATE_KEY": Account.create().key.hex(),
-        **extra,
-    }
 
 
 async def test_bot_answers_with_price_in_progress_and_caption(
@@ -190,7 +160,7 @@ async def test_spend_report_equals_what_the_gateway_settled(
     settled = sum(settlement.amount_micro for settlement in sandbox.settlements)
     assert len(sandbox.settlements) == 4 and settled > 0
 
-    code, out = await imagebot("spend", "--json", env=cli_env(sandbox, database), cwd=tmp_path)
+    code, out = await imagebot("spend", "--json", env=cli_env(sandbox.url, database), cwd=tmp_path)
 
     assert code == 0
     report = json.loads(out)
@@ -200,7 +170,7 @@ async def test_spend_report_equals_what_the_gateway_settled(
     assert set(by_user) == {"telegram:111", "discord:222"}
     assert (by_user["telegram:111"]["requests"], by_user["telegram:111"]["images"]) == (2, 2)
     assert (by_user["discord:222"]["requests"], by_user["discord:222"]["images"]) == (2, 3)
-    _, table = await imagebot("spend", env=cli_env(sandbox, database), cwd=tmp_path)
+    _, table = await imagebot("spend", env=cli_env(sandbox.url, database), cwd=tmp_path)
     assert f"total settled: {report['total_usd']} USD" in table
     assert any(line.startswith("telegram:111  @alice") for line in table.splitlines())
     assert admin.texts[0].startswith("All users: ")
@@ -306,7 +276,7 @@ async def test_two_bot_processes_sharing_one_ledger_pay_for_exactly_3(
             sys.executable,
             "-c",
             FLEET_SCRIPT,
-            env=cli_env(sandbox, database, GLOBAL_DAILY_LIMIT_USD=cap),
+            env=cli_env(sandbox.url, database, GLOBAL_DAILY_LIMIT_USD=cap),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
@@ -330,7 +300,7 @@ async def test_crash_after_the_payment_was_sent_leaves_an_unknown_row(tmp_path: 
     sandbox = Sandbox(latency=30.0)
     await sandbox.start()
     database = tmp_path / "ledger.sqlite3"
-    env = cli_env(sandbox, database)
+    env = cli_env(sandbox.url, database)
     try:
         victim = await asyncio.create_subprocess_exec(
             sys.executable,

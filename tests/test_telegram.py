@@ -6,17 +6,21 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from io import BytesIO
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
 from fake_telegram import Call, FakeTelegram
+from imagebot_cli import cli_env, imagebot
 from PIL import Image
 
+import adapters.telegram
 from adapters.telegram import build_application, serve
 from bot.config import load_settings
-from bot.ledger import Ledger, to_json
+from bot.runtime import open_bot
 from bot.sandbox import Sandbox
 from bot.x402 import Wallet
 
@@ -36,32 +40,39 @@ def png(width: int = 64, height: int = 48, colour: str = "red") -> bytes:
     return out.getvalue()
 
 
-@pytest.fixture
-async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+@asynccontextmanager
+async def running(tmp_path: Path, **settings: str) -> AsyncIterator[Stack]:
     """``imagebot run``'s Telegram side: the Application polling the fake, paying the sandbox."""
-    from bot.runtime import open_bot
-
     telegram, gateway = FakeTelegram(), Sandbox(job_seconds=0.2)
     await telegram.start()
     await gateway.start()
     database = tmp_path / "ledger.sqlite3"
-    settings = load_settings(
+    loaded = load_settings(
         _env_file=None,
         telegram_bot_token=telegram.token,
         telegram_api_url=telegram.url,
         image_api_url=gateway.url,
         database_path=database,
         admin_ids=f"telegram:{ADMIN_ID}",
+        **settings,
     )
     stop = asyncio.Event()
-    async with open_bot(settings, Wallet.create(), poll_interval=0.05) as bot:
-        polling = asyncio.create_task(serve(build_application(settings, bot), stop))
+    async with open_bot(loaded, Wallet.create(), poll_interval=0.05) as bot:
+        polling = asyncio.create_task(serve(build_application(loaded, bot), stop))
         await telegram.wait_for("setMyCommands")
-        yield Stack(telegram, gateway, database)
-        stop.set()
-        await polling
+        try:
+            yield Stack(telegram, gateway, database)
+        finally:
+            stop.set()
+            await polling
     await gateway.close()
     await telegram.close()
+
+
+@pytest.fixture
+async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+    async with running(tmp_path) as started:
+        yield started
 
 
 def sent_to(chat_id: int, method: str) -> object:
@@ -180,19 +191,38 @@ async def test_rejections_are_answered_in_the_chat_and_nothing_is_paid(stack: St
         "/imagegen -s 3x3 a fox": "3x3",
         "/imagegen": "say what to draw",
         "/img2img make it winter": "image",
+        "/imagegen --n 9 a fox": "--n",
+        "/imagegen -m flux --quality hd a fox": "quality",
+        "/imagegen -m dall-e-3 -n 2 a fox": "drop --n",
+        "/imagegen -m gpt-image --mask a fox": "--mask",
     }
     for text, fragment in rejected.items():
         since = len(telegram.sent)
         telegram.send_text(chat, chat.user, text)
         answer = await reply_text(telegram, 111, since)
         assert fragment in answer.lower(), (text, answer)
+    photo = telegram.send_photo(chat, chat.user, png())["message_id"]
+    replies = {
+        "/img2img -m nano-banana --mask fix it": "can't use a mask",  # a Google model
+        "/img2img -m gpt-image --mask fix it": "exactly two images",  # no mask image
+        "/img2img -m flux fix it": "can't edit",
+    }
+    for text, fragment in replies.items():
+        since = len(telegram.sent)
+        telegram.send_text(chat, chat.user, text, reply_to=photo)
+        answer = await reply_text(telegram, 111, since)
+        assert fragment in answer.lower(), (text, answer)
     since = len(telegram.sent)
+    gif = b"GIF89a" + bytes(64)
+    telegram.send_document(chat, chat.user, gif, "a.png", "image/png", caption="/img2img x")
+    assert "not a png, jpeg or webp" in (await reply_text(telegram, 111, since)).lower()
+    since, fetched = len(telegram.sent), len(telegram.calls("getFile"))
     telegram.send_document(
         chat, chat.user, png(), "a.png", "image/png", caption="/img2img x", size_override=25 << 20
     )
     assert "20 MB" in await reply_text(telegram, 111, since)
+    assert len(telegram.calls("getFile")) == fetched  # refused before downloading
     assert stack.gateway.settlements == []
-    assert telegram.calls("getFile") == []
 
 
 async def test_flood_control_is_waited_out_and_the_photo_still_arrives(stack: Stack) -> None:
@@ -209,7 +239,7 @@ async def test_flood_control_is_waited_out_and_the_photo_still_arrives(stack: St
     assert len(stack.gateway.settlements) == 1
 
 
-async def test_spend_for_users_and_admins(stack: Stack) -> None:
+async def test_spend_for_users_and_admins(stack: Stack, tmp_path: Path) -> None:
     telegram = stack.telegram
     alice = telegram.private_chat(111, "Alice", "alice")
     admin = telegram.private_chat(ADMIN_ID, "Boss", "boss")
@@ -226,7 +256,116 @@ async def test_spend_for_users_and_admins(stack: Stack) -> None:
     telegram.send_text(admin, admin.user, "/spend all")
     assert "@alice (telegram:111): $0.0525" in await reply_text(telegram, ADMIN_ID, since)
 
-    async with await Ledger.open(stack.database) as ledger:
-        report = to_json(await ledger.report())
+    code, out = await imagebot(
+        "spend", "--json", env=cli_env(stack.gateway.url, stack.database), cwd=tmp_path
+    )
+    report = json.loads(out)
     settled = sum(settlement.amount_micro for settlement in stack.gateway.settlements)
-    assert json.loads(json.dumps(report))["total_usd"] == f"0.{settled:06d}"
+    assert code == 0
+    assert report["total_usd"] == f"0.{settled:06d}" == "0.052500"
+    assert [(user["user"], user["images"]) for user in report["users"]] == [("telegram:111", 1)]
+    assert "pending_usd" not in report
+
+
+async def test_a_picture_over_the_photo_limits_is_sent_as_a_document(stack: Stack) -> None:
+    telegram = stack.telegram
+    chat = telegram.private_chat(111, "Alice", "alice")
+    telegram.send_text(chat, chat.user, "/imagegen a long banner #wide")
+
+    document = await telegram.wait_for(sent_to(111, "sendDocument"))
+
+    assert document.ok
+    (upload,) = document.files.values()
+    assert upload.filename == "image-1.png"
+    assert Image.open(BytesIO(upload.data)).size == (4200, 200)  # ratio 21: no sendPhoto
+    assert document.params["caption"] == "nano-banana · 1024x1024 · $0.0525"
+    assert telegram.calls("sendPhoto") == []
+    assert len(stack.gateway.settlements) == 1
+
+
+async def test_a_caption_is_cut_to_telegrams_1024_characters(stack: Stack) -> None:
+    telegram = stack.telegram
+    chat = telegram.private_chat(111, "Alice", "alice")
+    prompt = "a fox in the snow, " * 80  # DALL-E 3 answers with it rewritten: a long caption
+    telegram.send_text(chat, chat.user, f"/imagegen -m dall-e-3 {prompt}")
+
+    photo = await telegram.wait_for(sent_to(111, "sendPhoto"))
+
+    assert photo.ok
+    assert len(photo.params["caption"]) == 1024
+    assert photo.params["caption"].startswith("dall-e-3 · 1024x1024 · $0.042\nA sandbox")
+
+
+async def test_a_slow_job_edits_its_status_at_most_every_few_seconds(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(adapters.telegram, "STATUS_EDIT_SECONDS", 0.5)
+    stack.gateway.job_seconds = 2.0  # polled every 0.05 s: about 40 progress reports
+    telegram = stack.telegram
+    telegram.fail("editMessageText", 400, "Bad Request: message is not modified: same content")
+    chat = telegram.private_chat(111, "Alice", "alice")
+    telegram.send_text(chat, chat.user, "/imagegen a fox #slow")
+
+    await telegram.wait_for(sent_to(111, "sendPhoto"), timeout=10)
+
+    status = telegram.calls("sendMessage")[0]
+    edits = telegram.calls("editMessageText")
+    assert edits[0].error_code == 400  # "not modified" is ignored: the job went on
+    assert all(edit.ok for edit in edits[1:])
+    assert 2 <= len(edits) <= 5, [edit.params["text"] for edit in edits]
+    times = [status.at] + [edit.at for edit in edits]
+    assert min(later - earlier for earlier, later in pairwise(times)) >= 0.45
+    assert edits[-1].params["text"].startswith("Drawing with nano-banana · 1024x1024 · $0.0525… ")
+    assert edits[-1].params["text"].endswith(" s")
+    assert [call.method for call in telegram.sent if call.method == "sendMessage"] == [
+        "sendMessage"
+    ]
+    await telegram.wait_for("deleteMessage")
+
+
+async def test_outsiders_get_one_refusal_in_private_and_silence_in_groups(tmp_path: Path) -> None:
+    members = {"allowed_users": "telegram:111", "allowed_chats": "telegram:-100500"}
+    async with running(tmp_path, **members) as stack:
+        telegram = stack.telegram
+        alice = telegram.private_chat(111, "Alice", "alice")
+        bob = telegram.private_chat(222, "Bob", "bob")
+        club, elsewhere = (
+            telegram.group_chat(-100500, "Club"),
+            telegram.group_chat(-100600, "Other"),
+        )
+        telegram.send_text(elsewhere, alice.user, "/imagegen a fox")  # a chat not on the list
+        telegram.send_text(elsewhere, alice.user, "/spend")
+        from_bob = telegram.send_text(club, bob.user, "/imagegen a fox")  # not on the list
+        telegram.send_text(bob, bob.user, "/imagegen a fox")
+        telegram.send_text(club, alice.user, "/imagegen a fox")
+
+        refusal = await reply_text(telegram, 222, 0)
+        await telegram.wait_for(sent_to(-100500, "sendPhoto"))
+
+        assert refusal == "Sorry, this bot makes pictures only for its members."
+        assert [call.chat_id for call in telegram.sent if call.chat_id == 222] == [222]
+        assert [call for call in telegram.sent if call.chat_id == -100600] == []
+        in_club = [call for call in telegram.sent if call.chat_id == -100500]
+        answered = [call.params.get("reply_parameters", {}).get("message_id") for call in in_club]
+        assert from_bob["message_id"] not in answered
+        assert len(stack.gateway.settlements) == 1
+
+
+async def test_budgets_and_the_per_user_job_limit_are_answered_in_the_chat(
+    tmp_path: Path,
+) -> None:
+    async with running(tmp_path, user_daily_limit_usd="0.11") as stack:  # two nano-banana images
+        telegram = stack.telegram
+        stack.gateway.job_seconds = 1.0
+        chat = telegram.private_chat(111, "Alice", "alice")
+        for _ in range(3):
+            telegram.send_text(chat, chat.user, "/imagegen a fox #slow")
+
+        assert await reply_text(telegram, 111, 0) == "Wait for your previous image to finish first."
+        await telegram.wait_for(lambda _: len(telegram.calls("sendPhoto")) == 2, timeout=10)
+        since = len(telegram.sent)
+        telegram.send_text(chat, chat.user, "/imagegen a fox")
+        answer = await reply_text(telegram, 111, since)
+
+        assert answer.startswith("Daily limit reached"), answer
+        assert len(stack.gateway.settlements) == 2
