@@ -16,15 +16,18 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar
 
+from httpx_aiohttp import AiohttpTransport
 from telegram import BotCommand, InputMediaPhoto, Message, Update
 from telegram.constants import ChatAction, ChatType
 from telegram.error import BadRequest, RetryAfter, TelegramError
 from telegram.ext import Application, ContextTypes, MessageHandler, filters
+from telegram.request import HTTPXRequest
 from telegram.warnings import PTBDeprecationWarning
 
 from bot.commands import wants_images
 from bot.config import Settings
 from bot.images import Picture
+from bot.runtime import FREE_WHEN_CLOSED, pool_limits
 from bot.service import ImageBot, Sender
 
 log = logging.getLogger(__name__)
@@ -66,8 +69,8 @@ def build_application(
         .base_url(f"{api}/bot")
         .base_file_url(f"{api}/file/bot")
         .concurrent_updates(CONCURRENT_UPDATES)
-        .connection_pool_size(CONNECTION_POOL)
-        .media_write_timeout(60)
+        .request(_bot_api_request(CONNECTION_POOL, media_write_timeout=60))
+        .get_updates_request(_bot_api_request(1))
         .build()
     )
     adapter = TelegramAdapter(bot)
@@ -76,6 +79,17 @@ def build_application(
     )
     application.add_handler(MessageHandler(wanted, adapter.on_message))
     return application
+
+
+def _bot_api_request(connections: int, **options: float) -> HTTPXRequest:
+    """PTB's httpx requests over aiohttp's pool (httpcore's pool was most of the bot's CPU under
+    load), freeing each answer and its upload when done (bench/README: telegram_load)."""
+    transport = AiohttpTransport(limits=pool_limits(connections))
+    return HTTPXRequest(
+        connection_pool_size=connections,
+        httpx_kwargs={"transport": transport, "event_hooks": FREE_WHEN_CLOSED},
+        **options,
+    )
 
 
 async def serve(

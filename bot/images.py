@@ -30,6 +30,9 @@ from bot.x402 import PaidResponse, PaymentHook, SignedPayment, X402Payer
 log = logging.getLogger(__name__)
 
 MAX_PICTURE_BYTES = 50 * 1024 * 1024
+# Paid answers read, decoded and handed to the caller at once: bounds the bot's memory when
+# many multi-MB results land together or the chat platform uploads slowly.
+MAX_RESULTS_IN_HAND = 64
 WaitHook = Callable[[float], Awaitable[None]]  # told the seconds a slow job has run, per poll
 _THREAD_THRESHOLD = 256 * 1024  # decode bigger bodies off the event loop
 
@@ -52,6 +55,9 @@ class ImageResult:
     charged_micro: int
     tx_hash: str | None
     revised_prompt: str | None
+
+
+ResultHook = Callable[[ImageResult], Awaitable[None]]  # delivers a result while it is in hand
 
 
 class GatewayRefused(GatewayError):
@@ -97,6 +103,7 @@ class ImageService:
         poll_interval: float = 2.0,
         job_deadline: float = 300.0,
         download_timeout: float = 30.0,
+        max_results_in_hand: int = MAX_RESULTS_IN_HAND,
     ) -> None:
         self._http = http
         self._payer = payer
@@ -104,13 +111,16 @@ class ImageService:
         self._poll_interval = poll_interval
         self._job_deadline = job_deadline
         self._download_timeout = download_timeout
+        self._in_hand = asyncio.Semaphore(max_results_in_hand)
 
     async def generate(
         self,
         request: GenerateRequest,
         on_payment: PaymentHook | None = None,
         on_wait: WaitHook | None = None,
+        on_result: ResultHook | None = None,
     ) -> ImageResult:
+        """Generate; ``on_result`` gets the pictures while they hold one of the in-hand slots."""
         body: dict[str, Any] = {
             "model": request.model.id,
             "prompt": request.prompt,
@@ -120,7 +130,7 @@ class ImageService:
         if request.quality:
             body["quality"] = request.quality
         return await self._call(
-            "/v1/images/generations", body, request.estimate_micro, on_payment, on_wait
+            "/v1/images/generations", body, request.estimate_micro, on_payment, on_wait, on_result
         )
 
     async def edit(
@@ -128,7 +138,9 @@ class ImageService:
         request: EditRequest,
         on_payment: PaymentHook | None = None,
         on_wait: WaitHook | None = None,
+        on_result: ResultHook | None = None,
     ) -> ImageResult:
+        """Edit or fuse ``request.images``; the hooks are as for ``generate``."""
         images = await _to_thread_if_big(
             sum(len(image.data) for image in request.images), _data_uris, request.images
         )
@@ -144,7 +156,7 @@ class ImageService:
         if request.quality:
             body["quality"] = request.quality
         return await self._call(
-            "/v1/images/image2image", body, request.estimate_micro, on_payment, on_wait
+            "/v1/images/image2image", body, request.estimate_micro, on_payment, on_wait, on_result
         )
 
     async def _call(
@@ -154,22 +166,44 @@ class ImageService:
         estimate_micro: int,
         on_payment: PaymentHook | None,
         on_wait: WaitHook | None,
+        on_result: ResultHook | None,
     ) -> ImageResult:
+        async with self._in_hand:
+            paid = await self._post(path, body, on_payment)
+            reply = await self._answer(paid)
+            if paid.response.status_code != 202:
+                return await self._finish(paid, reply, estimate_micro, on_result)
+        reply = await self._wait_for_job(reply, paid.payment, on_wait)  # polling holds no slot
+        async with self._in_hand:
+            return await self._finish(paid, reply, estimate_micro, on_result)
+
+    async def _post(
+        self, path: str, body: dict[str, Any], on_payment: PaymentHook | None
+    ) -> PaidResponse:
         try:
-            paid = await self._payer.post(self._api_url + path, json=body, on_payment=on_payment)
+            return await self._payer.post(self._api_url + path, json=body, on_payment=on_payment)
         except httpx.TransportError as error:
             log.warning("image gateway unreachable: %s", type(error).__name__)
             raise GatewayError(f"I couldn't reach the image service. {_NOTHING}") from None
-        reply = await self._answer(paid)
-        if paid.response.status_code == 202:
-            reply = await self._wait_for_job(reply, paid.payment, on_wait)
+
+    async def _finish(
+        self,
+        paid: PaidResponse,
+        reply: dict[str, Any],
+        estimate_micro: int,
+        on_result: ResultHook | None,
+    ) -> ImageResult:
+        """Fetch or decode the pictures of a completed reply and hand them to ``on_result``."""
         charged = _charged_micro(paid, reply, estimate_micro)
         pictures = await self._fetch_all(reply, charged)
         tx_hash = (reply.get("payment") or {}).get("tx_hash") or (
             paid.receipt.tx_hash if paid.receipt else None
         )
         revised = next((item.get("revised_prompt") for item in reply["data"]), None)
-        return ImageResult(pictures, charged, tx_hash, revised)
+        result = ImageResult(pictures, charged, tx_hash, revised)
+        if on_result is not None:
+            await on_result(result)
+        return result
 
     async def _answer(self, paid: PaidResponse) -> dict[str, Any]:
         response = paid.response

@@ -162,21 +162,28 @@ class ImageBot:
             except Exception:  # a status line must never cost a paid job
                 log.debug("progress update failed", exc_info=True)
 
+        settled = False
+
+        async def deliver(result: ImageResult) -> None:
+            nonlocal settled
+            await self._ledger.settle(row_id, result.charged_micro, result.tx_hash)
+            settled = True
+            await chat.send_pictures(result.pictures, _caption(request, result))
+
         try:
             if isinstance(request, GenerateRequest):
-                result = await self._images.generate(request, payment, still_working)
+                await self._images.generate(request, payment, still_working, deliver)
             else:
-                result = await self._images.edit(request, payment, still_working)
+                await self._images.edit(request, payment, still_working, deliver)
         except ImagebotError as error:
             log.info("request failed: %s", error.user_message)
             await self._close_failed(row_id, payment, error, request.estimate_micro)
             await chat.send_text(error.user_message)
             return False
         except BaseException as error:  # cancelled at shutdown, or a bug: keep the row honest
-            await self._close_interrupted(row_id, payment, error)
+            if not settled:  # an upload that failed after settling leaves the row as it is
+                await self._close_interrupted(row_id, payment, error)
             raise
-        await self._ledger.settle(row_id, result.charged_micro, result.tx_hash)
-        await chat.send_pictures(result.pictures, _caption(request, result))
         return True
 
     async def _close_failed(

@@ -270,6 +270,9 @@ class FakeTelegram:
         self._closing = False
         self._update_arrived = asyncio.Event()
         self._call_arrived = asyncio.Event()
+        # (chat id, message id) -> time.monotonic() of the first getUpdates answer holding it
+        self._handed_out: dict[tuple[int, int], float] = {}
+        self.polls_waiting = 0  # getUpdates calls held open right now (long polls)
         self._faults: dict[str, deque[_ApiError]] = {}
         self._commands: dict[tuple[str, str], list[dict[str, str]]] = {}
         self._methods: dict[str, tuple[str, _Handler]] = {
@@ -458,6 +461,11 @@ class FakeTelegram:
     ) -> list[dict[str, str]]:
         return self._commands.get((_scope_key(scope), language_code), [])
 
+    def handed_at(self, message: dict[str, Any]) -> float | None:
+        """When the update carrying ``message`` (as ``send_text`` returns it) first went to the
+        bot in a getUpdates answer, in ``time.monotonic()``; None until it has."""
+        return self._handed_out.get((message["chat"]["id"], message["message_id"]))
+
     @property
     def pending_updates(self) -> list[dict[str, Any]]:
         """Updates waiting for the bot: not yet confirmed by a getUpdates offset."""
@@ -552,15 +560,25 @@ class FakeTelegram:
         self._wake_polls()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while not self._updates and not self._closing and loop.time() < deadline:
-            arrived = self._update_arrived
-            try:
-                await asyncio.wait_for(arrived.wait(), deadline - loop.time())
-            except TimeoutError:
-                break
-            if generation != self._poll_generation:
-                raise _ApiError(409, _CONFLICT)
-        return list(itertools.islice(self._updates, limit))
+        self.polls_waiting += 1
+        try:
+            while not self._updates and not self._closing and loop.time() < deadline:
+                arrived = self._update_arrived
+                try:
+                    await asyncio.wait_for(arrived.wait(), deadline - loop.time())
+                except TimeoutError:
+                    break
+                if generation != self._poll_generation:
+                    raise _ApiError(409, _CONFLICT)
+        finally:
+            self.polls_waiting -= 1
+        updates = list(itertools.islice(self._updates, limit))
+        now = time.monotonic()
+        for update in updates:
+            message = update.get("message")
+            if isinstance(message, dict):
+                self._handed_out.setdefault((message["chat"]["id"], message["message_id"]), now)
+        return updates
 
     async def _delete_webhook(self, params: dict[str, Any], files: dict[str, Upload]) -> Any:
         if _is_true(params.get("drop_pending_updates")):

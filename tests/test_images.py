@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import io
 import os
 import subprocess
 import sys
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +23,7 @@ from bot.errors import ImagebotError, PaymentRefused
 from bot.images import (
     BadReply,
     ContentRefused,
+    ImageResult,
     ImageService,
     InsufficientFunds,
     JobAbandoned,
@@ -295,3 +299,50 @@ async def test_resent_payment_reported_as_used_is_an_unknown_outcome(
     assert len(headers_seen) == 2 and headers_seen[0] == headers_seen[1]
     assert caught.value.charged is None
     assert "may have been charged" in caught.value.user_message
+
+
+async def test_results_in_hand_are_bounded_and_slow_jobs_wait_without_a_slot(
+    sandbox: RunningSandbox, http: httpx.AsyncClient
+) -> None:
+    """Two slots: six results are delivered at most two at a time, and a 202 job being polled
+    does not keep a fast one out."""
+    payer = X402Payer(http, Wallet.create(), max_micro=CAP)
+    service = ImageService(http, payer, sandbox.url, poll_interval=0.05, max_results_in_hand=2)
+    sandbox.gateway.job_seconds = 1.0
+    in_hand, most, finished = 0, 0, []
+
+    async def deliver(result: ImageResult) -> None:
+        nonlocal in_hand, most
+        in_hand += 1
+        most = max(most, in_hand)
+        await asyncio.sleep(0.1)  # a slow upload
+        in_hand -= 1
+        finished.append(result.pictures[0].data)
+
+    slow = [
+        service.generate(request(f"/imagegen a fox {i} #slow"), on_result=deliver) for i in (1, 2)
+    ]
+    jobs = [asyncio.create_task(job) for job in slow]
+    await asyncio.sleep(0.3)  # both slow jobs are polling now
+    fast = [service.generate(request(f"/imagegen a cat {i}"), on_result=deliver) for i in range(6)]
+    await asyncio.wait_for(asyncio.gather(*fast), timeout=0.9)  # before the slow jobs complete
+    await asyncio.gather(*jobs)
+
+    assert most == 2
+    assert len(finished) == 8
+    assert len(sandbox.settlements) == 8
+
+
+async def test_a_gateway_answer_is_freed_without_the_garbage_collector(
+    sandbox: RunningSandbox, http: httpx.AsyncClient
+) -> None:
+    """httpx's response <-> stream cycle would keep multi-MB bodies until a GC pass."""
+    gc.disable()
+    try:
+        response = await http.get(f"{sandbox.url}/sandbox/settlements")
+        assert response.status_code == 200
+        answer = weakref.ref(response)
+        del response
+        assert answer() is None
+    finally:
+        gc.enable()

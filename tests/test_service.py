@@ -24,6 +24,7 @@ from PIL import Image
 from adapters.console import run_console
 from bot.config import load_settings
 from bot.images import Picture
+from bot.ledger import Ledger
 from bot.runtime import open_bot
 from bot.sandbox import Sandbox
 from bot.service import ImageBot, Sender
@@ -91,6 +92,24 @@ async def test_bot_answers_with_price_in_progress_and_caption(
     assert chat.progress == ["Drawing with flux · 1024x1024 · $0.042…"]
     ((pictures, caption),) = chat.pictures
     assert caption == "flux · 1024x1024 · $0.042" and len(pictures) == 1
+
+
+class FailingUploadChat(RecordingChat):
+    async def send_pictures(self, pictures: Sequence[Picture], caption: str) -> None:
+        raise ConnectionResetError("the platform dropped the upload")
+
+
+async def test_an_upload_that_fails_after_settling_leaves_the_charge_settled(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    database = tmp_path / "l.sqlite3"
+    async with running_bot(sandbox, database) as bot:
+        with pytest.raises(ConnectionResetError):
+            await bot.handle(ALICE, FailingUploadChat(), "/imagegen a fox")
+    async with await Ledger.open(database) as ledger:
+        report = await ledger.report()
+    assert (report.total_micro, report.pending_micro) == (NANO_BANANA_MICRO, 0)
+    assert len(sandbox.settlements) == 1
 
 
 async def test_bot_refuses_bad_input_before_any_payment(sandbox: Sandbox, tmp_path: Path) -> None:
