@@ -1,0 +1,627 @@
+"""The fake Discord, driven by the real discord.py (client, gateway, app commands) over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from io import BytesIO
+from typing import Any
+
+import aiohttp
+import discord
+import pytest
+import yarl
+from discord import app_commands
+from discord.gateway import DiscordWebSocket
+from fake_discord import UPLOAD_MAX_BYTES, FakeDiscord, File
+from PIL import Image
+
+
+def png(width: int = 64, height: int = 48) -> bytes:
+    out = BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 90)).save(out, "PNG")
+    return out.getvalue()
+
+
+def follow_gateway(client: discord.Client, url: str) -> None:
+    """Send ``client``'s gateway connections to ``url`` instead of discord.py's built-in address.
+
+    discord.py 2.7 connects a ``Client`` to ``DiscordWebSocket.DEFAULT_GATEWAY`` and never asks
+    ``GET /gateway/bot``; every gateway connection goes through ``client.http.ws_connect``, so
+    rewriting the default address there (keeping discord.py's query) covers first connects and
+    reconnects after an invalidated session, while resumes go to READY's resume_gateway_url.
+    """
+    target = yarl.URL(url)
+    default_host = DiscordWebSocket.DEFAULT_GATEWAY.host
+    connect = client.http.ws_connect
+
+    async def ws_connect(address: str, *, compress: int = 0) -> aiohttp.ClientWebSocketResponse:
+        parsed = yarl.URL(address)
+        if parsed.host == default_host:
+            parsed = target.with_query(parsed.query)
+        return await connect(str(parsed), compress=compress)
+
+    client.http.ws_connect = ws_connect  # type: ignore[method-assign]
+
+
+class Bot(discord.Client):
+    """A test client that takes its gateway address from ``GET /gateway/bot``."""
+
+    def __init__(self, intents: discord.Intents | None = None) -> None:
+        # on_ready waits guild_ready_timeout after the last GUILD_CREATE (2 s by default).
+        super().__init__(intents=intents or discord.Intents.default(), guild_ready_timeout=0.05)
+        self.tree = app_commands.CommandTree(self)
+        self.ready = asyncio.Event()
+        self.resumed = asyncio.Event()
+        self.inbox: asyncio.Queue[discord.Message] = asyncio.Queue()
+
+    async def setup_hook(self) -> None:
+        _, url, _ = await self.http.get_bot_gateway()
+        follow_gateway(self, url)
+
+    async def before_identify_hook(self, shard_id: int | None, *, initial: bool = False) -> None:
+        pass  # discord.py waits 5 s before identifying again
+
+    async def on_ready(self) -> None:
+        self.ready.set()
+
+    async def on_resumed(self) -> None:
+        self.resumed.set()
+
+    async def on_message(self, message: discord.Message) -> None:
+        if message.author != self.user:
+            self.inbox.put_nowait(message)
+
+
+def with_message_content() -> discord.Intents:
+    intents = discord.Intents.default()
+    intents.message_content = True
+    return intents
+
+
+@contextlib.asynccontextmanager
+async def running(client: Bot, fake: FakeDiscord) -> AsyncIterator[Bot]:
+    """Run ``client`` against ``fake`` until it is ready; close it afterwards."""
+    task = asyncio.create_task(client.start(fake.token))
+    ready = asyncio.create_task(client.ready.wait())
+    done, _ = await asyncio.wait({task, ready}, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+    if ready not in done:
+        ready.cancel()
+        await client.close()
+        if task.done():
+            task.result()  # raises what stopped the client
+        task.cancel()
+        raise AssertionError("the client did not get ready in 5 s")
+    try:
+        yield client
+    finally:
+        await client.close()
+        await asyncio.wait_for(task, 5)
+
+
+async def next_message(client: Bot) -> discord.Message:
+    return await asyncio.wait_for(client.inbox.get(), 5)
+
+
+@pytest.fixture
+async def fake(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeDiscord]:
+    fake = FakeDiscord()
+    await fake.start()
+    monkeypatch.setattr(discord.http.Route, "BASE", fake.api_url)
+    yield fake
+    await fake.close()
+
+
+async def test_the_client_logs_in_and_gets_ready_with_its_guild(fake: FakeDiscord) -> None:
+    guild = fake.guild("Artists", channels=["general", "gallery"])
+
+    async with running(Bot(), fake) as client:
+        session = await fake.wait_ready()
+        heartbeat = await fake.wait_received(1)
+        assert client.user is not None and client.user.id == fake.application_id
+        assert client.application_id == fake.application_id
+        [joined] = client.guilds
+        assert (joined.id, joined.name) == (guild.id, "Artists")
+        assert [channel.name for channel in joined.text_channels] == ["general", "gallery"]
+        assert joined.me is not None and joined.me.id == fake.bot.id
+
+    assert [call.name for call in fake.sent] == [
+        "get_current_user",
+        "get_current_application",
+        "get_gateway_bot",
+    ]
+    [connection] = fake.connections
+    assert connection.query == {"v": "10", "encoding": "json", "compress": "zlib-stream"}
+    assert session.intents == discord.Intents.default().value
+    assert [event["t"] for event in session.events] == ["READY", "GUILD_CREATE"]
+    assert heartbeat.data is None  # sent at once after HELLO, before any sequence number
+    # client.close() asks for 1000, but with aiohttp 3.14 its reader task closes first with 4000.
+    assert connection.close_code in (1000, 4000) and not connection.closed_by_server
+
+
+async def test_a_message_gets_a_reply_with_a_file_the_cdn_serves(fake: FakeDiscord) -> None:
+    channel = fake.guild("Artists").channel("general")
+    alice = fake.user("alice", "Alice")
+    sketch, drawn = png(320, 200), png(640, 480)
+
+    async with running(Bot(with_message_content()), fake) as client:
+        sent = fake.send_message(
+            channel, alice, "draw a fox", files=[File("my sketch.png", sketch)]
+        )
+        message = await next_message(client)
+        [attachment] = message.attachments
+        received = await attachment.read()
+        await message.channel.typing()
+        reply = await message.reply("here it is", file=discord.File(BytesIO(drawn), "fox.png"))
+        async with aiohttp.ClientSession() as http:
+            served = await (await http.get(reply.attachments[0].url)).read()
+            proxied = await (await http.get(reply.attachments[0].proxy_url)).read()
+            unsigned = await http.get(reply.attachments[0].url.split("?")[0])
+            assert (unsigned.status, await unsigned.text()) == (
+                404,
+                "This content is no longer available.",
+            )
+
+    assert message.content == "draw a fox" and message.author.id == alice.id
+    assert (attachment.filename, attachment.width, attachment.height) == ("my_sketch.png", 320, 200)
+    assert attachment.content_type == "image/png" and received == sketch
+    [call] = fake.calls("create_message")
+    assert [(upload.filename, upload.data) for upload in call.files] == [("fox.png", drawn)]
+    assert call.payload["message_reference"]["message_id"] == int(sent["id"])
+    assert reply.reference is not None and reply.reference.message_id == int(sent["id"])
+    assert reply.type is discord.MessageType.reply
+    assert (reply.attachments[0].width, reply.attachments[0].size) == (640, len(drawn))
+    assert served == proxied == drawn
+    assert fake.typing == [channel.id]
+    assert [m["content"] for m in fake.messages_in(channel)] == ["draw a fox", "here it is"]
+
+
+async def test_an_uncached_replied_to_message_is_fetched(fake: FakeDiscord) -> None:
+    channel = fake.guild("Artists").channel("general")
+    alice = fake.user("alice")
+    first = fake.send_message(channel, alice, "a red fox")  # before the bot connects: not cached
+
+    async with running(Bot(with_message_content()), fake) as client:
+        fake.send_message(
+            channel, alice, "make it blue", reply_to=int(first["id"]), include_referenced=False
+        )
+        reply = await next_message(client)
+        assert reply.reference is not None and reply.reference.resolved is None
+        assert reply.reference.message_id is not None
+        fetched = await reply.channel.fetch_message(reply.reference.message_id)
+        fake.send_message(channel, alice, "and a hat", reply_to=int(first["id"]))
+        nested = await next_message(client)
+        with pytest.raises(discord.NotFound) as missing:
+            await reply.channel.fetch_message(1)
+
+    assert (fetched.id, fetched.content) == (int(first["id"]), "a red fox")
+    assert fake.calls("get_message")[0].params["message_id"] == int(first["id"])
+    assert nested.reference is not None
+    assert isinstance(nested.reference.resolved, discord.Message)
+    assert nested.reference.resolved.content == "a red fox"
+    assert (missing.value.status, missing.value.code, missing.value.text) == (
+        404,
+        10008,
+        "Unknown Message",
+    )
+
+
+async def test_without_the_message_content_intent_guild_texts_arrive_blank(
+    fake: FakeDiscord,
+) -> None:
+    channel = fake.guild("Artists").channel("general")
+    alice = fake.user("alice")
+
+    async with running(Bot(), fake) as client:
+        fake.send_message(channel, alice, "draw a fox", files=[File("a.png", png())])
+        fake.send_message(channel, alice, f"{fake.bot.mention} draw a cat")
+        fake.send_message(fake.dm(alice), alice, "draw a dog")
+        messages = [await next_message(client) for _ in range(3)]
+
+    assert [message.content for message in messages] == [
+        "",
+        f"<@{fake.bot.id}> draw a cat",
+        "draw a dog",
+    ]
+    assert messages[0].attachments == []
+    assert isinstance(messages[2].channel, discord.DMChannel)
+
+
+async def test_commands_sync_and_a_deferred_command_edits_in_a_file(fake: FakeDiscord) -> None:
+    guild = fake.guild("Artists")
+    channel = guild.channel("general")
+    alice = fake.user("alice")
+    source, drawn = png(100, 100), png(512, 512)
+    client = Bot()
+    seen: list[bytes] = []
+
+    @client.tree.command(description="Draw a picture")
+    @app_commands.describe(prompt="What to draw", image="A picture to start from")
+    async def imagine(
+        interaction: discord.Interaction, prompt: str, image: discord.Attachment | None = None
+    ) -> None:
+        await interaction.response.defer(thinking=True)
+        seen.append(await image.read() if image else b"")
+        await interaction.edit_original_response(
+            content=f"{prompt}: done", attachments=[discord.File(BytesIO(drawn), "out.png")]
+        )
+
+    async with running(client, fake):
+        synced = await client.tree.sync()
+        assert await client.tree.sync(guild=discord.Object(guild.id)) == []
+        with pytest.raises(ValueError, match="has no option"):
+            fake.slash_command(channel, alice, "imagine", {"promt": "typo"})
+        interaction = fake.slash_command(
+            channel, alice, "imagine", {"prompt": "a fox", "image": File("in.png", source)}
+        )
+        await fake.wait_for("edit_original_response", 5)
+
+    [command] = fake.commands
+    assert (command["name"], command["description"]) == ("imagine", "Draw a picture")
+    assert [(option["name"], option["type"]) for option in command["options"]] == [
+        ("prompt", 3),
+        ("image", 11),
+    ]
+    assert fake.commands_for(guild) == []
+    assert [app_command.id for app_command in synced] == [int(command["id"])]
+    assert interaction.payload["data"]["id"] == command["id"]
+    assert interaction.payload["context"] == 0
+    assert interaction.payload["authorizing_integration_owners"] == {"0": str(guild.id)}
+    assert interaction.payload["member"]["user"]["id"] == str(alice.id)
+    assert seen == [source]
+    assert interaction.response_type == 5
+    assert interaction.ack_delay is not None and interaction.ack_delay < 3
+    original = interaction.original
+    assert original is not None and original["content"] == "a fox: done"
+    assert original["flags"] == 0  # no longer loading
+    assert fake.file_at(original["attachments"][0]["url"]) == drawn
+    assert original["interaction_metadata"]["user"]["id"] == str(alice.id)
+    assert fake.messages_in(channel) == [original]
+
+
+async def test_the_first_followup_after_a_deferral_edits_the_loading_message(
+    fake: FakeDiscord,
+) -> None:
+    channel = fake.guild("Artists").channel("general")
+    alice = fake.user("alice")
+    client = Bot()
+
+    @client.tree.command(description="Ask something")
+    async def ask(interaction: discord.Interaction) -> None:
+        await interaction.response.defer(thinking=True)
+        await interaction.followup.send("first", wait=True)
+        await interaction.followup.send("secret", ephemeral=True, wait=True)
+
+    async with running(client, fake):
+        await client.tree.sync()
+        interaction = fake.slash_command(fake.dm(alice), alice, "ask")
+        await fake.wait_for(lambda call: call.name == "create_followup" and call.ok, since=0)
+        await fake.wait_for(
+            lambda call: call.name == "create_followup" and call.payload["content"] == "secret"
+        )
+
+    assert interaction.payload["context"] == 1 and "user" in interaction.payload
+    assert interaction.original is not None and interaction.original["content"] == "first"
+    assert [m["content"] for m in interaction.followups] == ["secret"]
+    assert interaction.followups[0]["flags"] == 64
+    assert [m["content"] for m in fake.messages_in(fake.dm(alice))] == ["first"]
+    assert fake.messages_in(channel) == []
+
+
+async def test_autocomplete_choices_are_recorded(fake: FakeDiscord) -> None:
+    channel = fake.guild("Artists").channel("general")
+    alice = fake.user("alice")
+    client = Bot()
+
+    @client.tree.command(description="Draw in a style")
+    async def style(interaction: discord.Interaction, name: str) -> None:
+        await interaction.response.send_message(name)
+
+    @style.autocomplete("name")
+    async def style_names(
+        interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[str]]:
+        names = ["fox", "folk", "fauve"]
+        return [app_commands.Choice(name=n, value=n) for n in names if n.startswith(current)]
+
+    async with running(client, fake):
+        await client.tree.sync()
+        interaction = fake.autocomplete(channel, alice, "style", {"name": "fo"}, focused="name")
+        call = await fake.wait_for("create_interaction_response", 5)
+
+    assert call.interaction_id == interaction.id and call.ok
+    assert interaction.response_type == 8
+    assert interaction.choices == [
+        {"name": "fox", "value": "fox"},
+        {"name": "folk", "value": "folk"},
+    ]
+    [option] = interaction.payload["data"]["options"]
+    assert option == {"type": 3, "name": "name", "value": "fo", "focused": True}
+
+
+async def test_a_rate_limited_request_is_retried_after_retry_after(fake: FakeDiscord) -> None:
+    channel = fake.guild("Artists").channel("general")
+
+    async with running(Bot(), fake) as client:
+        text_channel = client.get_channel(channel.id)
+        assert isinstance(text_channel, discord.TextChannel)
+        fake.flood("create_message", retry_after=0.05)
+        message = await text_channel.send("hello")
+
+    assert message.content == "hello"
+    calls = fake.calls("create_message")
+    assert [call.status for call in calls] == [429, 200]
+    assert calls[0].error == {
+        "message": "You are being rate limited.",
+        "retry_after": 0.05,
+        "global": False,
+    }
+    assert calls[1].at - calls[0].at >= 0.05
+
+
+async def test_the_bot_edits_and_deletes_its_own_messages_only(fake: FakeDiscord) -> None:
+    channel = fake.guild("Artists").channel("general")
+    alice = fake.user("alice")
+
+    async with running(Bot(with_message_content()), fake) as client:
+        fake.send_message(channel, alice, "hi")
+        theirs = await next_message(client)
+        mine = await theirs.channel.send("Drawing…")
+        edited = await mine.edit(content="Done")
+        with pytest.raises(discord.Forbidden) as refused:
+            await theirs.edit(content="hijacked")
+        await theirs.add_reaction("👍")
+        await edited.delete()
+
+    assert (edited.content, edited.edited_at is not None) == ("Done", True)
+    assert (refused.value.status, refused.value.code) == (403, 50005)
+    assert [call.name for call in fake.sent if call.ok][-4:] == [
+        "create_message",
+        "edit_message",
+        "add_reaction",
+        "delete_message",
+    ]
+    assert [m["content"] for m in fake.messages_in(channel)] == ["hi"]
+
+
+async def test_uploads_over_10_mib_are_refused_with_413(fake: FakeDiscord) -> None:
+    channel = fake.guild("Artists").channel("general")
+
+    async with running(Bot(), fake) as client:
+        text_channel = client.get_channel(channel.id)
+        assert isinstance(text_channel, discord.TextChannel)
+        with pytest.raises(discord.HTTPException) as refused:
+            await text_channel.send(file=discord.File(BytesIO(bytes(UPLOAD_MAX_BYTES + 1)), "a"))
+        largest = await text_channel.send(file=discord.File(BytesIO(bytes(UPLOAD_MAX_BYTES)), "b"))
+
+    assert (refused.value.status, refused.value.code, refused.value.text) == (
+        413,
+        40005,
+        "Request entity too large",
+    )
+    assert largest.attachments[0].size == UPLOAD_MAX_BYTES
+    assert [m["attachments"][0]["filename"] for m in fake.messages_in(channel)] == ["b"]
+
+
+async def test_a_privileged_intent_not_enabled_closes_the_gateway_with_4014(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake = FakeDiscord(privileged_intents=0)
+    await fake.start()
+    monkeypatch.setattr(discord.http.Route, "BASE", fake.api_url)
+    client = Bot(with_message_content())
+    try:
+        with pytest.raises(discord.PrivilegedIntentsRequired):
+            await asyncio.wait_for(client.start(fake.token), 5)
+    finally:
+        await client.close()
+        await fake.close()
+
+    [connection] = fake.connections
+    assert (connection.close_code, connection.closed_by_server) == (4014, True)
+    assert fake.sessions == []
+
+
+class ManualClock:
+    """A monotonic clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_a_late_ack_is_an_unknown_interaction_and_old_tokens_are_invalid(
+    fake: FakeDiscord,
+) -> None:
+    channel = fake.guild("Artists").channel("general")
+    alice = fake.user("alice")
+    clock = ManualClock()
+    fake.clock = clock
+    client = Bot()
+    waiting = asyncio.Event()
+    go_on = asyncio.Event()
+    outcome: asyncio.Future[discord.HTTPException] = asyncio.get_running_loop().create_future()
+
+    @client.tree.command(description="Slow")
+    async def slow(interaction: discord.Interaction, when: str) -> None:
+        try:
+            if when == "late":
+                waiting.set()
+                await go_on.wait()
+                await interaction.response.defer()
+            else:
+                await interaction.response.defer()
+                waiting.set()
+                await go_on.wait()
+                await interaction.edit_original_response(content="done")
+        except discord.HTTPException as exc:
+            outcome.set_result(exc)
+
+    async with running(client, fake):
+        await client.tree.sync()
+        late = fake.slash_command(channel, alice, "slow", {"when": "late"})
+        await asyncio.wait_for(waiting.wait(), 5)
+        clock.now += 3.5
+        go_on.set()
+        too_late = await asyncio.wait_for(outcome, 5)
+
+        waiting.clear()
+        go_on.clear()
+        outcome = asyncio.get_running_loop().create_future()
+        early = fake.slash_command(channel, alice, "slow", {"when": "early"})
+        await asyncio.wait_for(waiting.wait(), 5)
+        clock.now += 15 * 60 + 1
+        go_on.set()
+        expired = await asyncio.wait_for(outcome, 5)
+
+    assert (too_late.status, too_late.code, too_late.text) == (404, 10062, "Unknown interaction")
+    assert late.acked_at is None and late.ack_delay is None
+    assert early.ack_delay == 0.0
+    assert (expired.status, expired.code, expired.text) == (401, 50027, "Invalid Webhook Token")
+
+
+async def test_a_reconnect_request_resumes_the_session_and_replays_missed_events(
+    fake: FakeDiscord,
+) -> None:
+    channel = fake.guild("Artists").channel("general")
+    alice = fake.user("alice")
+
+    async with running(Bot(with_message_content()), fake) as client:
+        session = await fake.wait_ready()
+        fake.request_reconnect()
+        fake.send_message(channel, alice, "while you were away")
+        message = await next_message(client)
+        await asyncio.wait_for(client.resumed.wait(), 5)
+
+    assert message.content == "while you were away"
+    assert session.resumes == 1 and fake.sessions == [session]
+    assert [connection.path for connection in fake.connections] == ["/gateway", "/gateway-resume"]
+    assert fake.connections[0].close_code == 4000  # discord.py's own code when it reconnects
+    assert [frame.op for frame in fake.received if frame.op in (2, 6)] == [2, 6]
+
+
+async def test_an_invalidated_session_identifies_anew_through_follow_gateway(
+    fake: FakeDiscord,
+) -> None:
+    channel = fake.guild("Artists").channel("general")
+    alice = fake.user("alice")
+
+    async with running(Bot(with_message_content()), fake) as client:
+        first = await fake.wait_ready()
+        fake.invalidate_session()
+        second = await fake.wait_ready()
+        fake.send_message(channel, alice, "hello again")
+        message = await next_message(client)
+
+    assert second is not first and first.ended
+    assert message.content == "hello again"
+    # discord.py goes back to DEFAULT_GATEWAY, which follow_gateway sends to the fake.
+    assert [connection.path for connection in fake.connections] == ["/gateway", "/gateway"]
+
+
+async def test_a_plain_client_connects_where_default_gateway_points(
+    fake: FakeDiscord, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(DiscordWebSocket, "DEFAULT_GATEWAY", yarl.URL(fake.gateway_url))
+    client = discord.Client(intents=discord.Intents.default())
+    task = asyncio.create_task(client.start(fake.token))
+    try:
+        await fake.wait_ready(5)
+    finally:
+        await client.close()
+        await asyncio.wait_for(task, 5)
+
+    assert "get_gateway_bot" not in [call.name for call in fake.sent]  # Client never asks
+
+
+async def test_an_auto_sharded_client_follows_gateway_bot_by_itself(fake: FakeDiscord) -> None:
+    fake.guild("Artists")
+    client = discord.AutoShardedClient(intents=discord.Intents.default())
+    task = asyncio.create_task(client.start(fake.token))
+    try:
+        session = await fake.wait_ready(5)
+    finally:
+        await client.close()
+        await asyncio.wait_for(task, 5)
+
+    assert "get_gateway_bot" in [call.name for call in fake.sent]
+    assert session.shard == [0, 1]
+
+
+async def test_errors_and_headers_have_discords_wire_format(fake: FakeDiscord) -> None:
+    channel = fake.guild("Artists").channel("general")
+    auth = {"Authorization": f"Bot {fake.token}"}
+    messages = f"{fake.api_url}/channels/{channel.id}/messages"
+    fake.flood("get_current_user", retry_after=2.5)
+
+    async def answer(method: str, url: str, **kwargs: Any) -> tuple[int, Any, Any]:
+        async with http.request(method, url, **kwargs) as response:
+            return response.status, await response.json(), response.headers
+
+    async with aiohttp.ClientSession() as http:
+        wrong_token = await answer(
+            "GET", f"{fake.api_url}/users/@me", headers={"Authorization": "Bot x"}
+        )
+        flooded = await answer("GET", f"{fake.api_url}/users/@me", headers=auth)
+        unknown_route = await answer("GET", f"{fake.api_url}/holograms", headers=auth)
+        wrong_method = await answer("DELETE", f"{fake.api_url}/gateway/bot", headers=auth)
+        unknown_channel = await answer(
+            "POST", f"{fake.api_url}/channels/1/messages", headers=auth, json={"content": "x"}
+        )
+        not_snowflake = await answer("GET", f"{fake.api_url}/channels/general", headers=auth)
+        too_long = await answer("POST", messages, headers=auth, json={"content": "x" * 2001})
+        empty = await answer("POST", messages, headers=auth, json={"content": ""})
+        sent = await answer("POST", messages, headers=auth, json={"content": "x" * 2000})
+        reply = {"content": "re", "message_reference": {"message_id": "1"}}
+        lost_reply = await answer("POST", messages, headers=auth, json=reply)
+        described = {"id": 0, "filename": "x.png", "description": "a fox"}
+        form = aiohttp.FormData(quote_fields=False)
+        form.add_field(
+            "payload_json", json.dumps({"content": "a file", "attachments": [described]})
+        )
+        form.add_field("files[0]", png(), filename="upload.png")
+        multipart = await answer("POST", messages, headers=auth, data=form)
+
+    assert wrong_token[:2] == (401, {"message": "401: Unauthorized", "code": 0})
+    assert flooded[:2] == (
+        429,
+        {"message": "You are being rate limited.", "retry_after": 2.5, "global": False},
+    )
+    assert flooded[2]["Retry-After"] == "3" and flooded[2]["Via"] == "1.1 google"
+    assert flooded[2]["X-RateLimit-Remaining"] == "0"
+    assert flooded[2]["X-RateLimit-Scope"] == "user"
+    assert unknown_route[:2] == (404, {"message": "404: Not Found", "code": 0})
+    assert wrong_method[:2] == (405, {"message": "405: Method Not Allowed", "code": 0})
+    assert unknown_channel[:2] == (404, {"message": "Unknown Channel", "code": 10003})
+    assert not_snowflake[1]["errors"]["channel_id"]["_errors"][0]["code"] == "NUMBER_TYPE_COERCE"
+    assert too_long[:2] == (
+        400,
+        {
+            "message": "Invalid Form Body",
+            "code": 50035,
+            "errors": {
+                "content": {
+                    "_errors": [
+                        {
+                            "code": "BASE_TYPE_MAX_LENGTH",
+                            "message": "Must be 2000 or fewer in length.",
+                        }
+                    ]
+                }
+            },
+        },
+    )
+    assert empty[:2] == (400, {"message": "Cannot send an empty message", "code": 50006})
+    assert sent[0] == 200 and sent[1]["author"]["id"] == str(fake.bot.id)
+    for header in ("Limit", "Remaining", "Reset", "Reset-After", "Bucket"):
+        assert f"X-RateLimit-{header}" in sent[2]
+    assert lost_reply[1]["errors"]["message_reference"]["_errors"][0]["code"] == (
+        "MESSAGE_REFERENCE_UNKNOWN_MESSAGE"
+    )
+    [attachment] = multipart[1]["attachments"]
+    assert (attachment["filename"], attachment["description"]) == ("x.png", "a fox")
+    assert (attachment["width"], attachment["content_type"]) == (64, "image/png")
