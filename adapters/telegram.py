@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import warnings
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
@@ -24,6 +23,7 @@ from telegram.ext import Application, ContextTypes, MessageHandler, filters
 from telegram.request import HTTPXRequest
 from telegram.warnings import PTBDeprecationWarning
 
+from adapters.status import ThrottledStatus
 from bot.commands import wants_images
 from bot.config import Settings
 from bot.images import Picture
@@ -40,7 +40,6 @@ MAX_CAPTION_CHARS = 1024
 MAX_TEXT_CHARS = 4096
 ALBUM_QUIET_SECONDS = 0.8  # an album's updates arrive together; act once none came for this long
 CHAT_ACTION_SECONDS = 4.5  # Telegram shows an action for 5 s
-STATUS_EDIT_SECONDS = 3.0  # at most one status edit this often; newer text replaces older
 FLOOD_RETRIES = 5
 CONCURRENT_UPDATES = 256
 CONNECTION_POOL = 64
@@ -204,11 +203,8 @@ class TelegramChat:
     def __init__(self, command: Message) -> None:
         self._command = command
         self._status: Message | None = None
-        self._shown = ""  # the status text Telegram has now
-        self._wanted = ""  # the newest status text asked for
-        self._shown_at = 0.0
+        self._edits: ThrottledStatus | None = None
         self._action: asyncio.Task[None] | None = None
-        self._editor: asyncio.Task[None] | None = None
 
     async def send_text(self, text: str) -> None:
         await self._clear_status()
@@ -216,15 +212,12 @@ class TelegramChat:
 
     async def show_progress(self, status: str) -> None:
         """The first status is a reply; later ones edit it, throttled, without waiting."""
-        self._wanted = status
-        if self._status is None:
-            self._status = await _flood_safe(
-                lambda: self._command.reply_text(status, do_quote=True)
-            )
-            self._shown, self._shown_at = status, time.monotonic()
-            self._action = asyncio.create_task(self._keep_uploading())
-        elif self._editor is None or self._editor.done():
-            self._editor = asyncio.create_task(self._edit_status())
+        if self._edits is not None:
+            self._edits.update(status)
+            return
+        self._status = await _flood_safe(lambda: self._command.reply_text(status, do_quote=True))
+        self._edits = ThrottledStatus(self._edit_status, status)
+        self._action = asyncio.create_task(self._keep_uploading())
 
     async def send_pictures(self, pictures: Sequence[Picture], caption: str) -> None:
         caption = caption[:MAX_CAPTION_CHARS]
@@ -260,28 +253,26 @@ class TelegramChat:
                 )
             await asyncio.sleep(CHAT_ACTION_SECONDS)
 
-    async def _edit_status(self) -> None:
-        """Bring the status message up to the newest text, one edit per STATUS_EDIT_SECONDS."""
-        while self._status is not None and self._wanted != self._shown:
-            await asyncio.sleep(self._shown_at + STATUS_EDIT_SECONDS - time.monotonic())
-            text, status = self._wanted, self._status
-            try:
-                await status.edit_text(text)
-            except RetryAfter as error:
-                self._shown_at = time.monotonic() + _seconds(error)
-                continue
-            except BadRequest as error:
-                if "not modified" not in error.message.lower():
-                    log.debug("status edit refused: %s", error.message)
-            except TelegramError as error:
-                log.debug("status edit failed: %s", error)
-            self._shown, self._shown_at = text, time.monotonic()
+    async def _edit_status(self, text: str) -> float | None:
+        assert self._status is not None
+        try:
+            await self._status.edit_text(text)
+        except RetryAfter as error:
+            return _seconds(error)
+        except BadRequest as error:
+            if "not modified" not in error.message.lower():
+                log.debug("status edit refused: %s", error.message)
+        except TelegramError as error:
+            log.debug("status edit failed: %s", error)
+        return None
 
     async def _clear_status(self) -> None:
-        for task in (self._action, self._editor):
-            if task is not None:
-                task.cancel()
-        self._action = self._editor = None
+        if self._edits is not None:
+            self._edits.stop()
+            self._edits = None
+        if self._action is not None:
+            self._action.cancel()
+            self._action = None
         status, self._status = self._status, None
         if status is not None:
             with contextlib.suppress(BadRequest):  # already gone

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import signal
 import sys
 import tempfile
+from collections.abc import Awaitable
 from datetime import date
 from pathlib import Path
 
@@ -75,25 +75,40 @@ def _run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_CONFIG
-    if settings.telegram_bot_token is None:
-        print("imagebot: the Discord adapter is not in this release yet.", file=sys.stderr)
-        return EXIT_CONFIG
     return asyncio.run(_serve(settings))
 
 
 async def _serve(settings: Settings) -> int:
-    from adapters.telegram import build_application, serve
+    """Every configured adapter on one bot (one image service, one ledger) until a signal."""
+    from adapters import discord, telegram
 
     configure_logging(settings.log_level)
-    if settings.discord_bot_token is not None:
-        logging.getLogger(__name__).warning("the Discord adapter is not in this release yet")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     async with open_bot(settings) as bot:
-        await serve(build_application(settings, bot), stop)
+        adapters: list[Awaitable[None]] = []
+        if settings.telegram_bot_token is not None:
+            adapters.append(telegram.serve(telegram.build_application(settings, bot), stop))
+        if settings.discord_bot_token is not None:
+            token = settings.discord_bot_token.get_secret_value()
+            adapters.append(discord.serve(discord.build_client(settings, bot), token, stop))
+        ended = await asyncio.gather(
+            *(_stopping_all(a, stop) for a in adapters), return_exceptions=True
+        )
+    for outcome in ended:
+        if isinstance(outcome, BaseException):
+            raise outcome
     return 0
+
+
+async def _stopping_all(adapter: Awaitable[None], stop: asyncio.Event) -> None:
+    """Run one adapter; when it ends (a refused start-up, say) the others shut down cleanly."""
+    try:
+        await adapter
+    finally:
+        stop.set()
 
 
 def _console(args: argparse.Namespace) -> int:

@@ -20,6 +20,8 @@ tag               answer
 ``#never``        202; the job stays ``in_progress`` forever and is never charged
 ``#big``          the picture is ~1.5 MB of noise (1024x1024) for oversize and load tests
 ``#wide``         the picture is 4200x200 whatever the size: wider than Telegram's 20:1 photos
+``#huge``         the picture is 2048x2048 of full noise whatever the size: a ~12 MB PNG, over
+                  Discord's 10 MiB upload limit
 ================  ============================================================================
 
 An authorization's (from, nonce) pair is accepted once, even when the request then fails:
@@ -617,12 +619,21 @@ def _signer(payment: _Payment, chain: Chain) -> str | None:
 
 def _draw_placeholder(order: _Order, index: int) -> bytes:
     """A PNG of the ordered size showing the prompt: the sandbox's stand-in for a picture."""
-    width, height = (4200, 200) if "wide" in order.tags else map(int, order.size.split("x"))
+    if "wide" in order.tags:
+        width, height = 4200, 200
+    elif "huge" in order.tags:
+        width, height = 2048, 2048
+    else:
+        width, height = map(int, order.size.split("x"))
     seed = hashlib.sha256(f"{order.prompt}\n{index}".encode()).digest()
-    if "big" in order.tags:
-        # Random noise in 3 bits per channel: PNG cannot shrink it much, and it saves fast.
+    noisy = order.tags & {"big", "huge"}
+    if noisy:
+        # Random noise: PNG cannot shrink it much, and it saves fast. #big keeps 3 bits per
+        # channel (~1.5 MB at 1024x1024); #huge keeps all 8 (~12 MB at 2048x2048).
         noise = random.Random(seed).randbytes(width * height * 3)
-        canvas = Image.frombytes("RGB", (width, height), noise).point(lambda v: v & 0xE0)
+        canvas = Image.frombytes("RGB", (width, height), noise)
+        if "huge" not in order.tags:
+            canvas = canvas.point(lambda v: v & 0xE0)
     elif order.source is not None:
         with Image.open(BytesIO(order.source)) as source:
             canvas = ImageOps.fit(source.convert("RGB"), (width, height))
@@ -659,7 +670,7 @@ def _draw_placeholder(order: _Order, index: int) -> bytes:
         (margin, height - margin), label, font=label_font, anchor="ld", fill="white", **outline
     )
     out = BytesIO()
-    canvas.save(out, "PNG", compress_level=1 if "big" in order.tags else 6)  # noise: save fast
+    canvas.save(out, "PNG", compress_level=1 if noisy else 6)  # noise: save fast
     return out.getvalue()
 
 

@@ -18,32 +18,13 @@ from discord.gateway import DiscordWebSocket
 from fake_discord import UPLOAD_MAX_BYTES, FakeDiscord, File
 from PIL import Image
 
+from adapters.discord import follow_gateway
+
 
 def png(width: int = 64, height: int = 48) -> bytes:
     out = BytesIO()
     Image.new("RGB", (width, height), (200, 30, 90)).save(out, "PNG")
     return out.getvalue()
-
-
-def follow_gateway(client: discord.Client, url: str) -> None:
-    """Send ``client``'s gateway connections to ``url`` instead of discord.py's built-in address.
-
-    discord.py 2.7 connects a ``Client`` to ``DiscordWebSocket.DEFAULT_GATEWAY`` and never asks
-    ``GET /gateway/bot``; every gateway connection goes through ``client.http.ws_connect``, so
-    rewriting the default address there (keeping discord.py's query) covers first connects and
-    reconnects after an invalidated session, while resumes go to READY's resume_gateway_url.
-    """
-    target = yarl.URL(url)
-    default_host = DiscordWebSocket.DEFAULT_GATEWAY.host
-    connect = client.http.ws_connect
-
-    async def ws_connect(address: str, *, compress: int = 0) -> aiohttp.ClientWebSocketResponse:
-        parsed = yarl.URL(address)
-        if parsed.host == default_host:
-            parsed = target.with_query(parsed.query)
-        return await connect(str(parsed), compress=compress)
-
-    client.http.ws_connect = ws_connect  # type: ignore[method-assign]
 
 
 class Bot(discord.Client):

@@ -529,6 +529,14 @@ async def test_big_makes_a_large_noisy_png(gateway: Gateway) -> None:
     assert open_data_uri(image_uri).size == (1024, 1024)
 
 
+async def test_huge_makes_a_png_over_discords_upload_limit(gateway: Gateway) -> None:
+    response = await gateway.buy(GENERATE, {"model": "gpt-image", "prompt": "a fox #huge"})
+
+    image_uri = response.json()["data"][0]["url"]
+    assert 10 * 2**20 < len(base64.b64decode(image_uri.partition(",")[2])) < 50 * 2**20
+    assert open_data_uri(image_uri).size == (2048, 2048)
+
+
 @pytest.mark.parametrize(
     ("path", "body", "code"),
     [

@@ -17,7 +17,7 @@ from fake_telegram import Call, FakeTelegram
 from imagebot_cli import cli_env, imagebot
 from PIL import Image
 
-import adapters.telegram
+import adapters.status
 from adapters.telegram import build_application, serve
 from bot.config import load_settings
 from bot.runtime import open_bot
@@ -299,7 +299,7 @@ async def test_a_caption_is_cut_to_telegrams_1024_characters(stack: Stack) -> No
 async def test_a_slow_job_edits_its_status_at_most_every_few_seconds(
     stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(adapters.telegram, "STATUS_EDIT_SECONDS", 0.5)
+    monkeypatch.setattr(adapters.status, "STATUS_EDIT_SECONDS", 0.5)
     stack.gateway.job_seconds = 2.0  # polled every 0.05 s: about 40 progress reports
     telegram = stack.telegram
     telegram.fail("editMessageText", 400, "Bad Request: message is not modified: same content")

@@ -1,0 +1,442 @@
+"""Discord adapter on discord.py: message commands and native slash commands, translation only.
+
+A message (``/imagegen a fox``) or a slash command becomes text + image bytes for
+``ImageBot.handle``; the core's answers become replies with attachments. Discord's own rules
+(the 3-second interaction window, 15-minute interaction tokens, 10 MiB uploads, 2,000-character
+messages) are handled here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import aiohttp
+import discord
+import yarl
+from discord import app_commands
+from discord.gateway import DiscordWebSocket
+from PIL import Image
+
+from adapters.status import ThrottledStatus
+from bot.catalog import DEFAULT_EDIT_MODEL, DEFAULT_GENERATE_MODEL, MODELS, find_model, get_model
+from bot.commands import MAX_INPUT_BYTES, MAX_N, wants_images
+from bot.config import Settings
+from bot.errors import ConfigError
+from bot.images import Picture
+from bot.money import format_usd
+from bot.service import ImageBot, Sender
+
+log = logging.getLogger(__name__)
+
+MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # per message, for bots
+MAX_FILES_PER_MESSAGE = 10
+MAX_CONTENT_CHARS = 2000
+MAX_CHOICES = 25  # autocomplete answers
+TOKEN_SECONDS = 15 * 60 - 30  # an interaction's webhook token lives 15 min; keep a margin
+_SHRINK_QUALITIES = (90, 80, 70, 55, 40)
+
+
+class StartupError(ConfigError):
+    """Discord refused to let the bot start; the message says what the admin must change."""
+
+
+def build_client(settings: Settings, bot: ImageBot) -> ImagebotClient:
+    """A discord.py client for ``bot`` that talks to ``DISCORD_API_URL``; run it with ``serve``."""
+    # discord.py keeps the REST base in one class attribute, read for every request.
+    discord.http.Route.BASE = settings.discord_api_url.rstrip("/")
+    return ImagebotClient(bot)
+
+
+async def serve(client: ImagebotClient, token: str, stop: asyncio.Event) -> None:
+    """Connect and answer until ``stop`` is set; ``StartupError`` if Discord refuses the bot."""
+    running = asyncio.create_task(client.start(token))
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    await client.close()
+    try:
+        await running
+    except discord.PrivilegedIntentsRequired:
+        raise StartupError(
+            "Discord refused the message content intent: turn on 'Message Content Intent' "
+            "for this bot (Developer Portal > Bot > Privileged Gateway Intents)."
+        ) from None
+    except discord.LoginFailure:
+        raise StartupError(
+            "Discord refused DISCORD_BOT_TOKEN; copy the bot's token again."
+        ) from None
+
+
+class ImagebotClient(discord.Client):
+    """Message commands through ``on_message``, slash commands through its command tree."""
+
+    def __init__(self, bot: ImageBot) -> None:
+        intents = discord.Intents.default()
+        intents.message_content = True  # message commands read the text
+        super().__init__(intents=intents)
+        self.bot = bot
+        self.tree = app_commands.CommandTree(self)
+        _add_slash_commands(self.tree, bot)
+
+    async def setup_hook(self) -> None:
+        """Connect to the gateway ``GET /gateway/bot`` names, then publish the slash commands."""
+        _, url, _ = await self.http.get_bot_gateway()
+        follow_gateway(self, url)
+        await self.tree.sync()
+
+    async def on_message(self, message: discord.Message) -> None:
+        if message.author.bot or not message.content.startswith("/"):
+            return
+        chat = MessageChat(message)
+        try:
+            images = await _inputs_of(message) if wants_images(message.content) else ()
+        except UnusableInput as error:
+            await chat.send_text(str(error))
+            return
+        sender = _sender(message.author, message.channel, message.guild)
+        try:
+            await self.bot.handle(sender, chat, message.content, images)
+        finally:
+            await chat.close()
+
+
+def follow_gateway(client: discord.Client, url: str) -> None:
+    """Send the client's gateway connections to ``url`` instead of discord.py's built-in address.
+
+    discord.py 2.7 connects to ``DiscordWebSocket.DEFAULT_GATEWAY`` and never asks
+    ``GET /gateway/bot``; every connection goes through ``client.http.ws_connect``, so the
+    default address is rewritten there (keeping discord.py's query). Resumes already use READY's
+    ``resume_gateway_url``.
+    """
+    target = yarl.URL(url)
+    default_host = DiscordWebSocket.DEFAULT_GATEWAY.host
+    connect = client.http.ws_connect
+
+    async def ws_connect(address: str, *, compress: int = 0) -> aiohttp.ClientWebSocketResponse:
+        parsed = yarl.URL(address)
+        if parsed.host == default_host:
+            parsed = target.with_query(parsed.query)
+        return await connect(str(parsed), compress=compress)
+
+    client.http.ws_connect = ws_connect  # type: ignore[method-assign]
+
+
+class UnusableInput(Exception):
+    """An input attachment can't be had (too big, or Discord would not hand it over)."""
+
+
+async def _inputs_of(message: discord.Message) -> tuple[bytes, ...]:
+    """The replied-to message's attachments first, then the command's own."""
+    attachments = list(message.attachments)
+    reference = message.reference
+    if reference is not None and reference.message_id is not None:
+        replied = reference.resolved
+        if not isinstance(replied, discord.Message):
+            with contextlib.suppress(discord.NotFound, discord.Forbidden):
+                replied = await message.channel.fetch_message(reference.message_id)
+        if isinstance(replied, discord.Message):
+            attachments = [*replied.attachments, *attachments]
+    return await _download(attachments)
+
+
+async def _download(attachments: Sequence[discord.Attachment]) -> tuple[bytes, ...]:
+    if any(attachment.size > MAX_INPUT_BYTES for attachment in attachments):
+        raise UnusableInput(
+            f"That image is over {MAX_INPUT_BYTES // 1_048_576} MB; send a smaller one."
+        )
+    try:
+        return tuple(await asyncio.gather(*(attachment.read() for attachment in attachments)))
+    except discord.HTTPException:
+        raise UnusableInput(
+            "I couldn't download that image from Discord; nothing was charged. Try again."
+        ) from None
+
+
+def _sender(
+    user: discord.User | discord.Member,
+    channel: Any,
+    guild: discord.Guild | None,
+) -> Sender:
+    chat_ids = (str(channel.id),) if guild is None else (str(channel.id), str(guild.id))
+    return Sender(
+        platform="discord",
+        user_id=str(user.id),
+        display_name=f"@{user.name}",
+        chat_ids=chat_ids,
+        private=guild is None,
+    )
+
+
+class MessageChat:
+    """The core's ``Chat`` for a message command: replies in its channel, with typing shown."""
+
+    def __init__(self, command: discord.Message) -> None:
+        self._command = command
+        self._status: discord.Message | None = None
+        self._edits: ThrottledStatus | None = None
+        self._typing: asyncio.Task[None] | None = None
+
+    async def send_text(self, text: str) -> None:
+        await self._clear_status()
+        await self._command.reply(text[:MAX_CONTENT_CHARS], mention_author=False)
+
+    async def show_progress(self, status: str) -> None:
+        if self._edits is not None:
+            self._edits.update(status)
+            return
+        self._status = await self._command.reply(status, mention_author=False)
+        self._edits = ThrottledStatus(self._edit_status, status)
+        self._typing = asyncio.create_task(self._keep_typing())
+
+    async def send_pictures(self, pictures: Sequence[Picture], caption: str) -> None:
+        batches = await _batches(pictures)
+        for index, files in enumerate(batches):
+            content = caption[:MAX_CONTENT_CHARS] if index == 0 else None
+            await self._command.reply(content, files=files, mention_author=False)
+        await self._clear_status()
+
+    async def close(self) -> None:
+        await self._clear_status()
+
+    async def _keep_typing(self) -> None:
+        async with self._command.channel.typing():  # discord.py renews it every 5 s
+            await asyncio.Event().wait()
+
+    async def _edit_status(self, text: str) -> float | None:
+        assert self._status is not None
+        with contextlib.suppress(discord.HTTPException):  # a lost status edit is harmless
+            await self._status.edit(content=text)
+        return None
+
+    async def _clear_status(self) -> None:
+        if self._edits is not None:
+            self._edits.stop()
+            self._edits = None
+        if self._typing is not None:
+            self._typing.cancel()
+            self._typing = None
+        status, self._status = self._status, None
+        if status is not None:
+            with contextlib.suppress(discord.NotFound):
+                await status.delete()
+
+
+class InteractionChat:
+    """The core's ``Chat`` for a slash command, deferred at once.
+
+    Answers edit the deferred response; errors are ephemeral; once the interaction's token is
+    about to expire (a job over ~15 min), the answer goes to the channel instead.
+    """
+
+    def __init__(self, interaction: discord.Interaction[Any], *, private: bool) -> None:
+        self._interaction = interaction
+        self._private = private  # deferred ephemerally: every answer is for the caller alone
+        self._started = time.monotonic()
+        self._edits: ThrottledStatus | None = None
+
+    async def send_text(self, text: str) -> None:
+        self._stop_edits()
+        text = text[:MAX_CONTENT_CHARS]
+        if self._expired():
+            await self._to_channel(text)
+        elif self._private:
+            await self._interaction.edit_original_response(content=text)
+        else:  # the public "thinking…" goes; the answer is for the caller only
+            with contextlib.suppress(discord.NotFound):
+                await self._interaction.delete_original_response()
+            await self._interaction.followup.send(text, ephemeral=True)
+
+    async def show_progress(self, status: str) -> None:
+        if self._edits is None:
+            await self._edit_original(status)
+            self._edits = ThrottledStatus(self._edit_original, status)
+        else:
+            self._edits.update(status)
+
+    async def send_pictures(self, pictures: Sequence[Picture], caption: str) -> None:
+        self._stop_edits()
+        batches = await _batches(pictures)
+        content = caption[:MAX_CONTENT_CHARS]
+        for index, files in enumerate(batches):
+            if self._expired():
+                await self._to_channel(content if index == 0 else None, files)
+            elif index == 0:
+                await self._interaction.edit_original_response(content=content, attachments=files)
+            else:
+                await self._interaction.followup.send(files=files)
+
+    async def _edit_original(self, text: str) -> float | None:
+        if not self._expired():
+            with contextlib.suppress(discord.HTTPException):  # a lost status edit is harmless
+                await self._interaction.edit_original_response(content=text)
+        return None
+
+    def _stop_edits(self) -> None:
+        if self._edits is not None:
+            self._edits.stop()
+            self._edits = None
+
+    def _expired(self) -> bool:
+        return time.monotonic() - self._started > TOKEN_SECONDS
+
+    async def _to_channel(self, content: str | None, files: Sequence[discord.File] = ()) -> None:
+        channel = self._interaction.channel
+        assert isinstance(channel, discord.abc.Messageable)
+        text = f"{self._interaction.user.mention} {content or ''}".strip()
+        await channel.send(text[:MAX_CONTENT_CHARS], files=list(files))
+
+
+async def _batches(pictures: Sequence[Picture]) -> list[list[discord.File]]:
+    """The pictures as files in messages of at most 10 MiB and 10 files each."""
+    fitted = await asyncio.gather(*(asyncio.to_thread(_fit, picture) for picture in pictures))
+    batches: list[list[discord.File]] = []
+    size = MAX_UPLOAD_BYTES + 1
+    for index, (data, extension) in enumerate(fitted, 1):
+        if size + len(data) > MAX_UPLOAD_BYTES or len(batches[-1]) >= MAX_FILES_PER_MESSAGE:
+            batches.append([])
+            size = 0
+        batches[-1].append(discord.File(io.BytesIO(data), f"image-{index}.{extension}"))
+        size += len(data)
+    return batches
+
+
+def _fit(picture: Picture) -> tuple[bytes, str]:
+    """The picture as it is, or re-encoded as WebP (then smaller) until it fits one message."""
+    extension = picture.mime.removeprefix("image/").replace("jpeg", "jpg")
+    if len(picture.data) <= MAX_UPLOAD_BYTES:
+        return picture.data, extension
+    with Image.open(io.BytesIO(picture.data)) as image:
+        image = image.convert("RGB")
+        while True:
+            for quality in _SHRINK_QUALITIES:
+                out = io.BytesIO()
+                image.save(out, "WEBP", quality=quality, method=4)
+                if out.tell() <= MAX_UPLOAD_BYTES:
+                    return out.getvalue(), "webp"
+            image = image.resize((image.width // 2, image.height // 2))
+
+
+def _add_slash_commands(tree: app_commands.CommandTree[Any], bot: ImageBot) -> None:
+    """The CONTRACT's commands as native slash commands, each turned into the same text."""
+
+    @tree.command(name="imagegen", description="Make a picture from text")
+    @app_commands.describe(
+        prompt="what to draw", model="model (see /models)", size="WxH", n="how many (1-4)"
+    )
+    async def imagegen(
+        interaction: discord.Interaction[Any],
+        prompt: str,
+        model: str | None = None,
+        size: str | None = None,
+        n: app_commands.Range[int, 1, MAX_N] | None = None,
+    ) -> None:
+        flags = _flags(model=model, size=size, n=n)
+        await _slash(bot, interaction, f"/imagegen {flags}-- {prompt}", ())
+
+    @tree.command(name="img2img", description="Edit or fuse images")
+    @app_commands.describe(
+        prompt="what to change",
+        image="the picture to edit",
+        mask="white = area to edit (OpenAI models, one image)",
+        model="model (see /models)",
+        size="WxH",
+    )
+    async def img2img(
+        interaction: discord.Interaction[Any],
+        prompt: str,
+        image: discord.Attachment,
+        image2: discord.Attachment | None = None,
+        image3: discord.Attachment | None = None,
+        image4: discord.Attachment | None = None,
+        mask: discord.Attachment | None = None,
+        model: str | None = None,
+        size: str | None = None,
+    ) -> None:
+        inputs = [file for file in (image, image2, image3, image4, mask) if file is not None]
+        flags = _flags(model=model, size=size, n=None) + ("--mask " if mask else "")
+        await _slash(bot, interaction, f"/img2img {flags}-- {prompt}", inputs)
+
+    @tree.command(name="models", description="Models, prices and sizes")
+    async def models(interaction: discord.Interaction[Any]) -> None:
+        await _slash(bot, interaction, "/models", ())
+
+    @tree.command(name="spend", description="What you have spent and what is left today")
+    @app_commands.describe(who="admins: all, discord:ID or @name")
+    async def spend(interaction: discord.Interaction[Any], who: str | None = None) -> None:
+        await _slash(bot, interaction, f"/spend {who or ''}".strip(), ())
+
+    @tree.command(name="help", description="Usage with examples")
+    async def help_(interaction: discord.Interaction[Any]) -> None:
+        await _slash(bot, interaction, "/help", ())
+
+    for command in (imagegen, img2img):
+        command.autocomplete("model")(_complete_model)
+        command.autocomplete("size")(_complete_size)
+
+
+def _flags(*, model: str | None, size: str | None, n: int | None) -> str:
+    flags = ""
+    if model:
+        flags += f"--model={model.strip()} "
+    if size:
+        flags += f"--size={size.strip()} "
+    if n is not None:
+        flags += f"--n={n} "
+    return flags
+
+
+async def _slash(
+    bot: ImageBot,
+    interaction: discord.Interaction[Any],
+    text: str,
+    attachments: Sequence[discord.Attachment],
+) -> None:
+    """Defer within Discord's 3 s, fetch the attachments, then let the core answer."""
+    drawing = text.startswith(("/imagegen", "/img2img"))
+    await interaction.response.defer(ephemeral=not drawing, thinking=True)
+    chat = InteractionChat(interaction, private=not drawing)
+    try:
+        images = await _download(attachments)
+    except UnusableInput as error:
+        await chat.send_text(str(error))
+        return
+    sender = _sender(interaction.user, interaction.channel, interaction.guild)
+    answered = await bot.handle(sender, chat, text, images)
+    if answered is None:  # not for this bot here (a chat outside ALLOWED_CHATS): say nothing
+        with contextlib.suppress(discord.HTTPException):
+            await interaction.delete_original_response()
+
+
+async def _complete_model(
+    interaction: discord.Interaction[Any], current: str
+) -> list[app_commands.Choice[str]]:
+    editing = interaction.command is not None and interaction.command.name == "img2img"
+    typed = current.strip().lower()
+    choices = []
+    for model in MODELS:
+        if not (model.edits if editing else model.generates):
+            continue
+        if typed and not any(typed in name for name in (model.id, *model.shorthands)):
+            continue
+        cheapest = format_usd(min(model.prices.values()))
+        label = f"{model.name} ({model.id}) from {cheapest}"
+        choices.append(app_commands.Choice(name=label[:100], value=model.name))
+    return choices[:MAX_CHOICES]
+
+
+async def _complete_size(
+    interaction: discord.Interaction[Any], current: str
+) -> list[app_commands.Choice[str]]:
+    editing = interaction.command is not None and interaction.command.name == "img2img"
+    chosen = getattr(interaction.namespace, "model", None)
+    model = find_model(chosen) if chosen else None
+    if model is None:
+        model = get_model(DEFAULT_EDIT_MODEL if editing else DEFAULT_GENERATE_MODEL)
+    sizes = [size for size in model.sizes if current.strip() in size]
+    return [app_commands.Choice(name=size, value=size) for size in sizes[:MAX_CHOICES]]
