@@ -138,11 +138,22 @@ async def _inputs_of(message: discord.Message) -> tuple[bytes, ...]:
     if reference is not None and reference.message_id is not None:
         replied = reference.resolved
         if not isinstance(replied, discord.Message):
-            with contextlib.suppress(discord.NotFound, discord.Forbidden):
-                replied = await message.channel.fetch_message(reference.message_id)
+            replied = await _fetch(message.channel, reference.message_id)
         if isinstance(replied, discord.Message):
             attachments = [*replied.attachments, *attachments]
     return await _download(attachments)
+
+
+async def _fetch(channel: Any, message_id: int) -> discord.Message | None:
+    """The replied-to message, or None when it is gone or hidden from the bot."""
+    try:
+        return await channel.fetch_message(message_id)
+    except (discord.NotFound, discord.Forbidden):
+        return None
+    except discord.HTTPException:
+        raise UnusableInput(
+            "I couldn't read the message you replied to; nothing was charged. Try again."
+        ) from None
 
 
 async def _download(attachments: Sequence[discord.Attachment]) -> tuple[bytes, ...]:

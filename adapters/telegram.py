@@ -139,10 +139,8 @@ class TelegramAdapter:
         chat = TelegramChat(command)
         try:
             images = await _images_of(messages, command, text, bot_username)
-        except TooBig:
-            await chat.send_text(
-                "That image is over Telegram's 20 MB limit for bots; send a smaller one."
-            )
+        except UnusableInput as error:
+            await chat.send_text(str(error))
             return
         user = command.from_user
         assert user is not None
@@ -159,8 +157,11 @@ class TelegramAdapter:
             await chat.close()
 
 
-class TooBig(Exception):
-    """An input image is above the Bot API's download limit."""
+class UnusableInput(Exception):
+    """An input image can't be had (over the Bot API's limit, or the download failed)."""
+
+
+_TOO_BIG = "That image is over Telegram's 20 MB limit for bots; send a smaller one."
 
 
 async def _images_of(
@@ -173,7 +174,7 @@ async def _images_of(
     if not files and command.reply_to_message is not None:
         files = _image_files(command.reply_to_message)
     if any((file.file_size or 0) > MAX_DOWNLOAD_BYTES for file in files):
-        raise TooBig()
+        raise UnusableInput(_TOO_BIG)
     downloads = [_download(file) for file in files]
     return tuple(await asyncio.gather(*downloads))
 
@@ -190,11 +191,19 @@ def _image_files(message: Message) -> list[Any]:
 async def _download(media: Any) -> bytes:
     try:
         file = await media.get_file()
+        return bytes(await file.download_as_bytearray())
     except BadRequest as error:
         if "too big" in error.message.lower():
-            raise TooBig() from None
-        raise
-    return bytes(await file.download_as_bytearray())
+            raise UnusableInput(_TOO_BIG) from None
+        raise _download_failed() from None
+    except TelegramError:
+        raise _download_failed() from None
+
+
+def _download_failed() -> UnusableInput:
+    return UnusableInput(
+        "I couldn't download that image from Telegram; nothing was charged. Try again."
+    )
 
 
 class TelegramChat:

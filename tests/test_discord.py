@@ -234,6 +234,22 @@ async def test_message_imagegen_replies_with_the_picture(stack: Stack) -> None:
     assert len(stack.gateway.settlements) == 1
 
 
+async def test_a_replied_to_message_discord_will_not_hand_over_is_answered(stack: Stack) -> None:
+    fake = stack.discord
+    channel = fake.guild("Artists").channel("general")
+    alice = fake.user("alice")
+    picture = fake.send_message(channel, alice, "cat", files=[File("cat.png", png())])
+    fake.fail("get_message", 400, 50035, "Invalid Form Body")
+    command = fake.send_message(
+        channel, alice, "/img2img x", reply_to=int(picture["id"]), include_referenced=False
+    )
+
+    answer = await reply_text(fake, command)
+
+    assert answer == "I couldn't read the message you replied to; nothing was charged. Try again."
+    assert stack.gateway.settlements == []
+
+
 @pytest.mark.parametrize("in_the_event", [True, False], ids=["sent-along", "fetched"])
 async def test_replying_to_a_picture_with_img2img_edits_it(
     stack: Stack, in_the_event: bool

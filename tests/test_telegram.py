@@ -369,3 +369,15 @@ async def test_budgets_and_the_per_user_job_limit_are_answered_in_the_chat(
 
         assert answer.startswith("Daily limit reached"), answer
         assert len(stack.gateway.settlements) == 2
+
+
+async def test_a_failed_download_is_answered_and_nothing_is_paid(stack: Stack) -> None:
+    telegram = stack.telegram
+    chat = telegram.private_chat(111, "Alice", "alice")
+    telegram.fail("getFile", 500, "Internal Server Error")
+    telegram.send_photo(chat, chat.user, png(), caption="/img2img make it winter")
+
+    answer = await reply_text(telegram, 111, 0)
+
+    assert answer == "I couldn't download that image from Telegram; nothing was charged. Try again."
+    assert stack.gateway.settlements == []
