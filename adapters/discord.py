@@ -195,7 +195,8 @@ class MessageChat:
 
     async def send_text(self, text: str) -> None:
         await self._clear_status()
-        await self._command.reply(text[:MAX_CONTENT_CHARS], mention_author=False)
+        for piece in _pieces(text):
+            await self._command.reply(piece, mention_author=False)
 
     async def show_progress(self, status: str) -> None:
         if self._edits is not None:
@@ -253,15 +254,19 @@ class InteractionChat:
 
     async def send_text(self, text: str) -> None:
         self._stop_edits()
-        text = text[:MAX_CONTENT_CHARS]
+        first, *more = _pieces(text)
         if self._expired():
-            await self._to_channel(text)
-        elif self._private:
-            await self._interaction.edit_original_response(content=text)
+            for piece in (first, *more):
+                await self._to_channel(piece)
+            return
+        if self._private:
+            await self._interaction.edit_original_response(content=first)
         else:  # the public "thinking…" goes; the answer is for the caller only
             with contextlib.suppress(discord.NotFound):
                 await self._interaction.delete_original_response()
-            await self._interaction.followup.send(text, ephemeral=True)
+            more.insert(0, first)
+        for piece in more:
+            await self._interaction.followup.send(piece, ephemeral=True)
 
     async def show_progress(self, status: str) -> None:
         if self._edits is None:
@@ -301,6 +306,19 @@ class InteractionChat:
         assert isinstance(channel, discord.abc.Messageable)
         text = f"{self._interaction.user.mention} {content or ''}".strip()
         await channel.send(text[:MAX_CONTENT_CHARS], files=list(files))
+
+
+def _pieces(text: str) -> list[str]:
+    """``text`` in messages of at most 2,000 characters, split between lines where it can be."""
+    pieces = [""]
+    for line in text.splitlines():
+        while len(line) > MAX_CONTENT_CHARS:
+            pieces.append(line[:MAX_CONTENT_CHARS])
+            line = line[MAX_CONTENT_CHARS:]
+        if len(pieces[-1]) + len(line) + 1 > MAX_CONTENT_CHARS:
+            pieces.append("")
+        pieces[-1] = f"{pieces[-1]}\n{line}" if pieces[-1] else line
+    return [piece for piece in pieces if piece] or [""]
 
 
 async def _batches(pictures: Sequence[Picture]) -> list[list[discord.File]]:

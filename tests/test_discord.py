@@ -34,6 +34,7 @@ import adapters.status
 from adapters.discord import StartupError, build_client, serve
 from bot.catalog import MODELS
 from bot.config import load_settings
+from bot.ledger import Attempt, Budget, Ledger
 from bot.runtime import open_bot
 from bot.sandbox import Sandbox
 from bot.x402 import Wallet
@@ -835,6 +836,33 @@ async def test_spend_for_users_and_admins_matches_the_sandbox(
         (f"discord:{alice.id}", 1)
     ]
     assert "pending_usd" not in report_json
+
+
+async def test_a_report_over_discords_2000_characters_comes_in_several_messages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Twenty spenders with long names: /spend all is split between lines, never cut."""
+    fake = FakeDiscord()
+    boss = fake.user("boss")
+    database = tmp_path / "ledger.sqlite3"
+    names = [f"user_{index:02d}_{'x' * 24}" for index in range(20)]
+    async with await Ledger.open(database) as ledger:
+        for index, name in enumerate(names):
+            attempt = Attempt("discord", str(10**17 + index), f"@{name}", "1", "imagegen",
+                              "google/nano-banana", "1024x1024", 1)  # fmt: skip
+            row = await ledger.reserve(attempt, 52_500, Budget(10**6, 10**8, exempt=False))
+            await ledger.settle(row, 52_500, None)
+    async with running(tmp_path, monkeypatch, fake, admin_ids=f"discord:{boss.id}") as stack:
+        channel = fake.guild("Artists").channel("general")
+        asked = fake.slash_command(channel, boss, "spend", {"who": "all"})
+        first = await private_answer(fake, asked)
+        more = await stack.discord.wait_for(of(asked, "create_followup"))
+
+    pieces = [first, str(more.payload["content"])]
+    assert all(len(piece) <= 2000 for piece in pieces)
+    assert "\n".join(pieces).count("\n") == 20  # the total line and 20 users, none lost
+    assert all(f"@{name} (discord:" in "\n".join(pieces) for name in names)
+    assert more.payload["flags"] & FLAG_EPHEMERAL
 
 
 # Start-up
