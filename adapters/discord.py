@@ -77,6 +77,9 @@ class ImagebotClient(discord.Client):
     """Message commands through ``on_message``, slash commands through its command tree."""
 
     def __init__(self, bot: ImageBot) -> None:
+        # The bot has no voice; discord.py would warn at every start that voice libraries are
+        # missing.
+        discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False
         intents = discord.Intents.default()
         intents.message_content = True  # message commands read the text
         super().__init__(intents=intents)

@@ -84,11 +84,15 @@ async def test_one_process_serves_both_platforms_on_one_ledger(tmp_path: Path) -
 
 
 async def test_a_refused_discord_intent_stops_start_up_with_exit_2(tmp_path: Path) -> None:
-    discord = FakeDiscord(privileged_intents=0)  # the portal switch is off
+    """Telegram, configured too, is shut down cleanly rather than left half running."""
+    telegram, discord = FakeTelegram(), FakeDiscord(privileged_intents=0)  # portal switch off
+    await telegram.start()
     await discord.start()
     env = cli_env(
         "http://127.0.0.1:9",
         tmp_path / "ledger.sqlite3",
+        TELEGRAM_BOT_TOKEN=telegram.token,
+        TELEGRAM_API_URL=telegram.url,
         DISCORD_BOT_TOKEN=discord.token,
         DISCORD_API_URL=discord.api_url,
     )
@@ -97,6 +101,7 @@ async def test_a_refused_discord_intent_stops_start_up_with_exit_2(tmp_path: Pat
             _, err = await asyncio.wait_for(process.communicate(), 30)
     finally:
         await discord.close()
+        await telegram.close()
 
     assert process.returncode == 2
     assert err.decode().splitlines()[-1] == (
@@ -104,3 +109,4 @@ async def test_a_refused_discord_intent_stops_start_up_with_exit_2(tmp_path: Pat
         "for this bot (Developer Portal > Bot > Privileged Gateway Intents)."
     )
     assert str(ROOT) not in err.decode()  # no traceback
+    assert telegram.calls("setMyCommands")  # it had started, and stopped with the process
