@@ -153,7 +153,8 @@ async def _fetch(channel: Any, message_id: int) -> discord.Message | None:
         return await channel.fetch_message(message_id)
     except (discord.NotFound, discord.Forbidden):
         return None
-    except discord.HTTPException:
+    except discord.HTTPException as error:
+        log.warning("fetching a replied-to message failed: HTTP %s", error.status)
         raise UnusableInput(
             "I couldn't read the message you replied to; nothing was charged. Try again."
         ) from None
@@ -166,7 +167,8 @@ async def _download(attachments: Sequence[discord.Attachment]) -> tuple[bytes, .
         )
     try:
         return tuple(await asyncio.gather(*(attachment.read() for attachment in attachments)))
-    except discord.HTTPException:
+    except discord.HTTPException as error:
+        log.warning("downloading an attachment failed: HTTP %s", error.status)
         raise UnusableInput(
             "I couldn't download that image from Discord; nothing was charged. Try again."
         ) from None

@@ -195,8 +195,10 @@ async def _download(media: Any) -> bytes:
     except BadRequest as error:
         if "too big" in error.message.lower():
             raise UnusableInput(_TOO_BIG) from None
+        log.warning("downloading an input image failed: %s", error.message)
         raise _download_failed() from None
-    except TelegramError:
+    except TelegramError as error:
+        log.warning("downloading an input image failed: %s", type(error).__name__)
         raise _download_failed() from None
 
 
