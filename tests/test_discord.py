@@ -27,6 +27,7 @@ from fake_discord import (
     Interaction,
 )
 from imagebot_cli import cli_env, imagebot
+from pictures import png
 from PIL import Image
 
 import adapters.discord
@@ -65,12 +66,6 @@ class Stack:
 
     def paid_orders(self) -> list[Order]:
         return [order for order in self.orders if order.paid]
-
-
-def png(width: int = 64, height: int = 48, colour: str = "red") -> bytes:
-    out = BytesIO()
-    Image.new("RGB", (width, height), colour).save(out, "PNG")
-    return out.getvalue()
 
 
 def _data_uri_bytes(uri: str) -> bytes:

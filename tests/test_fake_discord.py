@@ -16,15 +16,9 @@ import yarl
 from discord import app_commands
 from discord.gateway import DiscordWebSocket
 from fake_discord import UPLOAD_MAX_BYTES, FakeDiscord, File
-from PIL import Image
+from pictures import png
 
 from adapters.discord import follow_gateway
-
-
-def png(width: int = 64, height: int = 48) -> bytes:
-    out = BytesIO()
-    Image.new("RGB", (width, height), (200, 30, 90)).save(out, "PNG")
-    return out.getvalue()
 
 
 class Bot(discord.Client):

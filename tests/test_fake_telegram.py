@@ -6,12 +6,11 @@ import asyncio
 import datetime as dt
 import time
 from collections.abc import AsyncIterator
-from io import BytesIO
 
 import httpx
 import pytest
 from fake_telegram import FakeTelegram
-from PIL import Image
+from pictures import png
 from telegram import (
     Bot,
     BotCommand,
@@ -22,12 +21,6 @@ from telegram import (
 from telegram.constants import ChatAction
 from telegram.error import BadRequest, Conflict, InvalidToken, RetryAfter
 from telegram.ext import Application, CommandHandler, ContextTypes
-
-
-def png(width: int = 64, height: int = 48) -> bytes:
-    out = BytesIO()
-    Image.new("RGB", (width, height), (200, 30, 90)).save(out, "PNG")
-    return out.getvalue()
 
 
 @pytest.fixture

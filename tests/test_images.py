@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import io
 import os
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from PIL import Image
+from pictures import png
 
 from adapters.console import ConsoleChat
 from bot.commands import EditRequest, GenerateRequest, parse
@@ -35,12 +34,6 @@ from bot.sandbox import Sandbox, Settlement
 from bot.x402 import PaymentIntent, Wallet, X402Payer
 
 CAP = 500_000
-
-
-def png(width: int = 64, height: int = 48, colour: str = "red") -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", (width, height), colour).save(out, "PNG")
-    return out.getvalue()
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from imagebot_cli import cli_env, imagebot
+from pictures import png
 from PIL import Image
 
 from adapters.console import run_console
@@ -73,14 +74,6 @@ async def running_bot(sandbox: Sandbox, database: Path, **settings: Any) -> Asyn
     )
     async with open_bot(loaded, Wallet.create(), poll_interval=0.05, job_deadline=10) as bot:
         yield bot
-
-
-def png(width: int = 64, height: int = 48) -> bytes:
-    from io import BytesIO
-
-    out = BytesIO()
-    Image.new("RGB", (width, height), "red").save(out, "PNG")
-    return out.getvalue()
 
 
 async def test_bot_answers_with_price_in_progress_and_caption(

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from fake_telegram import Call, FakeTelegram
 from imagebot_cli import cli_env, imagebot
+from pictures import png
 from PIL import Image
 
 import adapters.status
@@ -32,12 +33,6 @@ class Stack:
     telegram: FakeTelegram
     gateway: Sandbox
     database: Path
-
-
-def png(width: int = 64, height: int = 48, colour: str = "red") -> bytes:
-    out = BytesIO()
-    Image.new("RGB", (width, height), colour).save(out, "PNG")
-    return out.getvalue()
 
 
 @asynccontextmanager
