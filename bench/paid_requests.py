@@ -16,8 +16,9 @@ import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Event as StopEvent
@@ -50,9 +51,7 @@ class Gateway:
 
     def cpu_seconds(self) -> float:
         """CPU the sandbox process has used so far (user + system), from /proc."""
-        with open(f"/proc/{self.pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return sum(process_cpu(self.pid))
 
     def settled(self) -> int:
         """How many payments the sandbox has settled so far."""
@@ -78,6 +77,32 @@ class Batch:
     @property
     def cpu_ms_per_request(self) -> float:
         return self.cpu_seconds / self.count * 1000
+
+
+def process_cpu(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of every thread of process ``pid`` so far, from /proc."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / ticks, int(fields[12]) / ticks
+
+
+@contextmanager
+def sandbox_process(latency: float) -> Iterator[Gateway]:
+    """The sandbox gateway in a child process (so its CPU is never the bench's), until exit."""
+    context = multiprocessing.get_context("spawn")
+    url_in, url_out = context.Pipe(duplex=False)
+    stop = context.Event()
+    server = context.Process(target=serve_sandbox, args=(latency, url_out, stop))
+    server.start()
+    try:
+        assert server.pid is not None
+        yield Gateway(url_in.recv(), server.pid)
+    finally:
+        stop.set()
+        server.join(timeout=10)
+        if server.is_alive():
+            server.terminate()
 
 
 def serve_sandbox(latency: float, url_out: Connection, stop: StopEvent) -> None:
@@ -294,14 +319,7 @@ def main() -> None:
     request = parse(COMMAND)
     assert isinstance(request, GenerateRequest)
 
-    context = multiprocessing.get_context("spawn")
-    url_in, url_out = context.Pipe(duplex=False)
-    stop = context.Event()
-    server = context.Process(target=serve_sandbox, args=(args.latency, url_out, stop))
-    server.start()
-    try:
-        assert server.pid is not None
-        gateway = Gateway(url_in.recv(), server.pid)
+    with sandbox_process(args.latency) as gateway:
         skip = sdk_missing()
         print(
             f"sandbox {gateway.url} in process {gateway.pid}, latency {args.latency} s; "
@@ -337,11 +355,6 @@ def main() -> None:
             for batch in ours:
                 verdicts(batch, args.latency)
         print(f"\nsandbox settled {gateway.settled()} payments in all (warm-ups included)")
-    finally:
-        stop.set()
-        server.join(timeout=10)
-        if server.is_alive():
-            server.terminate()
 
 
 if __name__ == "__main__":

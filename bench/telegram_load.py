@@ -15,7 +15,6 @@ import asyncio
 import bisect
 import contextlib
 import math
-import multiprocessing
 import os
 import signal
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import httpx
 from eth_account import Account
-from paid_requests import Gateway, serve_sandbox
+from paid_requests import Gateway, process_cpu, sandbox_process
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -153,10 +152,7 @@ class BotProcess:
 
     def cpu(self) -> tuple[float, float]:
         """User and system CPU seconds of every thread so far."""
-        with open(f"/proc/{self.pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        ticks = os.sysconf("SC_CLK_TCK")
-        return int(fields[11]) / ticks, int(fields[12]) / ticks
+        return process_cpu(self.pid)
 
     def memory_mb(self, name: str) -> float:
         """A ``/proc/<pid>/status`` size in MB, e.g. VmRSS or VmHWM (the peak RSS)."""
@@ -544,25 +540,13 @@ def main() -> int:
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)
 
-    context = multiprocessing.get_context("spawn")
-    url_in, url_out = context.Pipe(duplex=False)
-    stop = context.Event()
-    server = context.Process(target=serve_sandbox, args=(args.latency, url_out, stop))
-    server.start()
-    try:
-        assert server.pid is not None
-        gateway = Gateway(url_in.recv(), server.pid)
+    with sandbox_process(args.latency) as gateway:
         print(
             f"sandbox {gateway.url} in process {gateway.pid}, latency {args.latency:g} s; fake "
             f"Bot API in this process; per size a fresh `imagebot run`, one warm-up command, "
             f"then {args.users} users at once. CPU and RSS are the bot process's own (/proc)."
         )
         outcomes = asyncio.run(run(args, gateway, names))
-    finally:
-        stop.set()
-        server.join(timeout=10)
-        if server.is_alive():
-            server.terminate()
     return 0 if summary(outcomes) else 1
 
 
