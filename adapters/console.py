@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
-from bot.commands import take_image_paths
-from bot.errors import UsageError
+from bot.commands import tokens
+from bot.errors import InputUnavailable, UsageError
 from bot.images import Picture
-from bot.service import ImageBot, Sender
+from bot.requests import ImageInput
+from bot.service import ImageBot, Outcome, Sender
 
 CONSOLE_USER = Sender("console", "local", "console", ("local",), private=True)
 _EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
@@ -54,17 +56,44 @@ async def run_command(bot: ImageBot, chat: ConsoleChat, line: str) -> bool:
     """Run one console line; True when it succeeded."""
     try:
         text, paths = take_image_paths(line)
-        attachments = await asyncio.to_thread(_read_files, paths)
     except UsageError as error:
         await chat.send_text(error.user_message)
         return False
     if not text.strip().startswith("/"):
         text = "/imagegen " + text  # a bare line on the console is a prompt
-    outcome = await bot.handle(CONSOLE_USER, chat, text, attachments)
-    if outcome is None:
+    outcome = await bot.handle(CONSOLE_USER, chat, text, partial(_read_files, paths))
+    if outcome is Outcome.IGNORED:
         await chat.send_text("Unknown command. Try /help.")
-        return False
-    return outcome
+    return outcome is Outcome.DONE
+
+
+def take_image_paths(text: str) -> tuple[str, list[str]]:
+    """Split console-only ``--image PATH`` flags out of a command line.
+
+    Returns the text without them (everything else untouched) and the paths in order.
+    Only the console, whose user is the local operator, may read named files.
+    """
+    spans = tokens(text)
+    cuts: list[tuple[int, int]] = []
+    paths: list[str] = []
+    index = 0
+    while index < len(spans):
+        token, start, end = spans[index]
+        if token == "--":
+            break
+        if token.startswith("--image="):
+            paths.append(token.removeprefix("--image="))
+            cuts.append((start, end))
+        elif token == "--image":
+            if index + 1 >= len(spans):
+                raise UsageError("--image needs a file path, e.g. --image ~/photo.png")
+            paths.append(spans[index + 1][0])
+            cuts.append((start, spans[index + 1][2]))
+            index += 1
+        index += 1
+    for start, end in reversed(cuts):
+        text = text[:start] + text[end:]
+    return text, paths
 
 
 async def run_console(bot: ImageBot, out_dir: Path, once: str | None = None) -> int:
@@ -83,12 +112,16 @@ async def run_console(bot: ImageBot, out_dir: Path, once: str | None = None) -> 
             await run_command(bot, chat, line)
 
 
-def _read_files(paths: list[str]) -> tuple[bytes, ...]:
+async def _read_files(paths: list[str]) -> tuple[ImageInput, ...]:
+    return await asyncio.to_thread(_read_all, paths)
+
+
+def _read_all(paths: list[str]) -> tuple[ImageInput, ...]:
     files = []
     for name in paths:
         path = Path(name).expanduser()
         try:
-            files.append(path.read_bytes())
+            files.append(ImageInput(path.read_bytes(), str(path)))
         except OSError as error:
-            raise UsageError(f"Can't read {name}: {error.strerror or error}.") from None
+            raise InputUnavailable(f"Can't read {name}: {error.strerror or error}.") from None
     return tuple(files)

@@ -1,7 +1,8 @@
 """Discord adapter on discord.py: message commands and native slash commands, translation only.
 
-A message (``/imagegen a fox``) or a slash command becomes text + image bytes for
-``ImageBot.handle``; the core's answers become replies with attachments. Discord's own rules
+A message (``/imagegen a fox``) becomes text for ``ImageBot.handle``, a slash command its typed
+command for ``ImageBot.run``, each with a way to fetch its pictures; the core's answers become
+replies with attachments. Discord's own rules
 (the 3-second interaction window, 15-minute interaction tokens, 10 MiB uploads, 2,000-character
 messages) are handled here.
 """
@@ -13,7 +14,8 @@ import contextlib
 import io
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -23,14 +25,15 @@ from discord import app_commands
 from discord.gateway import DiscordWebSocket
 from PIL import Image
 
-from adapters.status import ThrottledStatus
-from bot.catalog import DEFAULT_EDIT_MODEL, DEFAULT_GENERATE_MODEL, MODELS, find_model, get_model
-from bot.commands import MAX_INPUT_BYTES, MAX_N, wants_images
+from adapters.base import RemoteFile, StatusChat, download, split_text
+from bot.catalog import choices, sizes_of
+from bot.commands import MENU, Command, Help, Models, spend_query
 from bot.config import Settings
-from bot.errors import ConfigError
+from bot.errors import ConfigError, InputUnavailable
 from bot.images import Picture
 from bot.money import format_usd
-from bot.service import ImageBot, Sender
+from bot.requests import MAX_INPUT_BYTES, MAX_N, ImageCommand, ImageInput
+from bot.service import ImageBot, Outcome, Sender
 
 log = logging.getLogger(__name__)
 
@@ -97,14 +100,9 @@ class ImagebotClient(discord.Client):
         if message.author.bot or not message.content.startswith("/"):
             return
         chat = MessageChat(message)
-        try:
-            images = await _inputs_of(message) if wants_images(message.content) else ()
-        except UnusableInput as error:
-            await chat.send_text(str(error))
-            return
         sender = _sender(message.author, message.channel, message.guild)
         try:
-            await self.bot.handle(sender, chat, message.content, images)
+            await self.bot.handle(sender, chat, message.content, partial(_inputs_of, message))
         finally:
             await chat.close()
 
@@ -130,21 +128,25 @@ def follow_gateway(client: discord.Client, url: str) -> None:
     client.http.ws_connect = ws_connect  # type: ignore[method-assign]
 
 
-class UnusableInput(Exception):
-    """An input attachment can't be had (too big, or Discord would not hand it over)."""
-
-
-async def _inputs_of(message: discord.Message) -> tuple[bytes, ...]:
+async def _inputs_of(message: discord.Message) -> tuple[ImageInput, ...]:
     """The replied-to message's attachments first, then the command's own."""
-    attachments = list(message.attachments)
+    files = _files_of(message)
     reference = message.reference
     if reference is not None and reference.message_id is not None:
         replied = reference.resolved
         if not isinstance(replied, discord.Message):
             replied = await _fetch(message.channel, reference.message_id)
         if isinstance(replied, discord.Message):
-            attachments = [*replied.attachments, *attachments]
-    return await _download(attachments)
+            files = [*_files_of(replied), *files]
+    return await _download(files)
+
+
+def _files_of(message: discord.Message) -> list[RemoteFile]:
+    where = f"{message.channel.id}/{message.id}"
+    return [
+        RemoteFile(f"{where}/{attachment.id}", attachment.size, attachment.read)
+        for attachment in message.attachments
+    ]
 
 
 async def _fetch(channel: Any, message_id: int) -> discord.Message | None:
@@ -155,23 +157,19 @@ async def _fetch(channel: Any, message_id: int) -> discord.Message | None:
         return None
     except discord.HTTPException as error:
         log.warning("fetching a replied-to message failed: HTTP %s", error.status)
-        raise UnusableInput(
+        raise InputUnavailable(
             "I couldn't read the message you replied to; nothing was charged. Try again."
         ) from None
 
 
-async def _download(attachments: Sequence[discord.Attachment]) -> tuple[bytes, ...]:
-    if any(attachment.size > MAX_INPUT_BYTES for attachment in attachments):
-        raise UnusableInput(
-            f"That image is over {MAX_INPUT_BYTES // 1_048_576} MB; send a smaller one."
-        )
-    try:
-        return tuple(await asyncio.gather(*(attachment.read() for attachment in attachments)))
-    except discord.HTTPException as error:
-        log.warning("downloading an attachment failed: HTTP %s", error.status)
-        raise UnusableInput(
-            "I couldn't download that image from Discord; nothing was charged. Try again."
-        ) from None
+async def _download(files: Sequence[RemoteFile]) -> tuple[ImageInput, ...]:
+    return await download(
+        files,
+        platform="Discord",
+        max_bytes=MAX_INPUT_BYTES,
+        too_big=f"That image is over {MAX_INPUT_BYTES // 1_048_576} MB; send a smaller one.",
+        errors=(discord.HTTPException,),
+    )
 
 
 def _sender(
@@ -189,77 +187,59 @@ def _sender(
     )
 
 
-class MessageChat:
+class MessageChat(StatusChat[discord.Message]):
     """The core's ``Chat`` for a message command: replies in its channel, with typing shown."""
 
+    max_text_chars = MAX_CONTENT_CHARS
+
     def __init__(self, command: discord.Message) -> None:
+        super().__init__()
         self._command = command
-        self._status: discord.Message | None = None
-        self._edits: ThrottledStatus | None = None
-        self._typing: asyncio.Task[None] | None = None
 
-    async def send_text(self, text: str) -> None:
-        await self._clear_status()
-        for piece in _pieces(text):
-            await self._command.reply(piece, mention_author=False)
+    async def _post_text(self, text: str) -> None:
+        await self._command.reply(text, mention_author=False)
 
-    async def show_progress(self, status: str) -> None:
-        if self._edits is not None:
-            self._edits.update(status)
-            return
-        self._status = await self._command.reply(status, mention_author=False)
-        self._edits = ThrottledStatus(self._edit_status, status)
-        self._typing = asyncio.create_task(self._keep_typing())
+    async def _post_status(self, text: str) -> discord.Message:
+        return await self._command.reply(text, mention_author=False)
 
-    async def send_pictures(self, pictures: Sequence[Picture], caption: str) -> None:
-        batches = await _batches(pictures)
-        for index, files in enumerate(batches):
+    async def _post_pictures(self, pictures: Sequence[Picture], caption: str) -> None:
+        for index, files in enumerate(await _batches(pictures)):
             content = caption[:MAX_CONTENT_CHARS] if index == 0 else None
             await self._command.reply(content, files=files, mention_author=False)
-        await self._clear_status()
 
-    async def close(self) -> None:
-        await self._clear_status()
-
-    async def _keep_typing(self) -> None:
+    async def _keep_alive(self) -> None:
         async with self._command.channel.typing():  # discord.py renews it every 5 s
             await asyncio.Event().wait()
 
-    async def _edit_status(self, text: str) -> float | None:
-        assert self._status is not None
+    async def _edit_status(self, status: discord.Message, text: str) -> float | None:
         with contextlib.suppress(discord.HTTPException):  # a lost status edit is harmless
-            await self._status.edit(content=text)
+            await status.edit(content=text)
         return None
 
-    async def _clear_status(self) -> None:
-        if self._edits is not None:
-            self._edits.stop()
-            self._edits = None
-        if self._typing is not None:
-            self._typing.cancel()
-            self._typing = None
-        status, self._status = self._status, None
-        if status is not None:
-            with contextlib.suppress(discord.NotFound):
-                await status.delete()
+    async def _delete_status(self, status: discord.Message) -> None:
+        with contextlib.suppress(discord.NotFound):
+            await status.delete()
 
 
-class InteractionChat:
+class InteractionChat(StatusChat[None]):
     """The core's ``Chat`` for a slash command, deferred at once.
 
-    Answers edit the deferred response; errors are ephemeral; once the interaction's token is
-    about to expire (a job over ~15 min), the answer goes to the channel instead.
+    The status is the deferred response itself; answers edit it; errors are ephemeral; once
+    the interaction's token is about to expire (a job over ~15 min), the answer goes to the
+    channel instead.
     """
 
+    max_text_chars = MAX_CONTENT_CHARS
+
     def __init__(self, interaction: discord.Interaction[Any], *, private: bool) -> None:
+        super().__init__()
         self._interaction = interaction
         self._private = private  # deferred ephemerally: every answer is for the caller alone
         self._started = time.monotonic()
-        self._edits: ThrottledStatus | None = None
 
     async def send_text(self, text: str) -> None:
-        self._stop_edits()
-        first, *more = _pieces(text)
+        await self.clear_status()
+        first, *more = split_text(text, MAX_CONTENT_CHARS)
         if self._expired():
             for piece in (first, *more):
                 await self._to_channel(piece)
@@ -271,20 +251,18 @@ class InteractionChat:
                 await self._interaction.delete_original_response()
             more.insert(0, first)
         for piece in more:
-            await self._interaction.followup.send(piece, ephemeral=True)
+            await self._post_text(piece)
 
-    async def show_progress(self, status: str) -> None:
-        if self._edits is None:
-            await self._edit_original(status)
-            self._edits = ThrottledStatus(self._edit_original, status)
-        else:
-            self._edits.update(status)
+    async def _post_text(self, text: str) -> None:
+        await self._interaction.followup.send(text, ephemeral=True)
 
-    async def send_pictures(self, pictures: Sequence[Picture], caption: str) -> None:
-        self._stop_edits()
-        batches = await _batches(pictures)
+    async def _post_status(self, text: str) -> None:
+        await self._edit_status(None, text)
+
+    async def _post_pictures(self, pictures: Sequence[Picture], caption: str) -> None:
+        await self.clear_status()
         content = caption[:MAX_CONTENT_CHARS]
-        for index, files in enumerate(batches):
+        for index, files in enumerate(await _batches(pictures)):
             if self._expired():
                 await self._to_channel(content if index == 0 else None, files)
             elif index == 0:
@@ -292,16 +270,14 @@ class InteractionChat:
             else:
                 await self._interaction.followup.send(files=files)
 
-    async def _edit_original(self, text: str) -> float | None:
+    async def _edit_status(self, status: None, text: str) -> float | None:
         if not self._expired():
             with contextlib.suppress(discord.HTTPException):  # a lost status edit is harmless
                 await self._interaction.edit_original_response(content=text)
         return None
 
-    def _stop_edits(self) -> None:
-        if self._edits is not None:
-            self._edits.stop()
-            self._edits = None
+    async def _delete_status(self, status: None) -> None:
+        """The status is the response itself: the answer replaces it."""
 
     def _expired(self) -> bool:
         return time.monotonic() - self._started > TOKEN_SECONDS
@@ -311,19 +287,6 @@ class InteractionChat:
         assert isinstance(channel, discord.abc.Messageable)
         text = f"{self._interaction.user.mention} {content or ''}".strip()
         await channel.send(text[:MAX_CONTENT_CHARS], files=list(files))
-
-
-def _pieces(text: str) -> list[str]:
-    """``text`` in messages of at most 2,000 characters, split between lines where it can be."""
-    pieces = [""]
-    for line in text.splitlines():
-        while len(line) > MAX_CONTENT_CHARS:
-            pieces.append(line[:MAX_CONTENT_CHARS])
-            line = line[MAX_CONTENT_CHARS:]
-        if len(pieces[-1]) + len(line) + 1 > MAX_CONTENT_CHARS:
-            pieces.append("")
-        pieces[-1] = f"{pieces[-1]}\n{line}" if pieces[-1] else line
-    return [piece for piece in pieces if piece] or [""]
 
 
 async def _batches(pictures: Sequence[Picture]) -> list[list[discord.File]]:
@@ -357,9 +320,10 @@ def _fit(picture: Picture) -> tuple[bytes, str]:
 
 
 def _add_slash_commands(tree: app_commands.CommandTree[Any], bot: ImageBot) -> None:
-    """The CONTRACT's commands as native slash commands, each turned into the same text."""
+    """The bot's commands as native slash commands, each building its typed command directly."""
+    describe = {entry.name: entry.description for entry in MENU}
 
-    @tree.command(name="imagegen", description="Make a picture from text")
+    @tree.command(name="imagegen", description=describe["imagegen"])
     @app_commands.describe(
         prompt="what to draw", model="model (see /models)", size="WxH", n="how many (1-4)"
     )
@@ -370,10 +334,10 @@ def _add_slash_commands(tree: app_commands.CommandTree[Any], bot: ImageBot) -> N
         size: str | None = None,
         n: app_commands.Range[int, 1, MAX_N] | None = None,
     ) -> None:
-        flags = _flags(model=model, size=size, n=n)
-        await _slash(bot, interaction, f"/imagegen {flags}-- {prompt}", ())
+        command = ImageCommand("imagegen", prompt, model=model, size=size, n=n)
+        await _slash(bot, interaction, lambda: command, (), drawing=True)
 
-    @tree.command(name="img2img", description="Edit or fuse images")
+    @tree.command(name="img2img", description=describe["img2img"])
     @app_commands.describe(
         prompt="what to change",
         image="the picture to edit",
@@ -392,85 +356,67 @@ def _add_slash_commands(tree: app_commands.CommandTree[Any], bot: ImageBot) -> N
         model: str | None = None,
         size: str | None = None,
     ) -> None:
-        inputs = [file for file in (image, image2, image3, image4, mask) if file is not None]
-        flags = _flags(model=model, size=size, n=None) + ("--mask " if mask else "")
-        await _slash(bot, interaction, f"/img2img {flags}-- {prompt}", inputs)
+        given = [file for file in (image, image2, image3, image4, mask) if file is not None]
+        files = [RemoteFile(file.url, file.size, file.read) for file in given]
+        command = ImageCommand("img2img", prompt, model=model, size=size, mask=mask is not None)
+        await _slash(bot, interaction, lambda: command, files, drawing=True)
 
-    @tree.command(name="models", description="Models, prices and sizes")
+    @tree.command(name="models", description=describe["models"])
     async def models(interaction: discord.Interaction[Any]) -> None:
-        await _slash(bot, interaction, "/models", ())
+        await _slash(bot, interaction, Models, ())
 
-    @tree.command(name="spend", description="What you have spent and what is left today")
+    @tree.command(name="spend", description=describe["spend"])
     @app_commands.describe(who="admins: all, discord:ID or @name")
     async def spend(interaction: discord.Interaction[Any], who: str | None = None) -> None:
-        await _slash(bot, interaction, f"/spend {who or ''}".strip(), ())
+        await _slash(bot, interaction, partial(spend_query, who or ""), ())
 
-    @tree.command(name="help", description="Usage with examples")
+    @tree.command(name="help", description=describe["help"])
     async def help_(interaction: discord.Interaction[Any]) -> None:
-        await _slash(bot, interaction, "/help", ())
+        await _slash(bot, interaction, Help, ())
 
     for command in (imagegen, img2img):
         command.autocomplete("model")(_complete_model)
         command.autocomplete("size")(_complete_size)
 
 
-def _flags(*, model: str | None, size: str | None, n: int | None) -> str:
-    flags = ""
-    if model:
-        flags += f"--model={model.strip()} "
-    if size:
-        flags += f"--size={size.strip()} "
-    if n is not None:
-        flags += f"--n={n} "
-    return flags
-
-
 async def _slash(
     bot: ImageBot,
     interaction: discord.Interaction[Any],
-    text: str,
-    attachments: Sequence[discord.Attachment],
+    command: Callable[[], Command],
+    files: Sequence[RemoteFile],
+    *,
+    drawing: bool = False,
 ) -> None:
-    """Defer within Discord's 3 s, fetch the attachments, then let the core answer."""
-    drawing = text.startswith(("/imagegen", "/img2img"))
+    """Defer within Discord's 3 s, then let the core answer, fetching the files if it asks."""
     await interaction.response.defer(ephemeral=not drawing, thinking=True)
     chat = InteractionChat(interaction, private=not drawing)
-    try:
-        images = await _download(attachments)
-    except UnusableInput as error:
-        await chat.send_text(str(error))
-        return
     sender = _sender(interaction.user, interaction.channel, interaction.guild)
-    answered = await bot.handle(sender, chat, text, images)
-    if answered is None:  # not for this bot here (a chat outside ALLOWED_CHATS): say nothing
+    outcome = await bot.run(sender, chat, command, partial(_download, files))
+    if outcome is Outcome.IGNORED:  # not for this bot here (a chat outside ALLOWED_CHATS)
         with contextlib.suppress(discord.HTTPException):
             await interaction.delete_original_response()
+
+
+def _editing(interaction: discord.Interaction[Any]) -> bool:
+    return interaction.command is not None and interaction.command.name == "img2img"
 
 
 async def _complete_model(
     interaction: discord.Interaction[Any], current: str
 ) -> list[app_commands.Choice[str]]:
-    editing = interaction.command is not None and interaction.command.name == "img2img"
     typed = current.strip().lower()
-    choices = []
-    for model in MODELS:
-        if not (model.edits if editing else model.generates):
-            continue
+    found = []
+    for model in choices(editing=_editing(interaction)):
         if typed and not any(typed in name for name in (model.id, *model.shorthands)):
             continue
-        cheapest = format_usd(min(model.prices.values()))
-        label = f"{model.name} ({model.id}) from {cheapest}"
-        choices.append(app_commands.Choice(name=label[:100], value=model.name))
-    return choices[:MAX_CHOICES]
+        label = f"{model.name} ({model.id}) from {format_usd(model.cheapest_micro)}"
+        found.append(app_commands.Choice(name=label[:100], value=model.name))
+    return found[:MAX_CHOICES]
 
 
 async def _complete_size(
     interaction: discord.Interaction[Any], current: str
 ) -> list[app_commands.Choice[str]]:
-    editing = interaction.command is not None and interaction.command.name == "img2img"
     chosen = getattr(interaction.namespace, "model", None)
-    model = find_model(chosen) if chosen else None
-    if model is None:
-        model = get_model(DEFAULT_EDIT_MODEL if editing else DEFAULT_GENERATE_MODEL)
-    sizes = [size for size in model.sizes if current.strip() in size]
+    sizes = [s for s in sizes_of(chosen, editing=_editing(interaction)) if current.strip() in s]
     return [app_commands.Choice(name=size, value=size) for size in sizes[:MAX_CHOICES]]

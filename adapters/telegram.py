@@ -1,8 +1,9 @@
 """Telegram adapter on python-telegram-bot's ``Application``: long polling, and translation only.
 
-A message (or an album, gathered first) becomes text + image bytes for ``ImageBot.handle``; the
-core's answers become replies in the same chat and forum topic. Telegram's own limits (20 MB
-bot downloads, photo size and shape, 1,024-character captions, flood control) are handled here.
+A message (or an album, gathered first) becomes text + a way to fetch its pictures for
+``ImageBot.handle``; the core's answers become replies in the same chat and forum topic.
+Telegram's own limits (20 MB bot downloads, photo size and shape, 1,024-character captions,
+flood control) are handled here.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import warnings
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
+from functools import partial
 from typing import Any, TypeVar
 
 from httpx_aiohttp import AiohttpTransport
@@ -23,11 +25,13 @@ from telegram.ext import Application, ContextTypes, MessageHandler, filters
 from telegram.request import HTTPXRequest
 from telegram.warnings import PTBDeprecationWarning
 
-from adapters.status import ThrottledStatus
-from bot.commands import wants_images
+from adapters.base import RemoteFile, StatusChat, download
+from bot.commands import MENU
 from bot.config import Settings
+from bot.errors import InputUnavailable
+from bot.http import FREE_WHEN_CLOSED, pool_limits
 from bot.images import Picture
-from bot.runtime import FREE_WHEN_CLOSED, pool_limits
+from bot.requests import ImageInput
 from bot.service import ImageBot, Sender
 
 log = logging.getLogger(__name__)
@@ -44,13 +48,7 @@ FLOOD_RETRIES = 5
 CONCURRENT_UPDATES = 256
 CONNECTION_POOL = 64
 
-COMMANDS = (
-    BotCommand("imagegen", "make a picture from text"),
-    BotCommand("img2img", "edit the attached or replied-to images"),
-    BotCommand("models", "models, prices and sizes"),
-    BotCommand("spend", "what you have spent and what is left today"),
-    BotCommand("help", "usage with examples"),
-)
+COMMANDS = tuple(BotCommand(entry.name, entry.description) for entry in MENU)
 _MIME_EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 
 T = TypeVar("T")
@@ -135,13 +133,6 @@ class TelegramAdapter:
         command = next((m for m in messages if (m.text or m.caption or "").startswith("/")), None)
         if command is None:
             return  # the bot reacts to commands only, never to bare text or photos
-        text = command.text or command.caption or ""
-        chat = TelegramChat(command)
-        try:
-            images = await _images_of(messages, command, text, bot_username)
-        except UnusableInput as error:
-            await chat.send_text(str(error))
-            return
         user = command.from_user
         assert user is not None
         sender = Sender(
@@ -151,32 +142,31 @@ class TelegramAdapter:
             chat_ids=(str(command.chat_id),),
             private=command.chat.type == ChatType.PRIVATE,
         )
+        chat = TelegramChat(command)
+        text = command.text or command.caption or ""
+        inputs = partial(_images_of, messages, command)
         try:
-            await self._bot.handle(sender, chat, text, images, bot_username=bot_username)
+            await self._bot.handle(sender, chat, text, inputs, bot_username=bot_username)
         finally:
             await chat.close()
-
-
-class UnusableInput(Exception):
-    """An input image can't be had (over the Bot API's limit, or the download failed)."""
 
 
 _TOO_BIG = "That image is over Telegram's 20 MB limit for bots; send a smaller one."
 
 
-async def _images_of(
-    messages: list[Message], command: Message, text: str, bot_username: str
-) -> tuple[bytes, ...]:
-    """The command's own images (album order), else the replied-to message's; only for /img2img."""
-    if not wants_images(text, bot_username=bot_username):
-        return ()
+async def _images_of(messages: list[Message], command: Message) -> tuple[ImageInput, ...]:
+    """The command's own images (album order), else the replied-to message's."""
     files = [file for message in messages for file in _image_files(message)]
     if not files and command.reply_to_message is not None:
         files = _image_files(command.reply_to_message)
-    if any((file.file_size or 0) > MAX_DOWNLOAD_BYTES for file in files):
-        raise UnusableInput(_TOO_BIG)
-    downloads = [_download(file) for file in files]
-    return tuple(await asyncio.gather(*downloads))
+    remote = [RemoteFile(file.file_id, file.file_size, partial(_read, file)) for file in files]
+    return await download(
+        remote,
+        platform="Telegram",
+        max_bytes=MAX_DOWNLOAD_BYTES,
+        too_big=_TOO_BIG,
+        errors=(TelegramError,),
+    )
 
 
 def _image_files(message: Message) -> list[Any]:
@@ -188,49 +178,32 @@ def _image_files(message: Message) -> list[Any]:
     return []
 
 
-async def _download(media: Any) -> bytes:
+async def _read(media: Any) -> bytes:
     try:
         file = await media.get_file()
-        return bytes(await file.download_as_bytearray())
     except BadRequest as error:
         if "too big" in error.message.lower():
-            raise UnusableInput(_TOO_BIG) from None
-        log.warning("downloading an input image failed: %s", error.message)
-        raise _download_failed() from None
-    except TelegramError as error:
-        log.warning("downloading an input image failed: %s", type(error).__name__)
-        raise _download_failed() from None
+            raise InputUnavailable(_TOO_BIG) from None
+        raise
+    return bytes(await file.download_as_bytearray())
 
 
-def _download_failed() -> UnusableInput:
-    return UnusableInput(
-        "I couldn't download that image from Telegram; nothing was charged. Try again."
-    )
+class TelegramChat(StatusChat[Message]):
+    """The core's ``Chat`` for one command: replies in its chat and topic, "sending photo…"."""
 
-
-class TelegramChat:
-    """The core's ``Chat`` for one command: replies in its chat and topic, with progress."""
+    max_text_chars = MAX_TEXT_CHARS
 
     def __init__(self, command: Message) -> None:
+        super().__init__()
         self._command = command
-        self._status: Message | None = None
-        self._edits: ThrottledStatus | None = None
-        self._action: asyncio.Task[None] | None = None
 
-    async def send_text(self, text: str) -> None:
-        await self._clear_status()
-        await _flood_safe(lambda: self._command.reply_text(text[:MAX_TEXT_CHARS], do_quote=True))
+    async def _post_text(self, text: str) -> None:
+        await _flood_safe(lambda: self._command.reply_text(text, do_quote=True))
 
-    async def show_progress(self, status: str) -> None:
-        """The first status is a reply; later ones edit it, throttled, without waiting."""
-        if self._edits is not None:
-            self._edits.update(status)
-            return
-        self._status = await _flood_safe(lambda: self._command.reply_text(status, do_quote=True))
-        self._edits = ThrottledStatus(self._edit_status, status)
-        self._action = asyncio.create_task(self._keep_uploading())
+    async def _post_status(self, text: str) -> Message:
+        return await _flood_safe(lambda: self._command.reply_text(text, do_quote=True))
 
-    async def send_pictures(self, pictures: Sequence[Picture], caption: str) -> None:
+    async def _post_pictures(self, pictures: Sequence[Picture], caption: str) -> None:
         caption = caption[:MAX_CAPTION_CHARS]
         photos = [picture for picture in pictures if _fits_as_photo(picture)]
         documents = [picture for picture in pictures if not _fits_as_photo(picture)]
@@ -251,12 +224,8 @@ class TelegramChat:
                     picture.data, filename=name, caption=None if photos else caption, do_quote=True
                 )
             )
-        await self._clear_status()
 
-    async def close(self) -> None:
-        await self._clear_status()
-
-    async def _keep_uploading(self) -> None:
+    async def _keep_alive(self) -> None:
         while True:
             with contextlib.suppress(Exception):  # a lost chat action is harmless
                 await self._command.chat.send_action(
@@ -264,10 +233,9 @@ class TelegramChat:
                 )
             await asyncio.sleep(CHAT_ACTION_SECONDS)
 
-    async def _edit_status(self, text: str) -> float | None:
-        assert self._status is not None
+    async def _edit_status(self, status: Message, text: str) -> float | None:
         try:
-            await self._status.edit_text(text)
+            await status.edit_text(text)
         except RetryAfter as error:
             return _seconds(error)
         except BadRequest as error:
@@ -277,17 +245,9 @@ class TelegramChat:
             log.debug("status edit failed: %s", error)
         return None
 
-    async def _clear_status(self) -> None:
-        if self._edits is not None:
-            self._edits.stop()
-            self._edits = None
-        if self._action is not None:
-            self._action.cancel()
-            self._action = None
-        status, self._status = self._status, None
-        if status is not None:
-            with contextlib.suppress(BadRequest):  # already gone
-                await _flood_safe(status.delete)
+    async def _delete_status(self, status: Message) -> None:
+        with contextlib.suppress(BadRequest):  # already gone
+            await _flood_safe(status.delete)
 
 
 def _topic(message: Message) -> int | None:

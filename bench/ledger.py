@@ -19,7 +19,8 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from bot.ledger import _MIGRATIONS, DAY_SECONDS, SCHEMA_VERSION, Attempt, Budget, Ledger
+from bot.ledger import Attempt, Budget, SqliteLedger
+from bot.ledger.schema import DAY_SECONDS, MIGRATIONS, SCHEMA_VERSION
 from bot.replies import report_text
 
 PAIRS_TARGET = 2_000
@@ -46,8 +47,8 @@ def attempt(user: int) -> Attempt:
 
 
 async def pairs_per_second(path: Path, pairs: int, writers: int) -> float:
-    """reserve+settle pairs per second, ``writers`` coroutines sharing one Ledger."""
-    async with await Ledger.open(path) as ledger:
+    """reserve+settle pairs per second, ``writers`` coroutines sharing one SqliteLedger."""
+    async with await SqliteLedger.open(path) as ledger:
         remaining = iter(range(pairs))
 
         async def writer() -> None:
@@ -67,7 +68,7 @@ def write_v1_rows(path: Path, rows: int, users: int) -> None:
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA journal_mode = WAL")
     db.execute("BEGIN")
-    for statement in _MIGRATIONS[0]:
+    for statement in MIGRATIONS[0]:
         db.execute(statement)
     db.execute("PRAGMA user_version = 1")
 
@@ -106,7 +107,7 @@ def write_v1_rows(path: Path, rows: int, users: int) -> None:
 
 
 async def big_ledger(rows: int, users: int) -> Path:
-    """The cached big file at the current schema, built (and migrated by Ledger.open) if missing."""
+    """The cached big file at the current schema, built (and migrated on open) if missing."""
     cached = (
         Path(tempfile.gettempdir()) / f"imagebot-ledger-v{SCHEMA_VERSION}-{rows}x{users}.sqlite3"
     )
@@ -119,11 +120,12 @@ async def big_ledger(rows: int, users: int) -> Path:
     started = time.perf_counter()
     write_v1_rows(building, rows, users)
     written = time.perf_counter()
-    ledger = await Ledger.open(building)
+    ledger = await SqliteLedger.open(building)
     await ledger.close()
+    migrated = time.perf_counter() - written
     print(
-        f"built {cached}: {rows:,} rows in {written - started:.1f} s; Ledger.open migrated it "
-        f"to schema v{SCHEMA_VERSION} (totals backfilled) in {time.perf_counter() - written:.1f} s"
+        f"built {cached}: {rows:,} rows in {written - started:.1f} s; SqliteLedger.open migrated "
+        f"it to schema v{SCHEMA_VERSION} (totals backfilled) in {migrated:.1f} s"
     )
     building.rename(cached)  # closing the last connection checkpointed and removed the WAL
     shutil.rmtree(f"{building}.runs", ignore_errors=True)
@@ -145,7 +147,7 @@ def summary(label: str, ms: list[float]) -> str:
 
 
 async def at_size(path: Path, rows: int, users: int) -> None:
-    async with await Ledger.open(path) as ledger:
+    async with await SqliteLedger.open(path) as ledger:
 
         async def spend_all() -> str:
             return report_text(await ledger.report())

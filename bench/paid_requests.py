@@ -27,11 +27,12 @@ from typing import Any
 import httpx
 from eth_account import Account
 
-from bot.commands import GenerateRequest, parse
+from bot.commands import parse
+from bot.http import GATEWAY_CONNECTIONS, gateway_client
 from bot.images import ImageService
-from bot.runtime import GATEWAY_CONNECTIONS, gateway_client
-from bot.sandbox import Sandbox
+from bot.requests import GenerateRequest, ImageCommand
 from bot.x402 import Wallet, X402Payer
+from sandbox import Sandbox
 
 COMMAND = "/imagegen -m gpt-image a fox"
 TICK_SECONDS = 0.01
@@ -316,7 +317,9 @@ def main() -> None:
     args = parser.parse_args()
     levels = [int(level) for level in args.levels.split(",")]
     transports = ["shipped", "httpcore"] if args.transport == "both" else [args.transport]
-    request = parse(COMMAND)
+    command = parse(COMMAND)
+    assert isinstance(command, ImageCommand)
+    request = command.build()
     assert isinstance(request, GenerateRequest)
 
     with sandbox_process(args.latency) as gateway:

@@ -11,8 +11,8 @@ import secrets
 import time
 
 from bot.chains import BASE_SEPOLIA
-from bot.sandbox import SANDBOX_PAY_TO
 from bot.x402 import PaymentIntent, Quote, Wallet
+from sandbox import SANDBOX_PAY_TO
 
 TARGET_MS = 0.3
 

@@ -246,7 +246,7 @@ def bot_command() -> list[str]:
     script = Path(sys.executable).with_name("imagebot")
     if script.exists():
         return [str(script), "run"]
-    return [sys.executable, "-c", "import sys; from bot.cli import main; sys.exit(main())", "run"]
+    return [sys.executable, "-m", "imagebot.cli", "run"]
 
 
 def bot_environment(fake: FakeTelegram, gateway: Gateway, home: Path) -> dict[str, str]:

@@ -42,6 +42,10 @@ class Model:
         """The shorthand users type."""
         return self.shorthands[0]
 
+    @property
+    def cheapest_micro(self) -> int:
+        return min(self.prices.values())
+
     def price_micro(self, size: str, quality: str | None = None) -> int:
         """Catalog price of one image of ``size`` (which must be one of ``sizes``)."""
         table = self.hd_prices if quality == HD else self.prices
@@ -154,3 +158,19 @@ def get_model(model_id: str) -> Model:
     if model is None or model.id != model_id:
         raise KeyError(model_id)
     return model
+
+
+def default_model(*, editing: bool) -> Model:
+    """The model ``/img2img`` (``editing``) or ``/imagegen`` uses when none is named."""
+    return get_model(DEFAULT_EDIT_MODEL if editing else DEFAULT_GENERATE_MODEL)
+
+
+def choices(*, editing: bool) -> tuple[Model, ...]:
+    """The models ``/img2img`` (``editing``) or ``/imagegen`` can use, in catalog order."""
+    return tuple(model for model in MODELS if (model.edits if editing else model.generates))
+
+
+def sizes_of(name: str | None, *, editing: bool) -> tuple[str, ...]:
+    """The sizes of the named model, or of the default one when the name is unknown or unset."""
+    model = find_model(name) if name else None
+    return (model or default_model(editing=editing)).sizes

@@ -10,22 +10,17 @@ from typing import Annotated, Any
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from bot.commands import PLATFORMS
 from bot.errors import ConfigError
 from bot.money import parse_usd
+from bot.principals import CONSOLE_OPERATOR, parse_principal
 
 _KEY = re.compile(r"^(0x)?[0-9a-fA-F]{64}$")
-_PRINCIPAL = {
-    "telegram": re.compile(r"^-?\d{1,20}$"),
-    "discord": re.compile(r"^\d{1,20}$"),
-    "console": re.compile(r"^\w{1,64}$"),
-}
 
 Principals = Annotated[frozenset[str], NoDecode]
 
 
 class Settings(BaseSettings):
-    """Every variable of CONTRACT's settings table; field names match the variables."""
+    """Every variable of the README's "Settings" table; field names match the variables."""
 
     model_config = SettingsConfigDict(
         env_file=".env",
@@ -88,21 +83,7 @@ class Settings(BaseSettings):
             items = [str(item) for item in value]
         else:
             items = [item for item in str(value).split(",")]
-        principals = set()
-        for item in (item.strip() for item in items):
-            if not item:
-                continue
-            platform, _, ident = item.partition(":")
-            platform = platform.lower()
-            if platform not in PLATFORMS:
-                raise ValueError(
-                    f"unknown platform in {item[:30]!r}; use {', '.join(PLATFORMS)} as in "
-                    "telegram:12345"
-                )
-            if not _PRINCIPAL[platform].match(ident):
-                raise ValueError(f"{item[:40]!r} is not platform:id, e.g. telegram:12345")
-            principals.add(f"{platform}:{ident}")
-        return frozenset(principals)
+        return frozenset(parse_principal(item) for item in items if item.strip())
 
     @field_validator("log_level")
     @classmethod
@@ -114,7 +95,7 @@ class Settings(BaseSettings):
 
     def is_admin(self, principal: str) -> bool:
         """Admins are ``ADMIN_IDS`` plus the console's local operator."""
-        return principal == "console:local" or principal in self.admin_ids
+        return principal == CONSOLE_OPERATOR or principal in self.admin_ids
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -31,3 +31,7 @@ class PaymentRefused(ImagebotError):
 
 class GatewayError(ImagebotError):
     """The image gateway failed or answered something the bot cannot use."""
+
+
+class InputUnavailable(ImagebotError):
+    """A picture the user gave could not be had (too big for the platform, or not downloaded)."""

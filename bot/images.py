@@ -22,9 +22,9 @@ from urllib.parse import urljoin
 import httpx
 from PIL import Image
 
-from bot.commands import EditRequest, GenerateRequest, ImageInput, detect_mime
 from bot.errors import GatewayError
 from bot.money import MICRO_PER_USD, format_usd
+from bot.requests import EditRequest, GenerateRequest, ImageInput, detect_mime
 from bot.x402 import PaidResponse, PaymentHook, SignedPayment, X402Payer
 
 log = logging.getLogger(__name__)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from bot.catalog import DEFAULT_EDIT_MODEL, DEFAULT_GENERATE_MODEL, MODELS, get_model
-from bot.commands import MAX_N
 from bot.ledger import Report, UserSpend
 from bot.money import format_usd
+from bot.requests import MAX_N
 
 REPORT_LINES = 20  # a chat message stays short; `imagebot spend` lists everyone
 

@@ -1,29 +1,49 @@
-"""The platform-neutral bot: authorize a chat message, run its request, answer through a Chat.
+"""The platform-neutral bot: authorize a chat command, run its request, answer through a Chat.
 
-Adapters build a ``Sender`` and a ``Chat`` for each message and call ``ImageBot.handle``;
-every business rule (who may spend, what to say) lives here, not in an adapter.
+Adapters build a ``Sender`` and a ``Chat`` for each message and call ``ImageBot.handle`` (chat
+text) or ``ImageBot.run`` (a typed command, as slash commands give it); every business rule
+(who may spend, what to say) lives here, not in an adapter.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from enum import Enum
+from functools import partial
 from typing import Protocol
 
-from bot.commands import EditRequest, GenerateRequest, Help, Models, Request, SpendQuery, parse
+from bot.commands import Command, Help, Models, SpendQuery, parse
 from bot.config import Settings
 from bot.errors import ImagebotError
 from bot.images import ImageResult, ImageService, Picture
 from bot.ledger import Attempt, Budget, BudgetExceeded, Ledger
-from bot.money import format_usd
+from bot.principals import principal
 from bot.replies import help_text, models_text, report_text, spend_text
+from bot.requests import EditRequest, GenerateRequest, ImageInput
 from bot.x402 import PaymentIntent
 
 log = logging.getLogger(__name__)
 
 MAX_JOBS_PER_USER = 2  # one user's burst cannot crowd out everyone else
+
+
+class Outcome(Enum):
+    """How the bot dealt with one message."""
+
+    DONE = "done"  # answered as asked (pictures delivered, text sent)
+    REFUSED = "refused"  # answered with why not: bad input, a budget, a failed payment
+    IGNORED = "ignored"  # not for this bot here: said nothing
+
+
+InputSource = Callable[[], Awaitable[Sequence[ImageInput]]]
+"""Downloads the pictures of an ``/img2img`` in order; raises ``InputUnavailable`` if it can't."""
+
+
+async def no_inputs() -> Sequence[ImageInput]:
+    return ()
 
 
 @dataclass(frozen=True)
@@ -38,7 +58,7 @@ class Sender:
 
     @property
     def principal(self) -> str:
-        return f"{self.platform}:{self.user_id}"
+        return principal(self.platform, self.user_id)
 
 
 class Chat(Protocol):
@@ -88,39 +108,61 @@ class ImageBot:
         sender: Sender,
         chat: Chat,
         text: str,
-        attachments: tuple[bytes, ...] = (),
+        inputs: InputSource = no_inputs,
         *,
         bot_username: str | None = None,
-    ) -> bool | None:
-        """Answer one message. True: done; False: refused or failed; None: not for this bot."""
+    ) -> Outcome:
+        """Answer one chat message; ``inputs`` fetches its pictures if it turns out to need them."""
+        return await self.run(sender, chat, partial(parse, text, bot_username=bot_username), inputs)
+
+    async def run(
+        self,
+        sender: Sender,
+        chat: Chat,
+        command: Callable[[], Command | None],
+        inputs: InputSource = no_inputs,
+    ) -> Outcome:
+        """Answer one command, made by ``command`` (a parser, or a slash command's options).
+
+        ``command`` may raise ``UsageError``, which is answered; it returns None for a message
+        that is not a command for this bot.
+        """
         if not self._chat_allowed(sender):
-            return None
+            return Outcome.IGNORED
         try:
-            request = parse(text, attachments, bot_username=bot_username)
+            made = command()
         except ImagebotError as error:
             await chat.send_text(error.user_message)
-            return False
-        if request is None:
-            return None
-        return await self._run(request, sender, chat)
+            return Outcome.REFUSED
+        if made is None:
+            return Outcome.IGNORED
+        return await self._answer(made, sender, chat, inputs)
 
-    async def _run(self, request: Request, sender: Sender, chat: Chat) -> bool | None:
-        if isinstance(request, Help):
+    async def _answer(
+        self, command: Command, sender: Sender, chat: Chat, inputs: InputSource
+    ) -> Outcome:
+        if isinstance(command, Help):
             await chat.send_text(help_text())
-            return True
-        if isinstance(request, Models):
+            return Outcome.DONE
+        if isinstance(command, Models):
             await chat.send_text(models_text())
-            return True
-        if isinstance(request, SpendQuery):
-            return await self._spend(request, sender, chat)
-        if not self._user_allowed(sender):
-            if not sender.private:
-                return None
-            await chat.send_text("Sorry, this bot makes pictures only for its members.")
-            return False
+            return Outcome.DONE
+        if isinstance(command, SpendQuery):
+            return await self._spend(command, sender, chat)
+        try:
+            command.check()  # refuse what can be refused before anything is downloaded
+            if not self._user_allowed(sender):
+                if not sender.private:
+                    return Outcome.IGNORED
+                await chat.send_text("Sorry, this bot makes pictures only for its members.")
+                return Outcome.REFUSED
+            request = command.build(await inputs() if command.kind == "img2img" else ())
+        except ImagebotError as error:
+            await chat.send_text(error.user_message)
+            return Outcome.REFUSED
         if self._jobs[sender.principal] >= MAX_JOBS_PER_USER:
             await chat.send_text("Wait for your previous image to finish first.")
-            return False
+            return Outcome.REFUSED
         self._jobs[sender.principal] += 1
         try:
             return await self._draw(request, sender, chat)
@@ -131,14 +173,13 @@ class ImageBot:
 
     async def _draw(
         self, request: GenerateRequest | EditRequest, sender: Sender, chat: Chat
-    ) -> bool:
-        generating = isinstance(request, GenerateRequest)
+    ) -> Outcome:
         attempt = Attempt(
             platform=sender.platform,
             user_id=sender.user_id,
             display_name=sender.display_name,
             chat_id=sender.chat_ids[0] if sender.chat_ids else "",
-            command="imagegen" if generating else "img2img",
+            command=request.kind,
             model=request.model.id,
             size=request.size,
             n=request.n,
@@ -148,12 +189,10 @@ class ImageBot:
             row_id = await self._ledger.reserve(attempt, request.estimate_micro, budget)
         except BudgetExceeded as error:
             await chat.send_text(error.user_message)
-            return False
+            return Outcome.REFUSED
         payment = LedgerPayment(self._ledger, row_id, budget)
-        status = (
-            f"{'Drawing' if generating else 'Editing'} with {request.model.name} · "
-            f"{request.size} · {format_usd(request.estimate_micro)}…"
-        )
+        verb = "Drawing" if isinstance(request, GenerateRequest) else "Editing"
+        status = f"{verb} with {request.price_line(request.estimate_micro)}…"
         await chat.show_progress(status)
 
         async def still_working(seconds: float) -> None:
@@ -179,12 +218,12 @@ class ImageBot:
             log.info("request failed: %s", error.user_message)
             await self._close_failed(row_id, payment, error, request.estimate_micro)
             await chat.send_text(error.user_message)
-            return False
+            return Outcome.REFUSED
         except BaseException as error:  # cancelled at shutdown, or a bug: keep the row honest
             if not settled:  # an upload that failed after settling leaves the row as it is
                 await self._close_interrupted(row_id, payment, error)
             raise
-        return True
+        return Outcome.DONE
 
     async def _close_failed(
         self, row_id: int, payment: LedgerPayment, error: ImagebotError, estimate_micro: int
@@ -206,24 +245,24 @@ class ImageBot:
         else:
             await self._ledger.mark_unknown(row_id, reason)
 
-    async def _spend(self, query: SpendQuery, sender: Sender, chat: Chat) -> bool:
+    async def _spend(self, query: SpendQuery, sender: Sender, chat: Chat) -> Outcome:
         if query.who is None:
             spend = await self._ledger.user_spend(sender.principal, self._budget(sender.principal))
             await chat.send_text(spend_text(spend, own=True))
-            return True
+            return Outcome.DONE
         if not self._settings.is_admin(sender.principal):
             await chat.send_text("Only the bot's admins can see other people's spending.")
-            return False
+            return Outcome.REFUSED
         if query.who == "all":
             await chat.send_text(report_text(await self._ledger.report()))
-            return True
+            return Outcome.DONE
         user = await self._ledger.find_user(query.who) if query.who.startswith("@") else query.who
         if user is None:
             await chat.send_text(f"I have no spending recorded for {query.who}.")
-            return False
+            return Outcome.REFUSED
         spend = await self._ledger.user_spend(user, self._budget(user))
         await chat.send_text(spend_text(spend, own=False))
-        return True
+        return Outcome.DONE
 
     def _budget(self, principal: str) -> Budget:
         return Budget(
@@ -246,7 +285,7 @@ class ImageBot:
 
 
 def _caption(request: GenerateRequest | EditRequest, result: ImageResult) -> str:
-    caption = f"{request.model.name} · {request.size} · {format_usd(result.charged_micro)}"
+    caption = request.price_line(result.charged_micro)
     if result.revised_prompt:
         caption += f"\n{result.revised_prompt}"
     return caption

@@ -16,7 +16,7 @@ async def imagebot(*args: str, env: dict[str, str], cwd: Path) -> tuple[int, str
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "bot.cli",
+        "imagebot.cli",
         *args,
         cwd=cwd,
         env=env,

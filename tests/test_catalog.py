@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from bot.catalog import DEFAULT_EDIT_MODEL, DEFAULT_GENERATE_MODEL, MODELS, find_model, get_model
+from bot.catalog import (
+    DEFAULT_EDIT_MODEL,
+    DEFAULT_GENERATE_MODEL,
+    MODELS,
+    choices,
+    default_model,
+    find_model,
+    get_model,
+    sizes_of,
+)
 from bot.replies import help_text, models_text
 
 SEED_MODELS = {
@@ -70,3 +79,16 @@ def test_help_shows_every_command() -> None:
     text = help_text()
     for command in ("/imagegen", "/img2img", "/models", "/spend", "--model", "--mask"):
         assert command in text
+
+
+def test_choices_are_the_models_each_command_can_use() -> None:
+    editing = {model.name for model in choices(editing=True)}
+    drawing = {model.name for model in choices(editing=False)}
+    assert editing == {"nano-banana", "banana-pro", "gpt-image", "gpt-image-2"}
+    assert "flux" in drawing and "gpt-image" in drawing and "flux" not in editing
+
+
+def test_sizes_of_a_named_model_else_of_the_commands_default() -> None:
+    assert sizes_of("dall-e-3", editing=False) == ("1024x1024", "1792x1024", "1024x1792")
+    assert sizes_of(None, editing=True) == default_model(editing=True).sizes
+    assert sizes_of("no-such-model", editing=False) == default_model(editing=False).sizes

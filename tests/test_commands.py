@@ -6,26 +6,36 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from adapters.console import take_image_paths
 from bot.catalog import MODELS, find_model
-from bot.commands import (
+from bot.commands import MENU, Command, Help, Models, SpendQuery
+from bot.commands import parse as parse_command
+from bot.errors import UsageError
+from bot.requests import (
     MAX_INPUT_BYTES,
     MAX_PROMPT_CHARS,
     EditRequest,
     GenerateRequest,
-    Help,
-    Models,
-    SpendQuery,
-    describe_price,
+    ImageCommand,
+    ImageInput,
+    build_request,
     detect_mime,
-    parse,
-    take_image_paths,
 )
-from bot.errors import UsageError
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 32
 JPEG = b"\xff\xd8\xff\xe0" + b"\x00" * 32
 WEBP = b"RIFF\x24\x00\x00\x00WEBPVP8 " + b"\x00" * 32
 GIF = b"GIF89a" + b"\x00" * 32
+
+
+def parse(
+    text: str, attachments: tuple[bytes, ...] = (), *, bot_username: str | None = None
+) -> Command | GenerateRequest | EditRequest | None:
+    """The message path: the text parser, then ``build_request`` with the attached pictures."""
+    command = parse_command(text, bot_username=bot_username)
+    if isinstance(command, ImageCommand):
+        return command.build(tuple(ImageInput(data) for data in attachments))
+    return command
 
 
 def generate(text: str, **kwargs: object) -> GenerateRequest:
@@ -338,6 +348,47 @@ def test_imagegen_ignores_attachments() -> None:
     assert generate("/imagegen a fox", attachments=(GIF,)).prompt == "a fox"
 
 
+# --- typed values, as slash commands give them ---------------------------------------
+
+
+def test_build_request_takes_typed_values_and_keeps_picture_references() -> None:
+    source, mask = ImageInput(PNG, "123/456/1"), ImageInput(PNG, "123/456/2")
+    request = build_request(
+        "img2img",
+        " add snow ",
+        model="gpt-image-2",
+        size="1536x1024",
+        images=(source, mask),
+        mask=True,
+    )
+    assert isinstance(request, EditRequest)
+    assert (request.prompt, request.model.id, request.size, request.n) == (
+        "add snow",
+        "openai/gpt-image-2",
+        "1536x1024",
+        1,
+    )
+    assert (request.images, request.mask) == ((source,), mask)
+    assert request.mask is not None and request.mask.ref == "123/456/2"
+
+
+def test_build_request_treats_blank_options_as_unset_and_checks_an_int_n() -> None:
+    request = build_request("imagegen", "a fox", model="", size=" ", n=2)
+    assert (request.model.id, request.size, request.n) == ("google/nano-banana", "1024x1024", 2)
+    with pytest.raises(UsageError, match="1 to 4"):
+        build_request("imagegen", "a fox", n=5)
+
+
+def test_check_refuses_bad_options_before_any_picture_is_fetched() -> None:
+    with pytest.raises(UsageError, match="can't edit"):
+        ImageCommand("img2img", "x", model="flux").check()
+    ImageCommand("img2img", "x").check()  # no pictures needed to pass
+
+
+def test_the_menu_lists_every_command_once() -> None:
+    assert [entry.name for entry in MENU] == ["imagegen", "img2img", "models", "spend", "help"]
+
+
 # --- console-only image paths -----------------------------------------------------------
 
 
@@ -356,11 +407,9 @@ def test_take_image_paths_without_a_path_is_refused() -> None:
         take_image_paths("/img2img x --image")
 
 
-def test_describe_price_names_model_size_and_price() -> None:
-    assert (
-        describe_price(generate("/imagegen --n 2 x"))
-        == "nano-banana · 1024x1024 · 2 images · $0.105"
-    )
+def test_price_line_names_model_size_and_price() -> None:
+    request = generate("/imagegen --n 2 x")
+    assert request.price_line(request.estimate_micro) == "nano-banana · 1024x1024 · $0.105"
 
 
 # --- any text at all --------------------------------------------------------------------

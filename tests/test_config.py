@@ -39,7 +39,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)  # no stray .env
 
 
-def test_defaults_match_the_contract() -> None:
+def test_defaults_are_the_documented_ones() -> None:
     settings = load_settings()
     assert settings.telegram_bot_token is None and settings.discord_bot_token is None
     assert settings.telegram_api_url == "https://api.telegram.org"
@@ -148,7 +148,7 @@ def test_the_key_never_shows_in_repr_or_str(monkeypatch: pytest.MonkeyPatch) -> 
 def _imagebot(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
     environment = {k: v for k, v in os.environ.items() if k not in VARIABLES} | env
     return subprocess.run(
-        [sys.executable, "-m", "bot.cli", *args],
+        [sys.executable, "-m", "imagebot.cli", *args],
         env=environment | {"PYTHONPATH": str(Path(__file__).parents[1])},
         cwd=cwd,
         capture_output=True,

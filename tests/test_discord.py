@@ -35,10 +35,10 @@ import adapters.status
 from adapters.discord import StartupError, build_client, serve
 from bot.catalog import MODELS
 from bot.config import load_settings
-from bot.ledger import Attempt, Budget, Ledger
-from bot.runtime import open_bot
-from bot.sandbox import Sandbox
+from bot.ledger import Attempt, Budget, SqliteLedger
 from bot.x402 import Wallet
+from imagebot.wiring import open_bot
+from sandbox import Sandbox
 
 BLUE, GREEN, RED = (0, 0, 255), (0, 128, 0), (255, 0, 0)
 EDIT_PATH = "/v1/images/image2image"
@@ -55,6 +55,7 @@ class Order:
     model: str | None
     inputs: tuple[bytes, ...]  # the decoded input images of an edit
     mask: bytes | None
+    body: dict[str, Any] = field(default_factory=dict, compare=False)  # the JSON as sent
 
 
 @dataclass
@@ -89,6 +90,7 @@ def _recorder(orders: list[Order]) -> Middleware:
                     body.get("model"),
                     tuple(_data_uri_bytes(uri) for uri in images),
                     _data_uri_bytes(mask) if mask else None,
+                    body,
                 )
             )
         return await handler(request)
@@ -360,6 +362,40 @@ async def test_slash_img2img_edits_the_image_option_inside_the_mask(stack: Stack
     assert (order.path, order.inputs, order.mask) == (EDIT_PATH, (source,), mask)
     assert stack.gateway.settlements[0].model == "openai/gpt-image-1"
     assert interaction.original is not None and interaction.original["flags"] == 0  # public
+
+
+async def test_slash_img2img_pays_for_the_same_body_as_the_message_command(stack: Stack) -> None:
+    """Typed options go straight into a request: no command text is built and parsed again."""
+    fake = stack.discord
+    channel = fake.guild("Artists").channel("general")
+    alice = fake.user("alice")
+    source, mask = png(200, 100, "blue"), png(200, 100, "white")
+    interaction = fake.slash_command(
+        channel,
+        alice,
+        "img2img",
+        {
+            "prompt": "add --snow and 'ice'",
+            "image": File("in.png", source),
+            "mask": File("mask.png", mask),
+            "model": "gpt-image-2",
+            "size": "1536x1024",
+        },
+    )
+    await fake.wait_for(with_files(of(interaction, "edit_original_response")))
+    command = fake.send_message(
+        channel,
+        alice,
+        "/img2img --model gpt-image-2 --size 1536x1024 --mask -- add --snow and 'ice'",
+        files=[File("in.png", source), File("mask.png", mask)],
+    )
+    await fake.wait_for(with_files(replies_to(command)))
+
+    slash, message = stack.paid_orders()
+    assert slash.body == message.body
+    assert (slash.model, slash.inputs, slash.mask) == ("openai/gpt-image-2", (source,), mask)
+    assert (slash.body["prompt"], slash.body["size"]) == ("add --snow and 'ice'", "1536x1024")
+    assert [s.amount_micro for s in stack.gateway.settlements] == [126_000, 126_000]
 
 
 async def test_autocomplete_offers_the_models_for_the_command_and_their_sizes(
@@ -841,7 +877,7 @@ async def test_a_report_over_discords_2000_characters_comes_in_several_messages(
     boss = fake.user("boss")
     database = tmp_path / "ledger.sqlite3"
     names = [f"user_{index:02d}_{'x' * 24}" for index in range(20)]
-    async with await Ledger.open(database) as ledger:
+    async with await SqliteLedger.open(database) as ledger:
         for index, name in enumerate(names):
             attempt = Attempt("discord", str(10**17 + index), f"@{name}", "1", "imagegen",
                               "google/nano-banana", "1024x1024", 1)  # fmt: skip

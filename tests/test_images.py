@@ -17,8 +17,9 @@ import pytest
 from pictures import png
 
 from adapters.console import ConsoleChat
-from bot.commands import EditRequest, GenerateRequest, parse
+from bot.commands import parse
 from bot.errors import ImagebotError, PaymentRefused
+from bot.http import gateway_client
 from bot.images import (
     BadReply,
     ContentRefused,
@@ -29,9 +30,9 @@ from bot.images import (
     Picture,
     RateLimited,
 )
-from bot.runtime import gateway_client
-from bot.sandbox import Sandbox, Settlement
+from bot.requests import EditRequest, GenerateRequest, ImageCommand, ImageInput
 from bot.x402 import PaymentIntent, Wallet, X402Payer
+from sandbox import Sandbox, Settlement
 
 CAP = 500_000
 
@@ -67,9 +68,9 @@ def service_for(
 
 
 def request(text: str, *files: bytes) -> GenerateRequest | EditRequest:
-    parsed = parse(text, files)
-    assert isinstance(parsed, GenerateRequest | EditRequest)
-    return parsed
+    command = parse(text)
+    assert isinstance(command, ImageCommand)
+    return command.build(tuple(ImageInput(data) for data in files))
 
 
 async def run(service: ImageService, text: str, *files: bytes):  # type: ignore[no-untyped-def]
@@ -236,7 +237,7 @@ async def test_console_chat_writes_each_format_with_its_extension(tmp_path: Path
 
 def test_demo_once_runs_offline_from_the_command_line(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "bot.cli", "demo", "--once", "/imagegen a red fox"],
+        [sys.executable, "-m", "imagebot.cli", "demo", "--once", "/imagegen a red fox"],
         cwd=tmp_path,
         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).parents[1])},
         capture_output=True,

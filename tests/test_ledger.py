@@ -1,35 +1,38 @@
-"""The ledger: atomic budgets in one and two processes, recovery, reports and migrations."""
+"""Every ledger backend against the same promises: atomic budgets in one and two processes,
+exactly-once resolution, recovery, reports and the totals against the rows.
+
+Each test of the money API takes ``ledger_backend`` (or ``ledger``, opened on it), so a backend
+added to ``BACKENDS`` runs this whole suite; SQLite-only tests are in test_ledger_sqlite.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import multiprocessing
 import random
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import aiosqlite
 import pytest
 
-from bot.errors import ConfigError
 from bot.ledger import (
-    SCHEMA_VERSION,
     Attempt,
     Budget,
     BudgetExceeded,
     Ledger,
     Report,
+    SqliteLedger,
     UserSpend,
     UserTotal,
-    to_json,
 )
 
+NOW = datetime(2026, 11, 21, 4, 38, 35, tzinfo=UTC)
 PRICE = 21_000
 ROOMY = Budget(user_daily_micro=10_000_000, global_daily_micro=100_000_000, exempt=False)
 THREE_FIT = 3 * PRICE + 7_000  # three reservations fit, a fourth does not
@@ -44,12 +47,16 @@ GLOBAL_REFUSAL = (
 
 @dataclass
 class Clock:
-    """A settable UTC clock for ``Ledger.open(clock=...)``."""
+    """A settable UTC clock for ``open(clock=...)``."""
 
     at: datetime
 
     def __call__(self) -> datetime:
         return self.at
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
 
 
 def attempt(
@@ -78,14 +85,51 @@ async def rows_of(path: Path) -> list[dict[str, Any]]:
         ]
 
 
+class Backend(Protocol):
+    """A fresh, empty store of one backend; picklable, so spawned processes can open it too."""
+
+    integrity_error: type[Exception]  # what the store raises for a row its constraints refuse
+
+    async def open(self, clock: Callable[[], datetime] = utc_now) -> Ledger:
+        """A new ``Ledger`` (a new run) on this store."""
+
+    async def rows(self) -> list[dict[str, Any]]:
+        """The attempts table's rows by id, read past the ledger."""
+
+
+@dataclass(frozen=True)
+class SqliteBackend:
+    """A ledger file in a folder the ledger has to create."""
+
+    path: Path
+    integrity_error: ClassVar[type[Exception]] = sqlite3.IntegrityError
+
+    async def open(self, clock: Callable[[], datetime] = utc_now) -> Ledger:
+        return await SqliteLedger.open(self.path, clock=clock)
+
+    async def rows(self) -> list[dict[str, Any]]:
+        return await rows_of(self.path)
+
+
+BACKENDS: dict[str, Callable[[Path], Backend]] = {
+    "sqlite": lambda folder: SqliteBackend(folder / "data" / "ledger.sqlite3"),
+}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def ledger_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """Each backend in turn, on an empty store of this test's own."""
+    return BACKENDS[request.param](tmp_path)
+
+
 @pytest.fixture
 def clock() -> Clock:
-    return Clock(datetime(2026, 11, 21, 4, 38, 35, tzinfo=UTC))
+    return Clock(NOW)
 
 
 @pytest.fixture
-async def ledger(tmp_path: Path, clock: Clock) -> AsyncIterator[Ledger]:
-    async with await Ledger.open(tmp_path / "data" / "ledger.sqlite3", clock=clock) as opened:
+async def ledger(ledger_backend: Backend, clock: Clock) -> AsyncIterator[Ledger]:
+    async with await ledger_backend.open(clock=clock) as opened:
         yield opened
 
 
@@ -99,16 +143,9 @@ def split(outcomes: list[Any]) -> tuple[list[int], list[BudgetExceeded]]:
 # Budgets
 
 
-async def test_open_creates_the_folder_and_uses_wal(tmp_path: Path) -> None:
-    path = tmp_path / "new" / "folder" / "ledger.sqlite3"
-    async with await Ledger.open(path):
-        pass
-    with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
-
-
-async def test_100_concurrent_reserves_fill_the_user_cap_exactly(ledger: Ledger, tmp_path: Path):
+async def test_100_concurrent_reserves_fill_the_user_cap_exactly(
+    ledger: Ledger, ledger_backend: Backend
+) -> None:
     budget = Budget(user_daily_micro=THREE_FIT, global_daily_micro=10**9, exempt=False)
     outcomes = await asyncio.gather(
         *(ledger.reserve(attempt(), PRICE, budget) for _ in range(100)), return_exceptions=True
@@ -119,7 +156,7 @@ async def test_100_concurrent_reserves_fill_the_user_cap_exactly(ledger: Ledger,
     assert {(r.scope, r.user_message, r.charged) for r in refusals} == {
         ("user", USER_REFUSAL, False)
     }
-    stored = await rows_of(tmp_path / "data" / "ledger.sqlite3")
+    stored = await ledger_backend.rows()
     assert [(r["status"], r["quoted_micro"], r["nonce"]) for r in stored] == [
         ("pending", PRICE, None)
     ] * 3
@@ -138,10 +175,10 @@ async def test_100_concurrent_reserves_fill_the_global_cap_exactly(ledger: Ledge
     assert (await ledger.report()).pending_micro == 3 * PRICE
 
 
-def _reserve_from_another_process(path: str, start: Any, results: Any) -> None:
+def _reserve_from_another_process(backend: Backend, start: Any, results: Any) -> None:
     async def run() -> list[Any]:
         budget = Budget(user_daily_micro=THREE_FIT, global_daily_micro=10**9, exempt=False)
-        async with await Ledger.open(path) as ledger:
+        async with await backend.open() as ledger:
             await asyncio.to_thread(start.wait)
             return await asyncio.gather(
                 *(ledger.reserve(attempt(), PRICE, budget) for _ in range(50)),
@@ -157,13 +194,14 @@ def _reserve_from_another_process(path: str, start: Any, results: Any) -> None:
     )
 
 
-async def test_two_processes_sharing_the_file_cannot_overspend(tmp_path: Path) -> None:
-    path = tmp_path / "ledger.sqlite3"
-    async with await Ledger.open(path) as ledger:
+async def test_two_processes_sharing_the_ledger_cannot_overspend(ledger_backend: Backend):
+    async with await ledger_backend.open() as ledger:
         context = multiprocessing.get_context("spawn")
         start, results = context.Barrier(2), context.Queue()
         workers = [
-            context.Process(target=_reserve_from_another_process, args=(str(path), start, results))
+            context.Process(
+                target=_reserve_from_another_process, args=(ledger_backend, start, results)
+            )
             for _ in range(2)
         ]
         for worker in workers:
@@ -234,8 +272,8 @@ async def test_settled_rows_count_at_the_charged_amount(ledger: Ledger) -> None:
     assert (await ledger.report()).total_micro == 100_001
 
 
-async def test_amounts_must_be_integers(ledger: Ledger) -> None:
-    with pytest.raises(sqlite3.IntegrityError):
+async def test_amounts_must_be_integers(ledger: Ledger, ledger_backend: Backend) -> None:
+    with pytest.raises(ledger_backend.integrity_error):
         await ledger.reserve(attempt(), 0.5, ROOMY)  # type: ignore[arg-type]
 
 
@@ -261,11 +299,13 @@ async def test_a_late_receipt_settles_an_unknown_row(ledger: Ledger) -> None:
 # price()
 
 
-async def test_price_with_the_reserved_amount_is_not_rechecked(ledger: Ledger, tmp_path: Path):
+async def test_price_with_the_reserved_amount_is_not_rechecked(
+    ledger: Ledger, ledger_backend: Backend
+) -> None:
     row = await ledger.reserve(attempt(), PRICE, ROOMY)
     nothing_left = Budget(0, 0, exempt=False)
     await price(ledger, row, PRICE, nothing_left, 1)
-    (stored,) = await rows_of(tmp_path / "data" / "ledger.sqlite3")
+    (stored,) = await ledger_backend.rows()
     assert (stored["network"], stored["payer"], stored["nonce"]) == (
         "eip155:8453",
         "0xPAYER",
@@ -274,45 +314,45 @@ async def test_price_with_the_reserved_amount_is_not_rechecked(ledger: Ledger, t
 
 
 async def test_a_higher_price_that_no_longer_fits_leaves_the_row_unchanged(
-    ledger: Ledger, tmp_path: Path
+    ledger: Ledger, ledger_backend: Backend
 ) -> None:
     budget = Budget(50_000, 10**9, exempt=False)
     row = await ledger.reserve(attempt(), 40_000, budget)
-    before = await rows_of(tmp_path / "data" / "ledger.sqlite3")
+    before = await ledger_backend.rows()
     with pytest.raises(BudgetExceeded) as refused:
         await price(ledger, row, 50_001, budget, 1)
     assert refused.value.scope == "user"
     assert "you have $0.05 left of your $0.05 per day" in refused.value.user_message
-    assert await rows_of(tmp_path / "data" / "ledger.sqlite3") == before
+    assert await ledger_backend.rows() == before
     with pytest.raises(BudgetExceeded) as refused:
         await price(ledger, row, 50_000, Budget(10**9, 45_000, exempt=False), 1)
     assert refused.value.scope == "global"
     # The row's own reservation is not counted twice: 50,000 replaces 40,000.
     await price(ledger, row, 50_000, budget, 1)
-    (stored,) = await rows_of(tmp_path / "data" / "ledger.sqlite3")
+    (stored,) = await ledger_backend.rows()
     assert (stored["quoted_micro"], stored["nonce"]) == (50_000, nonce(1))
     with pytest.raises(BudgetExceeded):
         await ledger.reserve(attempt(), 1, budget)
 
 
-async def test_a_nonce_is_recorded_once(ledger: Ledger, tmp_path: Path) -> None:
+async def test_a_nonce_is_recorded_once(ledger: Ledger, ledger_backend: Backend) -> None:
     first = await ledger.reserve(attempt(), PRICE, ROOMY)
     second = await ledger.reserve(attempt(), PRICE, ROOMY)
     await price(ledger, first, PRICE, ROOMY, 7)
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(ledger_backend.integrity_error):
         await price(ledger, second, PRICE, ROOMY, 7)
     with pytest.raises(ValueError, match="not pending and unpriced"):
         await price(ledger, first, PRICE, ROOMY, 8)
-    stored = await rows_of(tmp_path / "data" / "ledger.sqlite3")
+    stored = await ledger_backend.rows()
     assert [row["nonce"] for row in stored] == [nonce(7), None]
 
 
 # recover()
 
 
-def _reserve_and_hang(path: str, ready: Any) -> None:
+def _reserve_and_hang(backend: Backend, ready: Any) -> None:
     async def run() -> None:
-        ledger = await Ledger.open(path)
+        ledger = await backend.open()
         signed = await ledger.reserve(attempt("dead"), PRICE, ROOMY)
         await price(ledger, signed, PRICE, ROOMY, 666)
         await ledger.reserve(attempt("dead"), PRICE, ROOMY)
@@ -322,12 +362,11 @@ def _reserve_and_hang(path: str, ready: Any) -> None:
     asyncio.run(run())
 
 
-async def test_recover_resolves_only_the_rows_of_dead_processes(tmp_path: Path) -> None:
-    path = tmp_path / "ledger.sqlite3"
+async def test_recover_resolves_only_the_rows_of_dead_processes(ledger_backend: Backend) -> None:
     context = multiprocessing.get_context("spawn")
     ready = context.Queue()
-    doomed = context.Process(target=_reserve_and_hang, args=(str(path), ready))
-    async with await Ledger.open(path) as live, await Ledger.open(path) as recovering:
+    doomed = context.Process(target=_reserve_and_hang, args=(ledger_backend, ready))
+    async with await ledger_backend.open() as live, await ledger_backend.open() as recovering:
         live_signed = await live.reserve(attempt("live"), PRICE, ROOMY)
         await price(live, live_signed, PRICE, ROOMY, 1)
         await live.reserve(attempt("live"), PRICE, ROOMY)
@@ -341,7 +380,7 @@ async def test_recover_resolves_only_the_rows_of_dead_processes(tmp_path: Path) 
         assert await recovering.recover() == (0, 0)
         statuses = {
             (row["user_id"], row["nonce"] is not None): (row["status"], row["error"])
-            for row in await rows_of(path)
+            for row in await ledger_backend.rows()
         }
         assert statuses == {
             ("live", True): ("pending", None),
@@ -350,18 +389,16 @@ async def test_recover_resolves_only_the_rows_of_dead_processes(tmp_path: Path) 
             ("dead", True): ("unknown", "the bot stopped before learning the outcome"),
             ("dead", False): ("failed", "the bot stopped before signing"),
         }
-        assert len(list(path.with_name("ledger.sqlite3.runs").glob("*.lock"))) == 2
         await recovering.fail(own, "done")
         await live.settle(live_signed, PRICE, "0xtx")
 
 
-async def test_recover_resolves_the_rows_of_a_closed_ledger(tmp_path: Path) -> None:
-    path = tmp_path / "ledger.sqlite3"
-    async with await Ledger.open(path) as closed:
+async def test_recover_resolves_the_rows_of_a_closed_ledger(ledger_backend: Backend) -> None:
+    async with await ledger_backend.open() as closed:
         signed = await closed.reserve(attempt(), PRICE, ROOMY)
         await price(closed, signed, PRICE, ROOMY, 1)
         await closed.reserve(attempt(), PRICE, ROOMY)
-    async with await Ledger.open(path) as ledger:
+    async with await ledger_backend.open() as ledger:
         assert await ledger.recover() == (1, 1)
         report = await ledger.report()
     assert (report.total_micro, report.pending_micro) == (0, PRICE)
@@ -480,57 +517,6 @@ async def test_an_empty_display_name_keeps_the_last_known_one(ledger: Ledger) ->
     assert (await ledger.report()).users[0].display_name == "@alice"
 
 
-def test_to_json_has_the_contract_shape() -> None:
-    at = datetime(2026, 11, 21, 4, 38, 35, tzinfo=UTC)
-    settled_only = Report(157_500, 0, [UserTotal("telegram:111", "@a", 3, 3, 157_500, 0, at)])
-    assert json.dumps(to_json(settled_only)) == json.dumps(
-        {
-            "total_usd": "0.157500",
-            "users": [
-                {
-                    "user": "telegram:111",
-                    "requests": 3,
-                    "images": 3,
-                    "usd": "0.157500",
-                    "last_at": "2026-11-21T04:38:35Z",
-                }
-            ],
-        }
-    )
-    with_unknown = Report(
-        1_000_000,
-        21_000,
-        [
-            UserTotal("discord:5", "", 1, 4, 1_000_000, 0, at),
-            UserTotal("telegram:111", "@a", 0, 0, 0, 21_000, at),
-        ],
-    )
-    assert json.dumps(to_json(with_unknown)) == json.dumps(
-        {
-            "total_usd": "1.000000",
-            "pending_usd": "0.021000",
-            "users": [
-                {
-                    "user": "discord:5",
-                    "requests": 1,
-                    "images": 4,
-                    "usd": "1.000000",
-                    "last_at": "2026-11-21T04:38:35Z",
-                },
-                {
-                    "user": "telegram:111",
-                    "requests": 0,
-                    "images": 0,
-                    "usd": "0.000000",
-                    "pending_usd": "0.021000",
-                    "last_at": "2026-11-21T04:38:35Z",
-                },
-            ],
-        }
-    )
-    assert to_json(Report(0, 0, [])) == {"total_usd": "0.000000", "users": []}
-
-
 # The totals tables against the rows
 
 
@@ -618,7 +604,7 @@ USERS = [
 ]
 
 
-async def random_step(ledger: Ledger, path: Path, rng: random.Random, step: int) -> None:
+async def random_step(ledger: Ledger, backend: Backend, rng: random.Random, step: int) -> None:
     """One reserve, or one price/settle/fail/mark_unknown of a row that is still open.
 
     The last steps only reserve, and unknown rows are seldom resolved, so some stay open.
@@ -626,10 +612,11 @@ async def random_step(ledger: Ledger, path: Path, rng: random.Random, step: int)
     budget = Budget(
         rng.choice([0, 300_000, 1_000_000]), rng.choice([1_500_000, 5_000_000]), rng.random() < 0.2
     )
-    async with aiosqlite.connect(path) as db:
-        open_rows = await db.execute_fetchall(
-            "SELECT id, status, nonce FROM attempts WHERE status IN ('pending', 'unknown')"
-        )
+    open_rows = [
+        (row["id"], row["status"], row["nonce"])
+        for row in await backend.rows()
+        if row["status"] in ("pending", "unknown")
+    ]
     if rng.random() < 0.4 or not open_rows or step >= 740:
         platform, user_id, name = rng.choice(USERS)
         with contextlib.suppress(BudgetExceeded):
@@ -655,15 +642,14 @@ async def random_step(ledger: Ledger, path: Path, rng: random.Random, step: int)
         await ledger.fail(row, "refused")
 
 
-async def test_totals_equal_the_rows_after_random_operations(tmp_path: Path) -> None:
+async def test_totals_equal_the_rows_after_random_operations(ledger_backend: Backend) -> None:
     rng = random.Random(402)
-    path = tmp_path / "ledger.sqlite3"
     clock = Clock(datetime(2026, 1, 30, 20, 0, tzinfo=UTC))
-    async with await Ledger.open(path, clock=clock) as first:
-        second = await Ledger.open(path, clock=clock)
+    async with await ledger_backend.open(clock=clock) as first:
+        second = await ledger_backend.open(clock=clock)
         for step in range(800):
             clock.at += timedelta(minutes=rng.randint(0, 30))
-            await random_step(rng.choice([first, second]), path, rng, step)
+            await random_step(rng.choice([first, second]), ledger_backend, rng, step)
             if step == 500:  # the second bot stops with a signed and an unsigned row open
                 signed = await second.reserve(attempt("2", "@bob"), PRICE, ROOMY)
                 await price(second, signed, PRICE, ROOMY, 10_000)
@@ -672,7 +658,7 @@ async def test_totals_equal_the_rows_after_random_operations(tmp_path: Path) -> 
                 unknown, failed = await first.recover()
                 assert unknown >= 1 and failed >= 1
                 second = first
-        rows = await rows_of(path)
+        rows = await ledger_backend.rows()
         assert {row["status"] for row in rows} == {"pending", "settled", "failed", "unknown"}
         assert len({row["created_at"] // 86_400 for row in rows}) >= 5
 
@@ -686,75 +672,3 @@ async def test_totals_equal_the_rows_after_random_operations(tmp_path: Path) -> 
                 )
         for since in (date(2026, 1, 31), date(2026, 2, 1), date(2026, 2, 2)):
             assert await first.report(since=since) == expected_report(rows, since)
-
-
-# Migrations
-
-V1_SCHEMA = """
-CREATE TABLE attempts (
-    id INTEGER PRIMARY KEY, run_id TEXT NOT NULL, platform TEXT NOT NULL,
-    user_id TEXT NOT NULL, display_name TEXT NOT NULL, chat_id TEXT NOT NULL,
-    command TEXT NOT NULL, model TEXT NOT NULL, size TEXT NOT NULL,
-    n INTEGER NOT NULL CHECK (n > 0), quoted_micro INTEGER NOT NULL CHECK (quoted_micro >= 0),
-    charged_micro INTEGER CHECK (charged_micro >= 0),
-    status TEXT NOT NULL CHECK (status IN ('pending', 'settled', 'failed', 'unknown')),
-    tx_hash TEXT, network TEXT, payer TEXT, nonce TEXT UNIQUE, error TEXT,
-    created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL,
-    CHECK ((status = 'settled') = (charged_micro IS NOT NULL))
-) STRICT;
-CREATE INDEX attempts_by_user ON attempts (platform, user_id, created_at, status);
-CREATE INDEX attempts_by_time ON attempts (created_at);
-CREATE INDEX attempts_by_name ON attempts (lower(ltrim(display_name, '@')));
-CREATE INDEX attempts_pending_by_run ON attempts (run_id) WHERE status = 'pending';
-PRAGMA user_version = 1;
-"""
-
-
-def write_v1_ledger(path: Path, at: datetime) -> None:
-    """A schema-v1 file as released: the rows only, no totals tables."""
-    created = int(at.timestamp())
-    with sqlite3.connect(path) as db:
-        db.executescript(V1_SCHEMA)
-        db.executemany(
-            "INSERT INTO attempts (run_id, platform, user_id, display_name, chat_id, command,"
-            " model, size, n, quoted_micro, charged_micro, status, nonce, created_at, updated_at)"
-            " VALUES ('gone', ?, ?, ?, 'c', 'imagegen', 'm', '1024x1024', ?, ?, ?, ?, ?, ?, ?)",
-            [
-                ("telegram", "1", "@ann", 2, 21_000, 20_000, "settled", "0x1", created, created),
-                ("telegram", "1", "", 1, 39_000, None, "unknown", "0x2", created + 5, created),
-                ("telegram", "2", "bob", 1, 52_500, None, "failed", None, created + 9, created),
-                ("discord", "7", "eve", 1, 21_000, None, "pending", None, created + 20, created),
-            ],
-        )
-
-
-async def test_a_v1_ledger_is_upgraded_in_place(tmp_path: Path, clock: Clock) -> None:
-    path = tmp_path / "ledger.sqlite3"
-    await asyncio.to_thread(write_v1_ledger, path, clock.at)
-    before = await rows_of(path)
-    async with await Ledger.open(path, clock=clock) as ledger:
-        assert await rows_of(path) == before
-        assert await ledger.report() == expected_report(before)
-        assert (await ledger.report()).users[0] == UserTotal(
-            "telegram:1", "@ann", 1, 2, 20_000, 39_000, clock.at + timedelta(seconds=5)
-        )
-        budget = Budget(60_000, 10**9, exempt=False)
-        with pytest.raises(BudgetExceeded):  # 20,000 settled + 39,000 unknown already today
-            await ledger.reserve(attempt("1"), 1_001, budget)
-        await ledger.reserve(attempt("1"), 1_000, budget)
-        assert await ledger.recover() == (0, 1)
-        assert await ledger.report() == expected_report(await rows_of(path))
-    async with aiosqlite.connect(path) as db:
-        assert await db.execute_fetchall("PRAGMA user_version") == [(SCHEMA_VERSION,)]
-
-
-async def test_a_ledger_from_a_newer_imagebot_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "ledger.sqlite3"
-    async with await Ledger.open(path):
-        pass
-    async with aiosqlite.connect(path) as db:
-        await db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-        await db.commit()
-    with pytest.raises(ConfigError, match="DATABASE_PATH"):
-        await Ledger.open(path)
-    assert list(path.with_name("ledger.sqlite3.runs").glob("*.lock")) == []

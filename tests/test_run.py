@@ -13,7 +13,7 @@ from fake_discord import FakeDiscord
 from fake_telegram import FakeTelegram
 from imagebot_cli import ROOT, cli_env
 
-from bot.sandbox import Sandbox
+from sandbox import Sandbox
 
 ADMIN_ID = 999
 
@@ -24,7 +24,7 @@ async def imagebot_run(env: dict[str, str], cwd: Path) -> AsyncIterator[asyncio.
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "bot.cli",
+        "imagebot.cli",
         "run",
         cwd=cwd,
         env=env,

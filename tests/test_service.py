@@ -25,16 +25,26 @@ from PIL import Image
 from adapters.console import run_console
 from bot.config import load_settings
 from bot.images import Picture
-from bot.ledger import Ledger
-from bot.runtime import open_bot
-from bot.sandbox import Sandbox
-from bot.service import ImageBot, Sender
+from bot.ledger import SqliteLedger
+from bot.requests import ImageInput
+from bot.service import ImageBot, InputSource, Outcome, Sender, no_inputs
 from bot.x402 import Wallet
+from imagebot.wiring import open_bot
+from sandbox import Sandbox
 
 NANO_BANANA_MICRO = 52_500
 ALICE = Sender("telegram", "111", "@alice", ("111",), private=True)
 BOB = Sender("discord", "222", "bob", ("900", "901"), private=False)
 ADMIN = Sender("telegram", "999", "@boss", ("999",), private=True)
+
+
+def given(*pictures: bytes) -> InputSource:
+    """The pictures a platform hands over for an /img2img."""
+
+    async def inputs() -> tuple[ImageInput, ...]:
+        return tuple(ImageInput(data) for data in pictures)
+
+    return inputs
 
 
 class RecordingChat:
@@ -81,7 +91,7 @@ async def test_bot_answers_with_price_in_progress_and_caption(
 ) -> None:
     async with running_bot(sandbox, tmp_path / "l.sqlite3") as bot:
         chat = RecordingChat()
-        assert await bot.handle(ALICE, chat, "/imagegen -m flux a fox") is True
+        assert await bot.handle(ALICE, chat, "/imagegen -m flux a fox") is Outcome.DONE
     assert chat.progress == ["Drawing with flux · 1024x1024 · $0.042…"]
     ((pictures, caption),) = chat.pictures
     assert caption == "flux · 1024x1024 · $0.042" and len(pictures) == 1
@@ -99,7 +109,7 @@ async def test_an_upload_that_fails_after_settling_leaves_the_charge_settled(
     async with running_bot(sandbox, database) as bot:
         with pytest.raises(ConnectionResetError):
             await bot.handle(ALICE, FailingUploadChat(), "/imagegen a fox")
-    async with await Ledger.open(database) as ledger:
+    async with await SqliteLedger.open(database) as ledger:
         report = await ledger.report()
     assert (report.total_micro, report.pending_micro) == (NANO_BANANA_MICRO, 0)
     assert len(sandbox.settlements) == 1
@@ -109,7 +119,7 @@ async def test_bot_refuses_bad_input_before_any_payment(sandbox: Sandbox, tmp_pa
     async with running_bot(sandbox, tmp_path / "l.sqlite3") as bot:
         chat = RecordingChat()
         for text in ("/imagegen -m nope x", "/img2img x", "/imagegen -s 1x1 x", "/imagegen"):
-            assert await bot.handle(ALICE, chat, text) is False
+            assert await bot.handle(ALICE, chat, text) is Outcome.REFUSED
         assert len(chat.texts) == 4 and chat.pictures == [] and chat.progress == []
         spend = RecordingChat()
         await bot.handle(ALICE, spend, "/spend")
@@ -122,9 +132,9 @@ async def test_users_outside_the_allowlist_are_refused_in_private_and_ignored_in
 ) -> None:
     async with running_bot(sandbox, tmp_path / "l.sqlite3", allowed_users="telegram:222") as bot:
         private, group = RecordingChat(), RecordingChat()
-        assert await bot.handle(ALICE, private, "/imagegen a fox") is False
+        assert await bot.handle(ALICE, private, "/imagegen a fox") is Outcome.REFUSED
         in_group = Sender("telegram", "111", "alice", ("-100",), private=False)
-        assert await bot.handle(in_group, group, "/imagegen a fox") is None
+        assert await bot.handle(in_group, group, "/imagegen a fox") is Outcome.IGNORED
     assert len(private.texts) == 1 and group.texts == []
     assert sandbox.settlements == []
 
@@ -165,8 +175,9 @@ async def test_spend_report_equals_what_the_gateway_settled(
     async with running_bot(sandbox, database, max_micro_per_request="0.20") as bot:
         for sender, text, succeeds in script:
             chat = RecordingChat()
-            attachments = (png(),) if text.startswith("/img2img") else ()
-            assert await bot.handle(sender, chat, text, attachments) is succeeds, (text, chat.texts)
+            inputs = given(png()) if text.startswith("/img2img") else no_inputs
+            outcome = Outcome.DONE if succeeds else Outcome.REFUSED
+            assert await bot.handle(sender, chat, text, inputs) is outcome, (text, chat.texts)
         admin = RecordingChat()
         await bot.handle(ADMIN, admin, "/spend all")
     settled = sum(settlement.amount_micro for settlement in sandbox.settlements)
@@ -193,7 +204,7 @@ async def test_spend_tells_users_their_own_figures_and_only_admins_see_others(
     sandbox: Sandbox, tmp_path: Path
 ) -> None:
     async with running_bot(sandbox, tmp_path / "l.sqlite3") as bot:
-        assert await bot.handle(ALICE, RecordingChat(), "/imagegen a fox")
+        assert await bot.handle(ALICE, RecordingChat(), "/imagegen a fox") is Outcome.DONE
         own, other, everyone = RecordingChat(), RecordingChat(), RecordingChat()
         await bot.handle(ALICE, own, "/spend")
         await bot.handle(BOB, other, "/spend telegram:111")
@@ -230,7 +241,7 @@ async def test_100_concurrent_requests_against_a_cap_that_fits_3_pay_for_exactly
                 for sender, chat in zip(senders, chats, strict=True)
             )
         )
-    assert outcomes.count(True) == 3 and outcomes.count(False) == 97
+    assert outcomes.count(Outcome.DONE) == 3 and outcomes.count(Outcome.REFUSED) == 97
     assert len(sandbox.settlements) == 3
     refusals = [chat.texts for chat in chats if chat.texts]
     assert len(refusals) == 97
@@ -246,18 +257,18 @@ async def test_a_third_job_of_one_user_waits_for_the_first_two(
             *(bot.handle(ALICE, chat, "/imagegen a fox") for chat in chats)
         )
         later = await bot.handle(ALICE, RecordingChat(), "/imagegen a fox")
-    assert sorted(outcomes, key=str) == [False, True, True]
+    assert sorted(outcomes, key=str) == [Outcome.DONE, Outcome.DONE, Outcome.REFUSED]
     assert [chat.texts for chat in chats if chat.texts] == [
         ["Wait for your previous image to finish first."]
     ]
-    assert later is True and len(sandbox.settlements) == 3
+    assert later is Outcome.DONE and len(sandbox.settlements) == 3
 
 
 FLEET_SCRIPT = """
 import asyncio, sys
 from bot.config import load_settings
-from bot.runtime import open_bot
-from bot.service import Sender
+from imagebot.wiring import open_bot
+from bot.service import Outcome, Sender
 
 class Quiet:
     async def send_text(self, text): pass
@@ -272,7 +283,7 @@ async def main():
         outcomes = await asyncio.gather(
             *(bot.handle(user, Quiet(), "/imagegen a fox") for user in users)
         )
-    print(outcomes.count(True))
+    print(sum(outcome is Outcome.DONE for outcome in outcomes))
 
 asyncio.run(main())
 """
@@ -317,7 +328,7 @@ async def test_crash_after_the_payment_was_sent_leaves_an_unknown_row(tmp_path: 
         victim = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "bot.cli",
+            "imagebot.cli",
             "console",
             "--once",
             "/imagegen a fox",
@@ -392,7 +403,7 @@ async def test_quote_above_the_estimate_is_checked_against_the_budget_before_sig
     try:
         async with open_bot(settings, Wallet.create()) as bot:
             chat = RecordingChat()
-            assert await bot.handle(ALICE, chat, "/imagegen a fox") is False
+            assert await bot.handle(ALICE, chat, "/imagegen a fox") is Outcome.REFUSED
             spend = RecordingChat()
             await bot.handle(ALICE, spend, "/spend")
     finally:

@@ -21,9 +21,9 @@ from PIL import Image
 import adapters.status
 from adapters.telegram import build_application, serve
 from bot.config import load_settings
-from bot.runtime import open_bot
-from bot.sandbox import Sandbox
 from bot.x402 import Wallet
+from imagebot.wiring import open_bot
+from sandbox import Sandbox
 
 ADMIN_ID = 999
 

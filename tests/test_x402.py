@@ -29,7 +29,7 @@ from x402.schemas.v1 import PaymentPayloadV1, PaymentRequiredV1
 
 from bot.chains import BASE
 from bot.errors import PaymentRefused
-from bot.runtime import gateway_client
+from bot.http import gateway_client
 from bot.x402 import (
     BadPaymentRequest,
     NoAcceptablePayment,

@@ -1,4 +1,4 @@
-"""The ``imagebot`` command line, as CONTRACT's CLI table describes it."""
+"""The ``imagebot`` command line (README, "CLI")."""
 
 from __future__ import annotations
 
@@ -12,13 +12,14 @@ from collections.abc import Awaitable
 from datetime import date
 from pathlib import Path
 
-from bot.commands import PLATFORMS
 from bot.config import Settings, load_settings
 from bot.errors import ConfigError
-from bot.ledger import Ledger, Report, iso_utc, to_json
-from bot.money import usd_string
-from bot.runtime import configure_logging, open_bot
+from bot.ledger import Report, open_ledger
+from bot.principals import parse_principal
 from bot.x402 import Wallet
+from imagebot.logs import configure_logging
+from imagebot.reports import report_table, to_json
+from imagebot.wiring import open_bot
 
 EXIT_CONFIG = 2
 OUT_DIR = Path("out")
@@ -120,7 +121,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 async def _demo_async(once: str | None) -> int:
-    from bot.sandbox import Sandbox
+    from sandbox import Sandbox
 
     sandbox = Sandbox()
     url = await sandbox.start()
@@ -150,7 +151,7 @@ async def _chat(settings: Settings, once: str | None, wallet: Wallet | None = No
 
 
 def _sandbox(args: argparse.Namespace) -> int:
-    from bot.sandbox import serve_forever
+    from sandbox import serve_forever
 
     configure_logging("INFO")
     asyncio.run(serve_forever(args.host, args.port))
@@ -165,34 +166,8 @@ def _spend(args: argparse.Namespace) -> int:
 
 
 async def _report(path: Path, since: date | None, user: str | None) -> Report:
-    async with await Ledger.open(path) as ledger:
+    async with await open_ledger(path) as ledger:
         return await ledger.report(since=since, user=user)
-
-
-def report_table(report: Report) -> str:
-    """The shell report: one row per user, then the totals."""
-    rows = [("user", "name", "requests", "images", "usd", "unknown", "last use")]
-    for user in report.users:
-        rows.append(
-            (
-                user.user,
-                user.display_name or "-",
-                str(user.requests),
-                str(user.images),
-                usd_string(user.micro),
-                usd_string(user.pending_micro) if user.pending_micro else "-",
-                iso_utc(user.last_at),
-            )
-        )
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    lines = [
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in rows
-    ]
-    lines.append(f"total settled: {usd_string(report.total_micro)} USD")
-    if report.pending_micro:
-        lines.append(f"outcome unknown (not in the total): {usd_string(report.pending_micro)} USD")
-    return "\n".join(lines)
 
 
 def _day(text: str) -> date:
@@ -203,12 +178,10 @@ def _day(text: str) -> date:
 
 
 def _principal(text: str) -> str:
-    platform, _, user_id = text.partition(":")
-    if platform not in PLATFORMS or not user_id:
-        raise argparse.ArgumentTypeError(
-            f"use platform:id with a platform in {', '.join(PLATFORMS)}"
-        )
-    return text
+    try:
+        return parse_principal(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _settings() -> Settings:

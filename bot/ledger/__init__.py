@@ -1,0 +1,40 @@
+"""The money ledger: one row per paid attempt, atomic daily budgets and spend reports.
+
+``api`` is the interface every backend implements; ``sqlite`` is the backend in use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bot.ledger.api import (
+    Attempt,
+    Budget,
+    BudgetExceeded,
+    Ledger,
+    Report,
+    Status,
+    UserSpend,
+    UserTotal,
+)
+from bot.ledger.schema import DAY_SECONDS
+from bot.ledger.sqlite import SqliteLedger
+
+__all__ = [
+    "DAY_SECONDS",
+    "Attempt",
+    "Budget",
+    "BudgetExceeded",
+    "Ledger",
+    "Report",
+    "SqliteLedger",
+    "Status",
+    "UserSpend",
+    "UserTotal",
+    "open_ledger",
+]
+
+
+async def open_ledger(path: Path) -> Ledger:
+    """The ledger at ``path``, its schema brought up to date; close it when done."""
+    return await SqliteLedger.open(path)

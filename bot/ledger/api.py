@@ -1,0 +1,200 @@
+"""What every ledger backend stores and promises (README, "The ledger and budgets").
+
+Money is integer micro-USDC, times UTC unix seconds. A row counts against its UTC creation day:
+settled at ``charged_micro``, pending and unknown at ``quoted_micro``, failed not at all.
+Users are written ``platform:id``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date, datetime
+from enum import StrEnum
+from typing import Protocol, Self
+
+from bot.errors import PaymentRefused
+from bot.money import format_usd
+
+Clock = Callable[[], datetime]
+
+
+class Status(StrEnum):
+    """A row is pending until it is settled, failed (nothing charged) or unknown."""
+
+    PENDING = "pending"
+    SETTLED = "settled"
+    FAILED = "failed"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What is known about a paid request before any payment."""
+
+    platform: str
+    user_id: str
+    display_name: str
+    chat_id: str
+    command: str
+    model: str
+    size: str
+    n: int
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Daily caps; ``exempt`` (admins) lifts the per-user cap only, never the global one."""
+
+    user_daily_micro: int
+    global_daily_micro: int
+    exempt: bool
+
+
+@dataclass(frozen=True, slots=True)
+class UserSpend:
+    """One user's settled spend, what is unresolved, and what is left of today's budget."""
+
+    user: str
+    display_name: str
+    today_micro: int
+    month_micro: int
+    total_micro: int
+    images: int
+    requests: int
+    unknown_micro: int  # pending and unknown rows at their quoted amount
+    left_today_micro: int | None  # None when exempt from the per-user cap
+    last_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class UserTotal:
+    """One line of a report: settled requests, images and spend, and unresolved spend."""
+
+    user: str
+    display_name: str
+    requests: int
+    images: int
+    micro: int
+    pending_micro: int
+    last_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """Settled spend per user, largest first; ``pending_micro`` is unresolved payments."""
+
+    total_micro: int
+    pending_micro: int
+    users: list[UserTotal]
+
+
+class BudgetExceeded(PaymentRefused):
+    """A daily cap would be passed; ``scope`` is ``"user"`` or ``"global"``."""
+
+    def __init__(self, scope: str, user_message: str) -> None:
+        super().__init__(user_message)
+        self.scope = scope
+
+    @classmethod
+    def over_user_cap(cls, left_micro: int, cap_micro: int) -> BudgetExceeded:
+        return cls(
+            "user",
+            f"Daily limit reached: you have {format_usd(left_micro)} left of your "
+            f"{format_usd(cap_micro)} per day; it resets at 00:00 UTC. Nothing was charged.",
+        )
+
+    @classmethod
+    def over_global_cap(cls) -> BudgetExceeded:
+        return cls(
+            "global",
+            "This bot has reached its daily spending limit; it resets at 00:00 UTC. "
+            "Nothing was charged.",
+        )
+
+    @classmethod
+    def refusing(cls, amount_micro: int, budget: Budget, user_counted_micro: int) -> BudgetExceeded:
+        """Why a ledger just refused an amount: the user's cap if it explains it, else the global.
+
+        Read after the refusing statement; a race with a freed reservation can only relabel it.
+        """
+        cap = budget.user_daily_micro
+        if not budget.exempt and user_counted_micro + amount_micro > cap:
+            return cls.over_user_cap(max(0, cap - user_counted_micro), cap)
+        return cls.over_global_cap()
+
+
+class Ledger(Protocol):
+    """Every paid attempt, one row each, with daily budgets reserved atomically.
+
+    Use it as ``async with await open_ledger(path) as ledger:`` (or call ``close()`` yourself).
+    Every write is atomic among coroutines and among processes sharing the ledger, so concurrent
+    requests never spend past a cap.
+    """
+
+    async def reserve(self, attempt: Attempt, amount_micro: int, budget: Budget) -> int:
+        """Record a pending attempt if it fits today's budgets, else raise BudgetExceeded.
+
+        The check and the insert are one atomic step. Returns the new row's id.
+        """
+
+    async def price(
+        self,
+        row_id: int,
+        amount_micro: int,
+        budget: Budget,
+        *,
+        network: str,
+        payer: str,
+        nonce: str,
+    ) -> None:
+        """Set the real quote and the payment's nonce before signing; a higher quote is re-checked.
+
+        Raises BudgetExceeded (row unchanged) if it no longer fits, ValueError if the row is not
+        pending or already priced, the store's integrity error if the nonce was recorded before.
+        """
+
+    async def settle(self, row_id: int, charged_micro: int, tx_hash: str | None) -> None:
+        """The gateway took the payment; a late receipt may settle an unknown row too.
+
+        A row is settled at most once: ValueError if it is not pending or unknown.
+        """
+
+    async def fail(self, row_id: int, error: str) -> None:
+        """Nothing was charged; the row stops counting against budgets.
+
+        ValueError if the row is not pending or unknown.
+        """
+
+    async def mark_unknown(self, row_id: int, error: str) -> None:
+        """The outcome could not be learned; the row keeps counting at its quoted amount.
+
+        ValueError if the row is not pending.
+        """
+
+    async def recover(self) -> tuple[int, int]:
+        """Resolve pending rows of dead runs: unknown if priced (maybe paid), else failed.
+
+        A run is dead once its process is gone or its ledger closed; a live run's rows are never
+        touched. Returns how many rows became (unknown, failed).
+        """
+
+    async def user_spend(self, user: str, budget: Budget) -> UserSpend:
+        """One user's settled spend today, this UTC month and in all, and today's headroom."""
+
+    async def report(self, *, since: date | None = None, user: str | None = None) -> Report:
+        """Per-user totals of all time, or of the rows created on or after the UTC day ``since``.
+
+        ``user`` narrows it to one ``platform:id`` (ValueError if it is not one).
+        """
+
+    async def find_user(self, name: str) -> str | None:
+        """``platform:id`` last seen as ``@name`` or ``name`` (ASCII case-insensitive), or None."""
+
+    async def close(self) -> None:
+        """Close the store; from then on ``recover()`` elsewhere treats this run as dead."""
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """Close the ledger, as ``close()`` does."""

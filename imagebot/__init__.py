@@ -1,0 +1,1 @@
+"""The application shell: the command line and the wiring above ``bot/`` and ``adapters/``."""

@@ -1,0 +1,61 @@
+"""The ``imagebot spend`` report: a table, or JSON (README, "The ledger and budgets")."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from bot.ledger import Report
+from bot.money import usd_string
+
+
+def iso_utc(moment: datetime) -> str:
+    """``2026-11-21T04:38:35Z``, as reports print times."""
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def to_json(report: Report) -> dict[str, Any]:
+    """The ``imagebot spend --json`` object; ``pending_usd`` only where something is unresolved."""
+    users = []
+    for line in report.users:
+        entry: dict[str, Any] = {
+            "user": line.user,
+            "requests": line.requests,
+            "images": line.images,
+            "usd": usd_string(line.micro),
+        }
+        if line.pending_micro:
+            entry["pending_usd"] = usd_string(line.pending_micro)
+        entry["last_at"] = iso_utc(line.last_at)
+        users.append(entry)
+    result: dict[str, Any] = {"total_usd": usd_string(report.total_micro)}
+    if report.pending_micro:
+        result["pending_usd"] = usd_string(report.pending_micro)
+    result["users"] = users
+    return result
+
+
+def report_table(report: Report) -> str:
+    """The shell report: one row per user, then the totals."""
+    rows = [("user", "name", "requests", "images", "usd", "unknown", "last use")]
+    for user in report.users:
+        rows.append(
+            (
+                user.user,
+                user.display_name or "-",
+                str(user.requests),
+                str(user.images),
+                usd_string(user.micro),
+                usd_string(user.pending_micro) if user.pending_micro else "-",
+                iso_utc(user.last_at),
+            )
+        )
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+    lines.append(f"total settled: {usd_string(report.total_micro)} USD")
+    if report.pending_micro:
+        lines.append(f"outcome unknown (not in the total): {usd_string(report.pending_micro)} USD")
+    return "\n".join(lines)

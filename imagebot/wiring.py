@@ -1,0 +1,46 @@
+"""Wiring in one place: build the HTTP client, payer, image service, ledger and bot; close them."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from bot.config import Settings
+from bot.http import gateway_client
+from bot.images import ImageService
+from bot.ledger import open_ledger
+from bot.service import ImageBot
+from bot.x402 import Wallet, X402Payer
+
+log = logging.getLogger(__name__)
+
+
+@asynccontextmanager
+async def open_bot(
+    settings: Settings, wallet: Wallet | None = None, **service_options: float
+) -> AsyncIterator[ImageBot]:
+    """One image service, one ledger and one bot for every adapter in the process.
+
+    The wallet comes from ``WALLET_PRIVATE_KEY`` unless one is given (the demo's throwaway).
+    Payments left pending by a crashed run are settled as ``unknown`` (or ``failed`` when
+    nothing was signed) before the bot takes its first command.
+    """
+    key = settings.wallet_private_key
+    if wallet is None and key is not None:
+        wallet = Wallet(key.get_secret_value())
+    ledger = await open_ledger(settings.database_path)
+    try:
+        unknown, failed = await ledger.recover()
+        if unknown or failed:
+            log.warning(
+                "a previous run stopped mid-payment: %d payment(s) marked unknown, %d failed",
+                unknown,
+                failed,
+            )
+        async with gateway_client() as http:
+            payer = X402Payer(http, wallet, max_micro=settings.max_micro_per_request)
+            images = ImageService(http, payer, settings.image_api_url, **service_options)
+            yield ImageBot(settings, images, ledger)
+    finally:
+        await ledger.close()
