@@ -211,7 +211,7 @@ class ImageService:
             return await _json_body(response, charged=True)
         if response.status_code == 202:  # a job is charged only when a poll sees it completed
             return await _json_body(response, charged=False)
-        charged = paid.receipt is not None and paid.receipt.tx_hash is not None
+        charged = paid.receipt is not None
         raise _error_for(response, paid.payment, charged)
 
     async def _wait_for_job(

@@ -138,11 +138,9 @@ class SignedPayment:
 
 @dataclass(frozen=True)
 class Receipt:
-    """The settlement the gateway reported, as far as it said."""
+    """The settlement the gateway reported: the transfer's transaction."""
 
-    tx_hash: str | None
-    network: str | None
-    payer: str | None
+    tx_hash: str
 
 
 PaymentHook = Callable[[PaymentIntent], Awaitable[None]]
@@ -482,11 +480,6 @@ def read_receipt(response: httpx.Response) -> Receipt | None:
 
 
 def _receipt(report: dict[str, Any], tx_hash_key: str) -> Receipt | None:
-    """The non-empty string fields of a settlement report; None when it has none."""
-    tx_hash, network, payer = (
-        value if isinstance(value, str) and value else None
-        for value in (report.get(tx_hash_key), report.get("network"), report.get("payer"))
-    )
-    if tx_hash is None and network is None and payer is None:
-        return None
-    return Receipt(tx_hash, network, payer)
+    """The report's transaction hash, if it names one."""
+    tx_hash = report.get(tx_hash_key)
+    return Receipt(tx_hash) if isinstance(tx_hash, str) and tx_hash else None

@@ -289,7 +289,7 @@ async def test_v2_payment_verifies_with_the_official_sdk(
     sent = json.loads(base64.b64decode(result.payment.header_value))
     assert sent["accepted"] == offer(network, "52500")
     assert sent["resource"] == RESOURCE
-    assert result.receipt == Receipt(TX_HASH, network, ADDRESS)
+    assert result.receipt == Receipt(TX_HASH)
     assert hook.intents == [result.payment.intent]
     assert wallet.signatures == 1
 
@@ -309,7 +309,7 @@ async def test_v1_payment_verifies_with_the_official_sdk(
     assert result.payment.header_name == "X-PAYMENT"
     assert gateway.paid[0].payment == result.payment.header_value
     verify_with_sdk(result.payment.header_value, network, 21_000, time.time())
-    assert result.receipt == Receipt(TX_HASH, network, ADDRESS)
+    assert result.receipt == Receipt(TX_HASH)
     assert wallet.signatures == 1
 
 
@@ -559,7 +559,7 @@ async def test_dropped_connection_after_payment_resends_the_identical_request_wi
     assert first.body == resent.body
     assert len(hook.intents) == 1
     assert wallet.signatures == 1
-    assert result.receipt == Receipt(TX_HASH, "eip155:8453", ADDRESS)
+    assert result.receipt == Receipt(TX_HASH)
 
 
 async def test_connection_always_dropped_after_payment_is_outcome_unknown(
@@ -665,7 +665,7 @@ async def test_answer_without_402_is_returned_without_signing(
 
     result = await payer.post(gateway.url + GENERATIONS, json={}, on_payment=hook)
 
-    assert result == PaidResponse(result.response, None, Receipt(TX_HASH, "base", None))
+    assert result == PaidResponse(result.response, None, Receipt(TX_HASH))
     assert result.response.status_code == 200
     assert (hook.intents, wallet.signatures, gateway.paid) == ([], 0, [])
 
@@ -719,11 +719,11 @@ def settle_header(network: str) -> str:
     [
         (
             httpx.Response(200, headers={"PAYMENT-RESPONSE": settle_header("eip155:8453")}),
-            Receipt(TX_HASH, "eip155:8453", ADDRESS),
+            Receipt(TX_HASH),
         ),
         (
             httpx.Response(200, headers={"X-PAYMENT-RESPONSE": settle_header("base")}),
-            Receipt(TX_HASH, "base", ADDRESS),
+            Receipt(TX_HASH),
         ),
         (
             httpx.Response(
@@ -733,7 +733,7 @@ def settle_header(network: str) -> str:
                     "payment": {"status": "settled", "tx_hash": TX_HASH, "network": "base"},
                 },
             ),
-            Receipt(TX_HASH, "base", None),
+            Receipt(TX_HASH),
         ),
         (
             httpx.Response(
@@ -741,7 +741,7 @@ def settle_header(network: str) -> str:
                 headers={"PAYMENT-RESPONSE": "%%%"},
                 json={"payment": {"tx_hash": TX_HASH, "network": "base"}},
             ),
-            Receipt(TX_HASH, "base", None),
+            Receipt(TX_HASH),
         ),
         (httpx.Response(200, headers={"PAYMENT-RESPONSE": b64json([1, 2])}), None),
         (httpx.Response(200, content=b"\x89PNG\r\n\x1a\n"), None),
