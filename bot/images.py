@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 import httpx
 from PIL import Image
@@ -25,7 +25,7 @@ from PIL import Image
 from bot.errors import GatewayError
 from bot.money import MICRO_PER_USD, format_usd
 from bot.requests import EditRequest, GenerateRequest, ImageInput, detect_mime
-from bot.x402 import PaidResponse, PaymentHook, SignedPayment, X402Payer
+from bot.x402 import PaidResponse, PaymentHook, Receipt, SignedPayment, X402Payer, read_receipt
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class InsufficientFunds(GatewayRefused):
 
 
 class JobAbandoned(GatewayError):
-    """A slow job did not finish in time or failed; it is never charged."""
+    """A slow job did not finish in time or failed: charged only if the gateway settled early."""
 
 
 class BadReply(GatewayError):
@@ -89,6 +89,8 @@ class BadReply(GatewayError):
 
 
 _NOTHING = "Nothing was charged."
+_STILL_RUNNING: dict[str, Any] = {"status": "in_progress"}
+_STILL_RUNNING_CODES = frozenset({202, 429, 500, 502, 503, 504})
 
 
 class ImageService:
@@ -172,10 +174,11 @@ class ImageService:
             paid = await self._post(path, body, on_payment)
             reply = await self._answer(paid)
             if paid.response.status_code != 202:
-                return await self._finish(paid, reply, estimate_micro, on_result)
-        reply = await self._wait_for_job(reply, paid.payment, on_wait)  # polling holds no slot
+                return await self._finish(paid, paid.receipt, reply, estimate_micro, on_result)
+        job = _Job(paid, self._poll_url(reply, charged=paid.receipt is not None))
+        reply = await self._wait_for_job(job, on_wait)  # polling holds no slot
         async with self._in_hand:
-            return await self._finish(paid, reply, estimate_micro, on_result)
+            return await self._finish(paid, job.receipt, reply, estimate_micro, on_result)
 
     async def _post(
         self, path: str, body: dict[str, Any], on_payment: PaymentHook | None
@@ -189,6 +192,7 @@ class ImageService:
     async def _finish(
         self,
         paid: PaidResponse,
+        receipt: Receipt | None,
         reply: dict[str, Any],
         estimate_micro: int,
         on_result: ResultHook | None,
@@ -196,8 +200,9 @@ class ImageService:
         """Fetch or decode the pictures of a completed reply and hand them to ``on_result``."""
         charged = _charged_micro(paid, reply, estimate_micro)
         pictures = await self._fetch_all(reply, charged)
-        tx_hash = (reply.get("payment") or {}).get("tx_hash") or (
-            paid.receipt.tx_hash if paid.receipt else None
+        stated = reply.get("payment")
+        tx_hash = (stated.get("tx_hash") if isinstance(stated, dict) else None) or (
+            receipt.tx_hash if receipt else None
         )
         revised = next((item.get("revised_prompt") for item in reply["data"]), None)
         result = ImageResult(pictures, charged, tx_hash, revised)
@@ -206,55 +211,70 @@ class ImageService:
         return result
 
     async def _answer(self, paid: PaidResponse) -> dict[str, Any]:
+        """The body of the paid POST: 200 is settled, 202 a job; a receipt means charged."""
         response = paid.response
-        if response.status_code == 200:  # a paid request answered 200 has been settled
+        if response.status_code == 200:
             return await _json_body(response, charged=True)
-        if response.status_code == 202:  # a job is charged only when a poll sees it completed
-            return await _json_body(response, charged=False)
-        charged = paid.receipt is not None
-        raise _error_for(response, paid.payment, charged)
+        if response.status_code == 202:  # BlockRun charges a job on its completed poll
+            return await _json_body(response, charged=paid.receipt is not None)
+        raise _error_for(response, paid.payment, paid.receipt is not None)
 
-    async def _wait_for_job(
-        self, envelope: dict[str, Any], payment: SignedPayment | None, on_wait: WaitHook | None
-    ) -> dict[str, Any]:
+    def _poll_url(self, envelope: dict[str, Any], *, charged: bool) -> str:
+        """The job's absolute poll address; only the gateway's own origin gets the payment."""
         poll_url = envelope.get("poll_url")
-        if not isinstance(poll_url, str):
-            raise BadReply(f"The image service started a job without a poll address. {_NOTHING}")
-        poll_url = urljoin(self._api_url + "/", poll_url)
+        resolved = urljoin(self._api_url + "/", poll_url) if isinstance(poll_url, str) else ""
+        if _origin(resolved) != _origin(self._api_url):
+            log.warning("a job's poll address is not on the gateway; not polling it")
+            raise _bad_reply(charged, "started a job without a usable poll address")
+        return resolved
+
+    async def _wait_for_job(self, job: _Job, on_wait: WaitHook | None) -> dict[str, Any]:
+        """Poll every ``poll_interval`` until the job completes, fails or runs out of time."""
         started = time.monotonic()
         deadline = started + self._job_deadline
         try:
             while time.monotonic() < deadline:
                 await asyncio.sleep(self._poll_interval)
-                reply = await self._poll_once(poll_url, payment)
+                reply = await self._poll_once(job)
                 status = reply.get("status")
                 if status == "completed":
                     return reply
                 if status == "failed":
                     reason = _error_message(reply) or "the job failed"
-                    raise JobAbandoned(
-                        f"The image service could not make it ({reason}). {_NOTHING}"
-                    )
+                    raise job.abandoned(f"The image service could not make it ({reason}).")
                 if on_wait is not None:
                     await on_wait(time.monotonic() - started)
         except asyncio.CancelledError:
-            log.info("stopped polling %s before it completed; nothing was charged", poll_url)
+            log.info("stopped polling %s before it completed", job.poll_url)
             raise
         minutes = round(self._job_deadline / 60)
-        raise JobAbandoned(
-            f"The image was not ready after {minutes} min, so I stopped waiting. {_NOTHING}"
-        )
+        raise job.abandoned(f"The image was not ready after {minutes} min, so I stopped waiting.")
 
-    async def _poll_once(self, poll_url: str, payment: SignedPayment | None) -> dict[str, Any]:
+    async def _poll_once(self, job: _Job) -> dict[str, Any]:
+        """One poll's body; anything that means "not yet" reads as ``in_progress``.
+
+        BlockRun answers an unfinished job 202; 429, 5xx and a lost connection are asked again
+        with the same payment header; 402 means the settlement failed. Any answer with a
+        settlement receipt marks the job charged, whatever its status.
+        """
         try:
-            response = await self._payer.get(poll_url, payment)
+            response = await self._payer.get(job.poll_url, job.paid.payment)
         except httpx.TransportError:
-            return {"status": "in_progress"}  # the next poll asks again with the same header
+            return _STILL_RUNNING
+        job.receipt = read_receipt(response) or job.receipt
         if response.status_code == 200:  # unreadable: it may have said "completed"
-            return await _json_body(response, charged=None)
-        if response.status_code in (429, 500, 502, 503, 504):
-            return {"status": "in_progress"}
-        raise _error_for(response, payment, charged=False)
+            return await _json_body(response, charged=True if job.receipt else None)
+        if response.status_code in _STILL_RUNNING_CODES:
+            return _STILL_RUNNING
+        if response.status_code == 402 and job.receipt is None:
+            body = _safe_json(response)
+            details = body.get("details") if isinstance(body, dict) else None
+            reason = str(details)[:80] if details else _error_message(body) or "refused"
+            raise InsufficientFunds(
+                f"The image service could not collect the payment ({reason}). {_NOTHING} "
+                "An admin should check that the bot's wallet has USDC."
+            )
+        raise _error_for(response, job.paid.payment, job.receipt is not None)
 
     async def _fetch_all(self, reply: dict[str, Any], charged_micro: int) -> tuple[Picture, ...]:
         items = reply.get("data")
@@ -291,6 +311,31 @@ class ImageService:
             raise _bad_reply(charged_micro, "gave an image link I couldn't fetch") from None
 
 
+@dataclass
+class _Job:
+    """A 202 job being polled: the payment that started it and any receipt seen so far."""
+
+    paid: PaidResponse
+    poll_url: str
+    receipt: Receipt | None = None
+
+    def __post_init__(self) -> None:
+        self.receipt = self.paid.receipt
+
+    def abandoned(self, what: str) -> JobAbandoned:
+        """A job given up on: charged only if some answer carried a receipt."""
+        if self.receipt is None:
+            return JobAbandoned(f"{what} {_NOTHING}")
+        error = JobAbandoned(f"{what} It was charged anyway; an admin can check /spend.")
+        error.charged = True
+        return error
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port
+
+
 def _picture(data: bytes, charged_micro: int) -> Picture:
     mime = detect_mime(data)
     if mime is None or len(data) > MAX_PICTURE_BYTES:
@@ -303,8 +348,12 @@ def _picture(data: bytes, charged_micro: int) -> Picture:
     return Picture(data, mime, width, height)
 
 
-def _bad_reply(charged_micro: int, what: str) -> BadReply:
+def _bad_reply(charged_micro: int | bool, what: str) -> BadReply:
     """An unusable answer to a call that cost ``charged_micro`` (0: nothing was charged)."""
+    if charged_micro is True:
+        error = BadReply(f"The image service {what}; it was charged, an admin can check /spend.")
+        error.charged = True
+        return error
     if not charged_micro:
         return BadReply(f"The image service {what}. {_NOTHING}")
     error = BadReply(f"The image service {what}; {format_usd(charged_micro)} was charged for it.")

@@ -29,7 +29,8 @@ _MAX_ENTRIES = 1000  # jobs and stored images
 _MAX_IMAGE_BYTES = 256 * 2**20
 _RENDER_CACHE_SIZE = 32
 _MAX_BODY_BYTES = 64 * 2**20
-_FORCED_SLOW = frozenset({"slow", "fail", "never"})
+_FORCED_SLOW = frozenset({"slow", "fail", "never", "settlefail"})
+_API_PREFIXES = ("", "/api")
 
 _K = TypeVar("_K")
 _V = TypeVar("_V")
@@ -72,11 +73,16 @@ class Sandbox:
         self._runner: web.AppRunner | None = None
         self.url = ""  # the API root, once started
         self.app = web.Application(client_max_size=_MAX_BODY_BYTES)
+        for prefix in _API_PREFIXES:  # BlockRun's API root is https://blockrun.ai/api
+            self.app.add_routes(
+                [
+                    web.post(f"{prefix}/v1/images/generations", self._generate),
+                    web.post(f"{prefix}/v1/images/image2image", self._edit),
+                    web.get(f"{prefix}/v1/images/generations/{{job_id}}", self._poll),
+                ]
+            )
         self.app.add_routes(
             [
-                web.post("/v1/images/generations", self._generate),
-                web.post("/v1/images/image2image", self._edit),
-                web.get("/v1/images/generations/{job_id}", self._poll),
                 web.get("/images/{image_id}.png", self._image),
                 web.get("/sandbox/settlements", self._settlements),
             ]
@@ -161,10 +167,11 @@ class Sandbox:
     ) -> web.Response:
         job = _Job(uuid.uuid4().hex, order, payment, resource_url, time.monotonic())
         _remember(self._jobs, job.id, job, _MAX_ENTRIES)
+        prefix = "/api" if request.path.startswith("/api/") else ""
         body = {
             "id": job.id,
             "status": "queued",
-            "poll_url": f"{request.url.origin()}/v1/images/generations/{job.id}",
+            "poll_url": f"{prefix}/v1/images/generations/{job.id}",  # relative, as BlockRun's
             "price": _price(order.price_micro),
             "payment_status": "verified",
         }
@@ -190,8 +197,13 @@ class Sandbox:
             return web.json_response(
                 {"id": job.id, "status": status, "error": {"message": message}}
             )
-        if status != "completed":
-            return web.json_response({"id": job.id, "status": status})
+        if status != "completed":  # BlockRun: 202 until done (blockrun-llm polls on 202)
+            return web.json_response({"id": job.id, "status": status}, status=202)
+        if "settlefail" in job.order.tags and job.settlement is None:
+            return web.json_response(
+                {"error": "Payment settlement failed", "details": "insufficient_funds"},
+                status=402,
+            )
         if job.data is None:
             data = await self._deliver(request, job.order)
             job.data = job.data or data  # a concurrent poll may have drawn them first

@@ -204,7 +204,7 @@ class Facilitator:
         return settlement
 
     def receipt(self, settlement: Settlement) -> dict[str, str]:
-        """The receipt header of a settled answer."""
+        """The receipt headers of a settled answer: x402's, and the hash blockrun-llm reads."""
         name = "PAYMENT-RESPONSE" if self.version == 2 else "X-PAYMENT-RESPONSE"
         receipt = {
             "success": True,
@@ -212,7 +212,7 @@ class Facilitator:
             "network": self.network,
             "payer": settlement.payer,
         }
-        return {name: _b64json(receipt)}
+        return {name: _b64json(receipt), "X-Payment-Receipt": settlement.tx_hash}
 
 
 def _nonce_key(payment: Payment) -> tuple[str, str]:

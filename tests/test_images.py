@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
+import json
 import os
 import subprocess
 import sys
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from aiohttp import web
 from pictures import png
 
 from adapters.console import ConsoleChat
+from bot.chains import BASE_SEPOLIA
 from bot.commands import parse
 from bot.errors import ImagebotError, PaymentRefused
 from bot.http import gateway_client
@@ -118,6 +124,106 @@ async def test_slow_job_is_polled_and_settles_once(
     assert result.tx_hash == sandbox.settlements[0].tx_hash
 
 
+async def test_a_slow_job_is_polled_through_202_answers_until_it_completes(
+    http: httpx.AsyncClient,
+) -> None:
+    gateway = Sandbox(job_seconds=0.5)
+    polls: list[int] = []
+
+    @web.middleware
+    async def count_polls(request: web.Request, handler: Any) -> web.StreamResponse:
+        response = await handler(request)
+        if request.path.startswith("/v1/images/generations/"):
+            polls.append(response.status)
+        return response
+
+    gateway.app.middlewares.append(count_polls)
+    service = service_for(http, await gateway.start())
+    try:
+        result = await run(service, "/imagegen -m banana-pro a harbour")
+    finally:
+        await gateway.close()
+    assert polls[:-1] == [202] * (len(polls) - 1) and len(polls) >= 4
+    assert polls[-1] == 200
+    assert [s.amount_micro for s in gateway.settlements] == [result.charged_micro]
+
+
+async def test_busy_and_lost_polls_are_asked_again_with_the_same_payment(
+    http: httpx.AsyncClient, unused_tcp_port: int
+) -> None:
+    answers = [503, 429, "drop", 504, 200]
+    seen: list[str] = []
+
+    async def generations(request: web.Request) -> web.StreamResponse:
+        if "PAYMENT-SIGNATURE" not in request.headers:
+            return web.json_response({"x402Version": 2, "accepts": [REQUIREMENT]}, status=402)
+        return web.json_response({"id": "j", "status": "queued", "poll_url": "/jobs/j"}, status=202)
+
+    async def job(request: web.Request) -> web.StreamResponse:
+        seen.append(request.headers["PAYMENT-SIGNATURE"])
+        answer = answers.pop(0)
+        if answer == "drop":
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response()
+        if answer != 200:
+            return web.json_response({"status": "in_progress"}, status=answer)
+        picture = "data:image/png;base64," + base64.b64encode(png()).decode()
+        body = {"status": "completed", "data": [{"url": picture}]}
+        return web.json_response(body, headers={"X-Payment-Receipt": "0xabc"})
+
+    async with serving(
+        unused_tcp_port, ("POST", "/v1/images/generations", generations), ("GET", "/jobs/j", job)
+    ) as url:
+        result = await run(service_for(http, url), "/imagegen a fox")
+
+    assert len(seen) == 5 and len(set(seen)) == 1
+    assert result.charged_micro == 52_500 and result.pictures
+
+
+async def test_a_receipt_on_a_202_is_charged_even_when_the_job_then_fails(
+    http: httpx.AsyncClient, unused_tcp_port: int
+) -> None:
+    receipt = base64.b64encode(
+        json.dumps({"success": True, "transaction": "0xabc", "network": "eip155:84532"}).encode()
+    ).decode()
+
+    async def generations(request: web.Request) -> web.StreamResponse:
+        if "PAYMENT-SIGNATURE" not in request.headers:
+            return web.json_response({"x402Version": 2, "accepts": [REQUIREMENT]}, status=402)
+        body = {"id": "j", "status": "queued", "poll_url": "/jobs/j"}
+        return web.json_response(body, status=202, headers={"PAYMENT-RESPONSE": receipt})
+
+    async def job(_: web.Request) -> web.StreamResponse:
+        return web.json_response({"status": "failed", "error": "upstream broke"})
+
+    async with serving(
+        unused_tcp_port, ("POST", "/v1/images/generations", generations), ("GET", "/jobs/j", job)
+    ) as url:
+        with pytest.raises(JobAbandoned) as caught:
+            await run(service_for(http, url), "/imagegen a fox")
+
+    assert caught.value.charged is True
+    assert "charged anyway" in caught.value.user_message
+
+
+async def test_a_poll_address_off_the_gateway_is_never_sent_the_payment(
+    http: httpx.AsyncClient, unused_tcp_port: int
+) -> None:
+    async def generations(request: web.Request) -> web.StreamResponse:
+        if "PAYMENT-SIGNATURE" not in request.headers:
+            return web.json_response({"x402Version": 2, "accepts": [REQUIREMENT]}, status=402)
+        body = {"id": "j", "status": "queued", "poll_url": "http://127.0.0.2:9/steal"}
+        return web.json_response(body, status=202)
+
+    async with serving(unused_tcp_port, ("POST", "/v1/images/generations", generations)) as url:
+        with pytest.raises(BadReply) as caught:
+            await run(service_for(http, url), "/imagegen a fox")
+
+    assert caught.value.charged is False
+    assert "Nothing was charged." in caught.value.user_message
+
+
 async def test_edit_with_mask_is_drawn_from_the_input(
     sandbox: RunningSandbox, http: httpx.AsyncClient
 ) -> None:
@@ -144,6 +250,7 @@ async def test_multi_image_fusion(sandbox: RunningSandbox, http: httpx.AsyncClie
         ("#timeout", ImagebotError, "timed out"),
         ("#nofunds", InsufficientFunds, "wallet"),
         ("#fail", JobAbandoned, "could not make it"),
+        ("#settlefail", InsufficientFunds, "could not collect the payment (insufficient_funds)"),
     ],
 )
 async def test_each_failure_has_its_message_and_charges_nothing(
@@ -197,6 +304,33 @@ async def test_payment_hook_sees_the_intent_before_the_header_is_sent(
     assert sandbox.settlements[0].nonce.lower() == intent.nonce.lower()
 
 
+REQUIREMENT = {
+    "scheme": "exact",
+    "network": BASE_SEPOLIA.caip2,
+    "asset": BASE_SEPOLIA.usdc,
+    "amount": "52500",
+    "payTo": "0x1f9994449098867e0A14f77DcAD0fD3beBe3ae15",
+    "maxTimeoutSeconds": 300,
+    "extra": {},
+}
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@asynccontextmanager
+async def serving(port: int, *routes: tuple[str, str, Handler]) -> AsyncIterator[str]:
+    """A throwaway gateway on loopback with these routes; yields its root URL."""
+    app = web.Application()
+    for method, path, handler in routes:
+        app.router.add_route(method, path, handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
 async def test_unreachable_gateway_says_nothing_was_charged(http: httpx.AsyncClient) -> None:
     service = service_for(http, "http://127.0.0.1:9")
     with pytest.raises(ImagebotError) as caught:
@@ -208,8 +342,6 @@ async def test_unreachable_gateway_says_nothing_was_charged(http: httpx.AsyncCli
 async def test_gateway_that_returns_no_image_reports_the_charge(
     http: httpx.AsyncClient, unused_tcp_port: int
 ) -> None:
-    from aiohttp import web
-
     async def empty(_: web.Request) -> web.Response:
         return web.json_response({"created": 1, "data": [{"url": "data:image/png;base64,AAAA"}]})
 
@@ -253,10 +385,6 @@ async def test_resent_payment_reported_as_used_is_an_unknown_outcome(
     http: httpx.AsyncClient, unused_tcp_port: int
 ) -> None:
     """The gateway got the paid request, the answer was lost, the resend meets a used nonce."""
-    from aiohttp import web
-
-    from bot.chains import BASE_SEPOLIA
-
     requirement = {
         "scheme": "exact",
         "network": BASE_SEPOLIA.caip2,

@@ -307,11 +307,12 @@ async def test_v2_also_accepts_the_x_payment_header(gateway: Gateway) -> None:
 
 
 async def poll_until_done(gateway: Gateway, poll_url: str, header: str) -> httpx.Response:
+    """Poll as BlockRun's SDK does: 202 means not yet; the first other answer is the end."""
     for _ in range(50):
         response = await gateway.http.get(poll_url, headers={"PAYMENT-SIGNATURE": header})
-        assert response.status_code == 200, response.text
-        if response.json()["status"] not in ("queued", "in_progress"):
+        if response.status_code != 202:
             return response
+        assert response.json()["status"] in ("queued", "in_progress")
         await asyncio.sleep(JOB_SECONDS / 4)
     raise AssertionError("the job never finished")
 
@@ -329,18 +330,21 @@ async def test_slow_model_is_queued_then_settles_exactly_once(gateway: Gateway) 
     assert job["status"] == "queued"
     assert job["payment_status"] == "verified"
     assert job["price"] == {"amount": "0.105000", "currency": "USD"}
-    assert job["poll_url"] == f"{gateway.root}{GENERATE}/{job['id']}"
+    assert job["poll_url"] == f"{GENERATE}/{job['id']}"  # relative, as BlockRun's
     first = await gateway.http.get(job["poll_url"], headers={"PAYMENT-SIGNATURE": header})
-    assert first.json()["status"] in ("queued", "in_progress")
+    assert first.status_code == 202
+    assert first.json() == {"id": job["id"], "status": "queued"}
     assert gateway.sandbox.settlements == []
 
     done = await poll_until_done(gateway, job["poll_url"], header)
     result = done.json()
+    assert done.status_code == 200
     assert result["status"] == "completed"
     assert result["payment"]["status"] == "settled"
     (settlement,) = gateway.sandbox.settlements
     assert result["payment"]["tx_hash"] == settlement.tx_hash
     assert decode_header(done.headers["PAYMENT-RESPONSE"])["transaction"] == settlement.tx_hash
+    assert done.headers["X-Payment-Receipt"] == settlement.tx_hash  # what blockrun-llm reads
     assert (await gateway.http.get(result["data"][0]["url"])).status_code == 200
 
     again = await gateway.http.get(job["poll_url"], headers={"PAYMENT-SIGNATURE": header})
@@ -407,8 +411,33 @@ async def test_never_job_stays_in_progress(gateway: Gateway) -> None:
     await asyncio.sleep(JOB_SECONDS * 2)
 
     response = await gateway.http.get(job["poll_url"], headers={"PAYMENT-SIGNATURE": header})
+    assert response.status_code == 202
     assert response.json() == {"id": job["id"], "status": "in_progress"}
     assert gateway.sandbox.settlements == []
+
+
+async def test_a_failed_settlement_answers_the_completed_poll_with_402_and_its_reason(
+    gateway: Gateway,
+) -> None:
+    job, header = await submit(gateway, GENERATE, {"model": "flux", "prompt": "a fox #settlefail"})
+
+    done = await poll_until_done(gateway, job["poll_url"], header)
+
+    assert done.status_code == 402
+    assert done.json()["details"] == "insufficient_funds"
+    assert gateway.sandbox.settlements == []
+
+
+async def test_blockruns_api_prefix_serves_the_same_routes_and_relative_poll_urls(
+    gateway: Gateway,
+) -> None:
+    path = "/api" + GENERATE
+    job, header = await submit(gateway, path, {"model": "flux", "prompt": "a fox #slow"})
+
+    assert job["poll_url"] == f"{path}/{job['id']}"
+    done = await poll_until_done(gateway, job["poll_url"], header)
+    assert done.json()["status"] == "completed"
+    assert len(gateway.sandbox.settlements) == 1
 
 
 async def test_slow_tag_sends_a_fast_model_through_the_job_path(gateway: Gateway) -> None:
