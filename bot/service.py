@@ -90,6 +90,7 @@ class LedgerPayment:
             network=quote.chain.caip2,
             payer=intent.payer,
             nonce=intent.nonce,
+            valid_before=intent.valid_before,
         )
         self.signed_micro = quote.amount_micro
 

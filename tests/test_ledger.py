@@ -28,6 +28,7 @@ from bot.ledger import (
     Ledger,
     Report,
     SqliteLedger,
+    Status,
     UserSpend,
     UserTotal,
 )
@@ -35,6 +36,7 @@ from bot.ledger import (
 NOW = datetime(2026, 11, 21, 4, 38, 35, tzinfo=UTC)
 PRICE = 21_000
 ROOMY = Budget(user_daily_micro=10_000_000, global_daily_micro=100_000_000, exempt=False)
+VALID_BEFORE = int(NOW.timestamp()) + 3600
 THREE_FIT = 3 * PRICE + 7_000  # three reservations fit, a fourth does not
 USER_REFUSAL = (
     "Daily limit reached: you have $0.007 left of your $0.07 per day; it resets at 00:00 UTC. "
@@ -73,7 +75,13 @@ def nonce(number: int) -> str:
 
 async def price(ledger: Ledger, row: int, amount: int, budget: Budget, number: int) -> None:
     await ledger.price(
-        row, amount, budget, network="eip155:8453", payer="0xPAYER", nonce=nonce(number)
+        row,
+        amount,
+        budget,
+        network="eip155:8453",
+        payer="0xPAYER",
+        nonce=nonce(number),
+        valid_before=VALID_BEFORE,
     )
 
 
@@ -402,6 +410,61 @@ async def test_recover_resolves_the_rows_of_a_closed_ledger(ledger_backend: Back
         assert await ledger.recover() == (1, 1)
         report = await ledger.report()
     assert (report.total_micro, report.pending_micro) == (0, PRICE)
+
+
+# Open jobs: a 202 job outlives the run that started it
+
+
+async def _open_job(ledger: Ledger, number: int) -> int:
+    row = await ledger.reserve(attempt(f"user{number}"), PRICE, ROOMY)
+    await price(ledger, row, PRICE, ROOMY, number)
+    await ledger.start_job(row, f'{{"poll_url": "/jobs/{number}"}}', f'{{"chat": {number}}}')
+    return row
+
+
+async def test_open_jobs_survive_recovery_and_are_claimed_once(ledger_backend: Backend) -> None:
+    async with await ledger_backend.open() as stopped:
+        rows = [await _open_job(stopped, number) for number in (1, 2, 3)]
+        plain = await stopped.reserve(attempt(), PRICE, ROOMY)
+        await price(stopped, plain, PRICE, ROOMY, 9)
+        with pytest.raises(ValueError):
+            await stopped.start_job(plain + 99, "{}", "{}")
+    async with await ledger_backend.open() as first, await ledger_backend.open() as second:
+        assert await first.recover() == (1, 0)  # the plain signed row; the jobs stay open
+        claims = await asyncio.gather(first.claim_jobs(), second.claim_jobs(), first.claim_jobs())
+        claimed = [job.row_id for jobs in claims for job in jobs]
+        assert sorted(claimed) == rows  # every job once, by one of the two runs
+        job = next(job for jobs in claims for job in jobs if job.row_id == rows[0])
+        assert (job.user_id, job.quoted_micro, job.job, job.reply_to) == (
+            "user1",
+            PRICE,
+            '{"poll_url": "/jobs/1"}',
+            '{"chat": 1}',
+        )
+        assert await second.claim_jobs() == []  # the claimers are alive
+        owner = first if any(job.row_id == rows[0] for job in claims[0] + claims[2]) else second
+        await owner.settle(rows[0], PRICE, "0xtx")
+    async with await ledger_backend.open() as later:
+        assert sorted(job.row_id for job in await later.claim_jobs()) == rows[1:]
+
+
+async def test_payments_lists_rows_newest_first_with_what_the_chain_needs(ledger: Ledger) -> None:
+    settled = await ledger.reserve(attempt(), PRICE, ROOMY)
+    await price(ledger, settled, PRICE, ROOMY, 1)
+    await ledger.settle(settled, PRICE, "0xtx")
+    unknown = await ledger.reserve(attempt("222", "bob"), PRICE, ROOMY)
+    await price(ledger, unknown, PRICE, ROOMY, 2)
+    await ledger.mark_unknown(unknown, "lost answer")
+
+    listed = await ledger.payments()
+    assert [payment.row_id for payment in listed] == [unknown, settled]
+    only = await ledger.payments(Status.UNKNOWN)
+    assert [(p.user, p.status, p.nonce, p.valid_before, p.error) for p in only] == [
+        ("telegram:222", Status.UNKNOWN, nonce(2), VALID_BEFORE, "lost answer")
+    ]
+    assert (await ledger.payment(settled)).tx_hash == "0xtx"
+    with pytest.raises(KeyError):
+        await ledger.payment(999)
 
 
 # Reports

@@ -124,6 +124,43 @@ class BudgetExceeded(PaymentRefused):
         return cls.over_global_cap()
 
 
+@dataclass(frozen=True, slots=True)
+class OpenJob:
+    """A slow job whose picture is still owed: enough to poll on and answer after a restart."""
+
+    row_id: int
+    platform: str
+    user_id: str
+    command: str
+    model: str
+    size: str
+    n: int
+    quoted_micro: int
+    job: str  # the image service's JSON: poll address and the payment header presented
+    reply_to: str  # the adapter's JSON: where to answer
+
+
+@dataclass(frozen=True, slots=True)
+class Payment:
+    """One ledger row, as ``imagebot payments`` lists it and the chain check reads it."""
+
+    row_id: int
+    created_at: datetime
+    user: str
+    command: str
+    model: str
+    status: Status
+    quoted_micro: int
+    charged_micro: int | None
+    network: str | None
+    payer: str | None
+    nonce: str | None
+    valid_before: int | None
+    tx_hash: str | None
+    error: str | None
+    reply_to: str | None
+
+
 class Ledger(Protocol):
     """Every paid attempt, one row each, with daily budgets reserved atomically.
 
@@ -147,6 +184,7 @@ class Ledger(Protocol):
         network: str,
         payer: str,
         nonce: str,
+        valid_before: int,
     ) -> None:
         """Set the real quote and the payment's nonce before signing; a higher quote is re-checked.
 
@@ -175,9 +213,25 @@ class Ledger(Protocol):
     async def recover(self) -> tuple[int, int]:
         """Resolve pending rows of dead runs: unknown if priced (maybe paid), else failed.
 
-        A run is dead once its process is gone or its ledger closed; a live run's rows are never
-        touched. Returns how many rows became (unknown, failed).
+        Rows with an open job are left pending for ``claim_jobs``. A run is dead once its
+        process is gone or its ledger closed; a live run's rows are never touched. Returns how
+        many rows became (unknown, failed).
         """
+
+    async def start_job(self, row_id: int, job: str, reply_to: str) -> None:
+        """The gateway answered 202: keep the job and where to answer, so any run can finish it.
+
+        ValueError if the row is not pending.
+        """
+
+    async def claim_jobs(self) -> list[OpenJob]:
+        """Take over the open jobs of dead runs; each is claimed by exactly one live run."""
+
+    async def payments(self, status: Status | None = None, limit: int = 1000) -> list[Payment]:
+        """The newest rows first, all or of one status."""
+
+    async def payment(self, row_id: int) -> Payment:
+        """One row; KeyError if there is none."""
 
     async def user_spend(self, user: str, budget: Budget) -> UserSpend:
         """One user's settled spend today, this UTC month and in all, and today's headroom."""

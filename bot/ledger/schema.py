@@ -162,8 +162,21 @@ _V2_TOTALS = (
     END""",
 )
 
+# What a paid request needs to be finished or judged after the process that made it is gone:
+# the signed authorization's expiry (the chain can tell if it was used), the 202 job the gateway
+# started (its poll address and the payment header presented, JSON from the image service) and
+# where to answer (JSON from the adapter).
+_V3_JOBS = (
+    "ALTER TABLE attempts ADD COLUMN valid_before INTEGER",
+    "ALTER TABLE attempts ADD COLUMN job TEXT",
+    "ALTER TABLE attempts ADD COLUMN reply_to TEXT",
+    "CREATE INDEX attempts_open_jobs ON attempts (run_id)"
+    " WHERE status = 'pending' AND job IS NOT NULL",
+    "CREATE INDEX attempts_by_status ON attempts (status, id)",
+)
+
 # Applied in order from the file's PRAGMA user_version; never edit a released step, add one.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1_ATTEMPTS, _V2_TOTALS)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1_ATTEMPTS, _V2_TOTALS, _V3_JOBS)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -19,6 +19,8 @@ from bot.ledger.api import (
     Budget,
     BudgetExceeded,
     Clock,
+    OpenJob,
+    Payment,
     Report,
     Status,
     UserSpend,
@@ -46,7 +48,7 @@ _RESERVE = f"""INSERT INTO attempts (run_id, platform, user_id, display_name, ch
 
 # A price at or under the reservation only shrinks the spend, so only a higher one is re-checked.
 _PRICE = f"""UPDATE attempts SET quoted_micro = :amount, network = :network, payer = :payer,
-        nonce = :nonce, updated_at = :now
+        nonce = :nonce, valid_before = :valid_before, updated_at = :now
     WHERE id = :id AND status = 'pending' AND nonce IS NULL AND (:amount <= quoted_micro OR (
         (:exempt OR (SELECT counted_micro FROM user_days AS d WHERE d.platform = attempts.platform
             AND d.user_id = attempts.user_id AND d.day = attempts.created_at / {DAY_SECONDS})
@@ -138,6 +140,7 @@ class SqliteLedger:
         network: str,
         payer: str,
         nonce: str,
+        valid_before: int,
     ) -> None:
         """As ``Ledger.price``; a nonce recorded before raises sqlite3.IntegrityError."""
         params = {
@@ -146,6 +149,7 @@ class SqliteLedger:
             "network": network,
             "payer": payer,
             "nonce": nonce,
+            "valid_before": valid_before,
             "now": self._now(),
             **_caps(budget),
         }
@@ -194,12 +198,51 @@ class SqliteLedger:
             " status = CASE WHEN nonce IS NULL THEN 'failed' ELSE 'unknown' END,"
             " error = CASE WHEN nonce IS NULL THEN 'the bot stopped before signing'"
             " ELSE 'the bot stopped before learning the outcome' END,"
-            f" updated_at = ? WHERE status = 'pending' AND run_id IN ({','.join('?' * len(dead))})"
-            " RETURNING status",
+            f" updated_at = ? WHERE status = 'pending' AND job IS NULL"
+            f" AND run_id IN ({','.join('?' * len(dead))}) RETURNING status",
             (self._now(), *dead),
         )
         unknown = sum(1 for (status,) in changed if status == Status.UNKNOWN)
         return unknown, len(changed) - unknown
+
+    async def start_job(self, row_id: int, job: str, reply_to: str) -> None:
+        """As ``Ledger.start_job``."""
+        await self._resolve(row_id, "job = ?, reply_to = ?", (job, reply_to), ("pending",))
+
+    async def claim_jobs(self) -> list[OpenJob]:
+        """As ``Ledger.claim_jobs``: one compare-and-set of ``run_id`` per job."""
+        rows = await self._db.execute_fetchall(
+            "SELECT DISTINCT run_id FROM attempts WHERE status = 'pending' AND job IS NOT NULL"
+        )
+        dead = await asyncio.to_thread(self._lock.dead_runs, [run for (run,) in rows])
+        if not dead:
+            return []
+        claimed = await self._db.execute_fetchall(
+            f"UPDATE attempts SET run_id = ?, updated_at = ? WHERE status = 'pending'"
+            f" AND job IS NOT NULL AND run_id IN ({','.join('?' * len(dead))})"
+            " RETURNING id, platform, user_id, command, model, size, n, quoted_micro, job,"
+            " coalesce(reply_to, '')",
+            (self._lock.run_id, self._now(), *dead),
+        )
+        return sorted((OpenJob(*row) for row in claimed), key=lambda job: job.row_id)
+
+    async def payments(self, status: Status | None = None, limit: int = 1000) -> list[Payment]:
+        """As ``Ledger.payments``."""
+        where = "WHERE status = ?" if status else ""
+        rows = await self._db.execute_fetchall(
+            f"SELECT {_PAYMENT_COLUMNS} FROM attempts {where} ORDER BY id DESC LIMIT ?",
+            (status, limit) if status else (limit,),
+        )
+        return [_payment(row) for row in rows]
+
+    async def payment(self, row_id: int) -> Payment:
+        """As ``Ledger.payment``."""
+        rows = await self._db.execute_fetchall(
+            f"SELECT {_PAYMENT_COLUMNS} FROM attempts WHERE id = ?", (row_id,)
+        )
+        if not rows:
+            raise KeyError(row_id)
+        return _payment(rows[0])
 
     async def user_spend(self, user: str, budget: Budget) -> UserSpend:
         """One user's settled spend today, this UTC month and in all, and today's headroom."""
@@ -323,6 +366,17 @@ class SqliteLedger:
         )
         if not rows:
             raise ValueError(f"attempt {row_id} is not {' or '.join(from_states)}")
+
+
+_PAYMENT_COLUMNS = (
+    "id, created_at, platform || ':' || user_id, command, model, status, quoted_micro,"
+    " charged_micro, network, payer, nonce, valid_before, tx_hash, error, reply_to"
+)
+
+
+def _payment(row: Any) -> Payment:
+    row_id, created_at, user, command, model, status, *rest = row
+    return Payment(row_id, _datetime(created_at), user, command, model, Status(status), *rest)
 
 
 def _caps(budget: Budget) -> dict[str, int]:
