@@ -28,6 +28,9 @@ class ConsoleChat:
     def __init__(self, out_dir: Path) -> None:
         self._out_dir = out_dir
 
+    def reply_address(self) -> str:
+        return "{}"  # a terminal session does not outlive its run
+
     async def send_text(self, text: str) -> None:
         print(text, flush=True)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -187,14 +188,31 @@ def _sender(
     )
 
 
+async def chat_for(client: discord.Client, address: str) -> StatusChat[Any]:
+    """A chat that answers where ``reply_address`` said: a reply, or a mention in the channel.
+
+    Waits until the client is connected. ValueError (or KeyError/TypeError) when ``address``
+    is not such a description.
+    """
+    where = json.loads(address)
+    await client.wait_until_ready()
+    channel = client.get_partial_messageable(int(where["channel"]))
+    if where.get("message") is not None:
+        return MessageChat(channel.get_partial_message(int(where["message"])))
+    return ChannelChat(channel, int(where["user"]))
+
+
 class MessageChat(StatusChat[discord.Message]):
     """The core's ``Chat`` for a message command: replies in its channel, with typing shown."""
 
     max_text_chars = MAX_CONTENT_CHARS
 
-    def __init__(self, command: discord.Message) -> None:
+    def __init__(self, command: discord.Message | discord.PartialMessage) -> None:
         super().__init__()
         self._command = command
+
+    def reply_address(self) -> str:
+        return json.dumps({"channel": self._command.channel.id, "message": self._command.id})
 
     async def _post_text(self, text: str) -> None:
         await self._command.reply(text, mention_author=False)
@@ -253,6 +271,10 @@ class InteractionChat(StatusChat[None]):
         for piece in more:
             await self._post_text(piece)
 
+    def reply_address(self) -> str:
+        interaction = self._interaction
+        return json.dumps({"channel": interaction.channel_id, "user": interaction.user.id})
+
     async def _post_text(self, text: str) -> None:
         await self._interaction.followup.send(text, ephemeral=True)
 
@@ -287,6 +309,41 @@ class InteractionChat(StatusChat[None]):
         assert isinstance(channel, discord.abc.Messageable)
         text = f"{self._interaction.user.mention} {content or ''}".strip()
         await channel.send(text[:MAX_CONTENT_CHARS], files=list(files))
+
+
+class ChannelChat(StatusChat[discord.Message]):
+    """Answers in a channel, mentioning the user: a slash command's answer after a restart."""
+
+    max_text_chars = MAX_CONTENT_CHARS - 40  # room for the mention
+
+    def __init__(self, channel: discord.PartialMessageable, user_id: int) -> None:
+        super().__init__()
+        self._channel = channel
+        self._user_id = user_id
+        self._mention = f"<@{user_id}>"
+
+    def reply_address(self) -> str:
+        return json.dumps({"channel": self._channel.id, "user": self._user_id})
+
+    async def _post_text(self, text: str) -> None:
+        await self._channel.send(f"{self._mention} {text}")
+
+    async def _post_status(self, text: str) -> discord.Message:
+        return await self._channel.send(f"{self._mention} {text}")
+
+    async def _post_pictures(self, pictures: Sequence[Picture], caption: str) -> None:
+        for index, files in enumerate(await _batches(pictures)):
+            content = f"{self._mention} {caption}" if index == 0 else None
+            await self._channel.send(content and content[:MAX_CONTENT_CHARS], files=files)
+
+    async def _edit_status(self, status: discord.Message, text: str) -> float | None:
+        with contextlib.suppress(discord.HTTPException):
+            await status.edit(content=f"{self._mention} {text}")
+        return None
+
+    async def _delete_status(self, status: discord.Message) -> None:
+        with contextlib.suppress(discord.NotFound):
+            await status.delete()
 
 
 async def _batches(pictures: Sequence[Picture]) -> list[list[discord.File]]:

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import warnings
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
 
 from httpx_aiohttp import AiohttpTransport
 from telegram import BotCommand, InputMediaPhoto, Message, Update
+from telegram import Chat as TelegramChatInfo
 from telegram.constants import ChatAction, ChatType
 from telegram.error import BadRequest, RetryAfter, TelegramError
 from telegram.ext import Application, ContextTypes, MessageHandler, filters
@@ -90,14 +92,21 @@ def _bot_api_request(connections: int, **options: float) -> HTTPXRequest:
 
 
 async def serve(
-    application: Application[Any, Any, Any, Any, Any, Any], stop: asyncio.Event
+    application: Application[Any, Any, Any, Any, Any, Any],
+    stop: asyncio.Event,
+    ready: asyncio.Event | None = None,
 ) -> None:
-    """Long-poll until ``stop`` is set, then finish the jobs in hand and shut down."""
+    """Long-poll until ``stop`` is set, then finish the jobs in hand and shut down.
+
+    ``ready`` is set once the bot can send (for answers owed from before a restart).
+    """
     async with application:
         await _flood_safe(lambda: application.bot.set_my_commands(COMMANDS))
         await application.start()
         assert application.updater is not None
         await application.updater.start_polling(allowed_updates=[Update.MESSAGE])
+        if ready is not None:
+            ready.set()
         await stop.wait()
         await application.updater.stop()
         await application.stop()
@@ -188,6 +197,23 @@ async def _read(media: Any) -> bytes:
     return bytes(await file.download_as_bytearray())
 
 
+def chat_for(application: Application[Any, Any, Any, Any, Any, Any], address: str) -> TelegramChat:
+    """A chat that replies to the command ``TelegramChat.reply_address`` described.
+
+    ValueError (or KeyError/TypeError) when ``address`` is not such a description.
+    """
+    where = json.loads(address)
+    command = Message(
+        message_id=int(where["message"]),
+        date=datetime.now(UTC),
+        chat=TelegramChatInfo(id=int(where["chat"]), type=str(where["type"])),
+        message_thread_id=where.get("thread"),
+        is_topic_message=bool(where.get("topic")),
+    )
+    command.set_bot(application.bot)
+    return TelegramChat(command)
+
+
 class TelegramChat(StatusChat[Message]):
     """The core's ``Chat`` for one command: replies in its chat and topic, "sending photo…"."""
 
@@ -196,6 +222,18 @@ class TelegramChat(StatusChat[Message]):
     def __init__(self, command: Message) -> None:
         super().__init__()
         self._command = command
+
+    def reply_address(self) -> str:
+        command = self._command
+        return json.dumps(
+            {
+                "chat": command.chat_id,
+                "type": command.chat.type,
+                "message": command.message_id,
+                "thread": command.message_thread_id,
+                "topic": bool(command.is_topic_message),
+            }
+        )
 
     async def _post_text(self, text: str) -> None:
         await _flood_safe(lambda: self._command.reply_text(text, do_quote=True))

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from bot.chains import BASE, BASE_SEPOLIA, chain_for
 from bot.errors import ConfigError
 from bot.money import parse_usd
 from bot.principals import CONSOLE_OPERATOR, parse_principal
@@ -44,10 +45,19 @@ class Settings(BaseSettings):
     admin_ids: Principals = frozenset()
     allowed_users: Principals = frozenset()
     allowed_chats: Principals = frozenset()
+    base_rpc_url: SecretStr | None = None
+    base_sepolia_rpc_url: SecretStr | None = None
     database_path: Path = Path("./data/imagebot.sqlite3")
     log_level: str = "INFO"
 
-    @field_validator("telegram_bot_token", "discord_bot_token", "wallet_private_key", mode="before")
+    @field_validator(
+        "telegram_bot_token",
+        "discord_bot_token",
+        "wallet_private_key",
+        "base_rpc_url",
+        "base_sepolia_rpc_url",
+        mode="before",
+    )
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
@@ -66,6 +76,16 @@ class Settings(BaseSettings):
         if not re.match(r"^https?://[^\s/]+", value):
             raise ValueError("not an http:// or https:// URL")
         return value
+
+    @field_validator("base_rpc_url", "base_sepolia_rpc_url")
+    @classmethod
+    def _check_rpc_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        url = value.get_secret_value().strip()
+        if not re.match(r"^https?://[^\s/]+", url):
+            raise ValueError("not an http:// or https:// URL")
+        return SecretStr(url)
 
     @field_validator(
         "max_micro_per_request", "user_daily_micro", "global_daily_micro", mode="before"
@@ -96,6 +116,13 @@ class Settings(BaseSettings):
     def is_admin(self, principal: str) -> bool:
         """Admins are ``ADMIN_IDS`` plus the console's local operator."""
         return principal == CONSOLE_OPERATOR or principal in self.admin_ids
+
+    def rpc_url_for(self, network: str) -> str | None:
+        """The JSON-RPC endpoint set for a network (CAIP-2 id or v1 name), or None."""
+        urls = {BASE: self.base_rpc_url, BASE_SEPOLIA: self.base_sepolia_rpc_url}
+        chain = chain_for(network)
+        url = urls.get(chain) if chain is not None else None
+        return url.get_secret_value() if url is not None else None
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -25,7 +25,16 @@ from PIL import Image
 from bot.errors import GatewayError
 from bot.money import MICRO_PER_USD, format_usd
 from bot.requests import EditRequest, GenerateRequest, ImageInput, detect_mime
-from bot.x402 import PaidResponse, PaymentHook, Receipt, SignedPayment, X402Payer, read_receipt
+from bot.x402 import (
+    PaidResponse,
+    PaymentHeader,
+    PaymentHook,
+    PaymentOutcomeUnknown,
+    Receipt,
+    SignedPayment,
+    X402Payer,
+    read_receipt,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +67,7 @@ class ImageResult:
 
 
 ResultHook = Callable[[ImageResult], Awaitable[None]]  # delivers a result while it is in hand
+JobHook = Callable[["SlowJob"], Awaitable[None]]  # told of a 202 job before it is polled
 
 
 class GatewayRefused(GatewayError):
@@ -121,8 +131,12 @@ class ImageService:
         on_payment: PaymentHook | None = None,
         on_wait: WaitHook | None = None,
         on_result: ResultHook | None = None,
+        on_job: JobHook | None = None,
     ) -> ImageResult:
-        """Generate; ``on_result`` gets the pictures while they hold one of the in-hand slots."""
+        """Generate; ``on_result`` gets the pictures while they hold one of the in-hand slots.
+
+        ``on_job`` is told of a 202 job before it is polled, so it can be resumed after a restart.
+        """
         body: dict[str, Any] = {
             "model": request.model.id,
             "prompt": request.prompt,
@@ -131,9 +145,8 @@ class ImageService:
         }
         if request.quality:
             body["quality"] = request.quality
-        return await self._call(
-            "/v1/images/generations", body, request.estimate_micro, on_payment, on_wait, on_result
-        )
+        hooks = _Hooks(on_payment, on_wait, on_result, on_job)
+        return await self._call("/v1/images/generations", body, request.estimate_micro, hooks)
 
     async def edit(
         self,
@@ -141,6 +154,7 @@ class ImageService:
         on_payment: PaymentHook | None = None,
         on_wait: WaitHook | None = None,
         on_result: ResultHook | None = None,
+        on_job: JobHook | None = None,
     ) -> ImageResult:
         """Edit or fuse ``request.images``; the hooks are as for ``generate``."""
         images = await _to_thread_if_big(
@@ -157,28 +171,39 @@ class ImageService:
             body["mask"] = _data_uris((request.mask,))[0]
         if request.quality:
             body["quality"] = request.quality
-        return await self._call(
-            "/v1/images/image2image", body, request.estimate_micro, on_payment, on_wait, on_result
-        )
+        hooks = _Hooks(on_payment, on_wait, on_result, on_job)
+        return await self._call("/v1/images/image2image", body, request.estimate_micro, hooks)
 
     async def _call(
-        self,
-        path: str,
-        body: dict[str, Any],
-        estimate_micro: int,
-        on_payment: PaymentHook | None,
-        on_wait: WaitHook | None,
-        on_result: ResultHook | None,
+        self, path: str, body: dict[str, Any], estimate_micro: int, hooks: _Hooks
     ) -> ImageResult:
         async with self._in_hand:
-            paid = await self._post(path, body, on_payment)
+            paid = await self._post(path, body, hooks.on_payment)
             reply = await self._answer(paid)
             if paid.response.status_code != 202:
-                return await self._finish(paid, paid.receipt, reply, estimate_micro, on_result)
-        job = _Job(paid, self._poll_url(reply, charged=paid.receipt is not None))
-        reply = await self._wait_for_job(job, on_wait)  # polling holds no slot
+                charged = _charged_micro(paid.payment, reply, estimate_micro)
+                return await self._finish(charged, paid.receipt, reply, hooks.on_result)
+        job = SlowJob(
+            poll_url=self._poll_url(reply, charged=paid.receipt is not None),
+            header=paid.payment.header if paid.payment else None,
+            charged_micro=_charged_micro(paid.payment, reply, estimate_micro),
+            receipt_tx=paid.receipt.tx_hash if paid.receipt else None,
+        )
+        if hooks.on_job is not None:
+            await hooks.on_job(job)
+        return await self.finish_job(job, hooks.on_wait, hooks.on_result)
+
+    async def finish_job(
+        self, job: SlowJob, on_wait: WaitHook | None = None, on_result: ResultHook | None = None
+    ) -> ImageResult:
+        """Poll a 202 job to its end and hand over its pictures; also resumes one after a restart.
+
+        Polling holds no in-hand slot; nothing is signed.
+        """
+        polling = _Polling(job)
+        reply = await self._wait_for_job(polling, on_wait)
         async with self._in_hand:
-            return await self._finish(paid, job.receipt, reply, estimate_micro, on_result)
+            return await self._finish(job.charged_micro, polling.receipt, reply, on_result)
 
     async def _post(
         self, path: str, body: dict[str, Any], on_payment: PaymentHook | None
@@ -191,14 +216,12 @@ class ImageService:
 
     async def _finish(
         self,
-        paid: PaidResponse,
+        charged: int,
         receipt: Receipt | None,
         reply: dict[str, Any],
-        estimate_micro: int,
         on_result: ResultHook | None,
     ) -> ImageResult:
         """Fetch or decode the pictures of a completed reply and hand them to ``on_result``."""
-        charged = _charged_micro(paid, reply, estimate_micro)
         pictures = await self._fetch_all(reply, charged)
         stated = reply.get("payment")
         tx_hash = (stated.get("tx_hash") if isinstance(stated, dict) else None) or (
@@ -228,7 +251,7 @@ class ImageService:
             raise _bad_reply(charged, "started a job without a usable poll address")
         return resolved
 
-    async def _wait_for_job(self, job: _Job, on_wait: WaitHook | None) -> dict[str, Any]:
+    async def _wait_for_job(self, job: _Polling, on_wait: WaitHook | None) -> dict[str, Any]:
         """Poll every ``poll_interval`` until the job completes, fails or runs out of time."""
         started = time.monotonic()
         deadline = started + self._job_deadline
@@ -245,12 +268,12 @@ class ImageService:
                 if on_wait is not None:
                     await on_wait(time.monotonic() - started)
         except asyncio.CancelledError:
-            log.info("stopped polling %s before it completed", job.poll_url)
+            log.info("stopped polling %s before it completed", job.job.poll_url)
             raise
         minutes = round(self._job_deadline / 60)
         raise job.abandoned(f"The image was not ready after {minutes} min, so I stopped waiting.")
 
-    async def _poll_once(self, job: _Job) -> dict[str, Any]:
+    async def _poll_once(self, job: _Polling) -> dict[str, Any]:
         """One poll's body; anything that means "not yet" reads as ``in_progress``.
 
         BlockRun answers an unfinished job 202; 429, 5xx and a lost connection are asked again
@@ -258,8 +281,8 @@ class ImageService:
         settlement receipt marks the job charged, whatever its status.
         """
         try:
-            response = await self._payer.get(job.poll_url, job.paid.payment)
-        except httpx.TransportError:
+            response = await self._payer.get(job.job.poll_url, job.job.header)
+        except (httpx.TransportError, PaymentOutcomeUnknown):
             return _STILL_RUNNING
         job.receipt = read_receipt(response) or job.receipt
         if response.status_code == 200:  # unreadable: it may have said "completed"
@@ -274,7 +297,7 @@ class ImageService:
                 f"The image service could not collect the payment ({reason}). {_NOTHING} "
                 "An admin should check that the bot's wallet has USDC."
             )
-        raise _error_for(response, job.paid.payment, job.receipt is not None)
+        raise _error_for(response, job.job.header, job.receipt is not None)
 
     async def _fetch_all(self, reply: dict[str, Any], charged_micro: int) -> tuple[Picture, ...]:
         items = reply.get("data")
@@ -311,16 +334,53 @@ class ImageService:
             raise _bad_reply(charged_micro, "gave an image link I couldn't fetch") from None
 
 
-@dataclass
-class _Job:
-    """A 202 job being polled: the payment that started it and any receipt seen so far."""
+@dataclass(frozen=True)
+class SlowJob:
+    """A job the gateway answered 202: everything needed to poll it on, in this run or the next.
 
-    paid: PaidResponse
-    poll_url: str
+    The payment header holds no key, and its nonce makes it single-use: presenting it again can
+    settle this job only.
+    """
+
+    poll_url: str  # absolute, on the gateway's origin
+    header: PaymentHeader | None  # None when a proxy such as ClawRouter paid
+    charged_micro: int  # what the job costs once completed
+    receipt_tx: str | None = None  # a settlement receipt already seen (on the 202 itself)
+
+    def to_json(self) -> str:
+        header = self.header
+        return json.dumps(
+            {
+                "poll_url": self.poll_url,
+                "header": None if header is None else [header.name, header.value],
+                "charged_micro": self.charged_micro,
+                "receipt_tx": self.receipt_tx,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> SlowJob:
+        """ValueError (or KeyError/TypeError) when ``text`` is not what ``to_json`` wrote."""
+        fields = json.loads(text)
+        header = fields["header"]
+        return cls(
+            poll_url=str(fields["poll_url"]),
+            header=None if header is None else PaymentHeader(str(header[0]), str(header[1])),
+            charged_micro=int(fields["charged_micro"]),
+            receipt_tx=fields.get("receipt_tx"),
+        )
+
+
+@dataclass
+class _Polling:
+    """A 202 job being polled, and any settlement receipt seen for it so far."""
+
+    job: SlowJob
     receipt: Receipt | None = None
 
     def __post_init__(self) -> None:
-        self.receipt = self.paid.receipt
+        if self.job.receipt_tx is not None:
+            self.receipt = Receipt(self.job.receipt_tx)
 
     def abandoned(self, what: str) -> JobAbandoned:
         """A job given up on: charged only if some answer carried a receipt."""
@@ -329,6 +389,14 @@ class _Job:
         error = JobAbandoned(f"{what} It was charged anyway; an admin can check /spend.")
         error.charged = True
         return error
+
+
+@dataclass(frozen=True)
+class _Hooks:
+    on_payment: PaymentHook | None
+    on_wait: WaitHook | None
+    on_result: ResultHook | None
+    on_job: JobHook | None
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
@@ -361,13 +429,15 @@ def _bad_reply(charged_micro: int | bool, what: str) -> BadReply:
     return error
 
 
-def _charged_micro(paid: PaidResponse, reply: dict[str, Any], estimate_micro: int) -> int:
-    """What this call cost: the signed amount, else the gateway's stated price, else the estimate.
+def _charged_micro(
+    payment: SignedPayment | None, reply: dict[str, Any], estimate_micro: int
+) -> int:
+    """What this call costs: the signed amount, else the gateway's stated price, else the estimate.
 
     The last two only happen when a proxy such as ClawRouter paid on the bot's behalf.
     """
-    if paid.payment is not None:
-        return paid.payment.intent.quote.amount_micro
+    if payment is not None:
+        return payment.intent.quote.amount_micro
     stated = (reply.get("price") or {}).get("amount") if isinstance(reply, dict) else None
     try:
         micro = Decimal(str(stated)) * MICRO_PER_USD
@@ -379,7 +449,7 @@ def _charged_micro(paid: PaidResponse, reply: dict[str, Any], estimate_micro: in
 
 
 def _error_for(
-    response: httpx.Response, payment: SignedPayment | None, charged: bool | None
+    response: httpx.Response, payment: SignedPayment | PaymentHeader | None, charged: bool | None
 ) -> GatewayError:
     status = response.status_code
     detail = _error_message(_safe_json(response))

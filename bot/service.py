@@ -7,19 +7,24 @@ text) or ``ImageBot.run`` (a typed command, as slash commands give it); every bu
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from functools import partial
-from typing import Protocol
+from typing import Any, Protocol
 
+from bot.catalog import find_model
 from bot.commands import Command, Help, Models, SpendQuery, parse
 from bot.config import Settings
 from bot.errors import ImagebotError
-from bot.images import ImageResult, ImageService, Picture
-from bot.ledger import Attempt, Budget, BudgetExceeded, Ledger
+from bot.images import ImageResult, ImageService, Picture, SlowJob
+from bot.ledger import Attempt, Budget, BudgetExceeded, Ledger, OpenJob
+from bot.ledger.journal import SettlementJournal
+from bot.money import format_usd
 from bot.principals import principal
 from bot.replies import help_text, models_text, report_text, spend_text
 from bot.requests import EditRequest, GenerateRequest, ImageInput
@@ -28,6 +33,11 @@ from bot.x402 import PaymentIntent
 log = logging.getLogger(__name__)
 
 MAX_JOBS_PER_USER = 2  # one user's burst cannot crowd out everyone else
+DRAIN_SECONDS = 60.0  # how long a stopping bot lets paid requests in flight finish
+_RESTARTING = "The bot is restarting; send that again in a minute. Nothing was charged."
+_ADMIN = "An admin can check /spend."
+_MAYBE_CHARGED = f"It may have been charged. {_ADMIN}"
+_LEDGER_LATE = "(The spending ledger is busy; this charge is kept and recorded shortly.)"
 
 
 class Outcome(Enum):
@@ -71,6 +81,9 @@ class Chat(Protocol):
     async def show_progress(self, status: str) -> None:
         """Show what the bot is doing; called again with a newer status while a job runs."""
 
+    def reply_address(self) -> str:
+        """Where a later run can answer this command (JSON the adapter reads back)."""
+
 
 class LedgerPayment:
     """The payer's hook for one request: records the real quote on its ledger row before signing."""
@@ -98,11 +111,93 @@ class LedgerPayment:
 class ImageBot:
     """Runs chat commands against one image service and one ledger."""
 
-    def __init__(self, settings: Settings, images: ImageService, ledger: Ledger) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        images: ImageService,
+        ledger: Ledger,
+        journal: SettlementJournal,
+    ) -> None:
         self._settings = settings
         self._images = images
         self._ledger = ledger
+        self._journal = journal
         self._jobs: Counter[str] = Counter()  # image jobs in flight per user
+        self._draws: dict[asyncio.Task[Any], _Draw] = {}
+        self._draining = False
+
+    async def drain(self, seconds: float = DRAIN_SECONDS) -> None:
+        """Stop taking image commands; let paid requests in flight finish, up to ``seconds``.
+
+        Slow jobs kept in the ledger are stopped at once and left to the next start (their
+        users are told); what is still running at the deadline is stopped as interrupted.
+        """
+        self._draining = True
+        deadline = time.monotonic() + seconds
+        while busy := [task for task, draw in self._draws.items() if not draw.resumable]:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            await asyncio.wait(busy, timeout=min(left, 0.25))  # a busy one may turn into a job
+        tasks = list(self._draws)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def resume_jobs(self, chat_for: ChatFinder) -> None:
+        """Finish the slow jobs of stopped runs: poll on, deliver once, sign nothing new."""
+        for job in await self._ledger.claim_jobs():
+            chat = await chat_for(job.platform, job.reply_to)
+            task = asyncio.create_task(self._resume(job, chat))
+            self._draws[task] = _Draw(job.row_id, resumable=True)
+            task.add_done_callback(self._draws.pop)
+
+    async def _resume(self, open_job: OpenJob, chat: Chat | None) -> None:
+        draw = self._draws[asyncio.current_task()]  # type: ignore[index]
+        model = find_model(open_job.model)
+        line = f"{model.name if model else open_job.model} · {open_job.size}"
+        try:
+            job = SlowJob.from_json(open_job.job)
+        except (ValueError, KeyError, TypeError):
+            log.error("slow job %d is unreadable; it stays pending", open_job.row_id)
+            return
+
+        async def deliver(result: ImageResult) -> None:
+            draw.settled = True
+            in_ledger = await self._journal.settle(
+                open_job.row_id, result.charged_micro, result.tx_hash
+            )
+            caption = f"{line} · {format_usd(result.charged_micro)}"
+            if not in_ledger:
+                caption += f"\n{_LEDGER_LATE}"
+            if chat is None:
+                log.warning("job %d finished but its chat is gone; settled", open_job.row_id)
+            else:
+                await chat.send_pictures(result.pictures, caption)
+
+        try:
+            await self._images.finish_job(job, on_result=deliver)
+        except ImagebotError as error:
+            log.info("resumed job %d failed: %s", open_job.row_id, error.user_message)
+            if chat is not None:
+                await _said(chat, error.user_message)
+            await _logged(self._close_resumed(open_job, error))
+        except asyncio.CancelledError:
+            if not draw.settled:
+                log.info("resumed job %d left to the next start", open_job.row_id)
+            raise
+        except Exception:
+            log.exception("resumed job %d failed unexpectedly", open_job.row_id)
+            if chat is not None and draw.settled:
+                await _said(chat, f"Your picture was paid for but I couldn't send it. {_ADMIN}")
+
+    async def _close_resumed(self, open_job: OpenJob, error: ImagebotError) -> None:
+        if error.charged is None:
+            await self._ledger.mark_unknown(open_job.row_id, error.user_message)
+        elif error.charged:
+            await self._journal.settle(open_job.row_id, open_job.quoted_micro, None)
+        else:
+            await self._ledger.fail(open_job.row_id, error.user_message)
 
     async def handle(
         self,
@@ -161,6 +256,9 @@ class ImageBot:
         except ImagebotError as error:
             await chat.send_text(error.user_message)
             return Outcome.REFUSED
+        if self._draining:
+            await chat.send_text(_RESTARTING)
+            return Outcome.REFUSED
         if self._jobs[sender.principal] >= MAX_JOBS_PER_USER:
             await chat.send_text("Wait for your previous image to finish first.")
             return Outcome.REFUSED
@@ -195,6 +293,10 @@ class ImageBot:
         verb = "Drawing" if isinstance(request, GenerateRequest) else "Editing"
         status = f"{verb} with {request.price_line(request.estimate_micro)}…"
         await chat.show_progress(status)
+        draw = _Draw(row_id)
+        task = asyncio.current_task()
+        assert task is not None
+        self._draws[task] = draw
 
         async def still_working(seconds: float) -> None:
             try:
@@ -202,28 +304,42 @@ class ImageBot:
             except Exception:  # a status line must never cost a paid job
                 log.debug("progress update failed", exc_info=True)
 
-        settled = False
+        async def remember_job(job: SlowJob) -> None:
+            try:
+                await self._ledger.start_job(row_id, job.to_json(), chat.reply_address())
+            except Exception as error:  # polling goes on; only a restart could lose it
+                log.warning("could not keep slow job %d in the ledger: %s", row_id, error)
+                return
+            draw.resumable = True
 
         async def deliver(result: ImageResult) -> None:
-            nonlocal settled
-            await self._ledger.settle(row_id, result.charged_micro, result.tx_hash)
-            settled = True
-            await chat.send_pictures(result.pictures, _caption(request, result))
+            draw.settled = True
+            in_ledger = await self._journal.settle(row_id, result.charged_micro, result.tx_hash)
+            caption = _caption(request, result)
+            if not in_ledger:
+                caption += f"\n{_LEDGER_LATE}"
+            await chat.send_pictures(result.pictures, caption)
 
         try:
+            hooks = {"on_wait": still_working, "on_result": deliver, "on_job": remember_job}
             if isinstance(request, GenerateRequest):
-                await self._images.generate(request, payment, still_working, deliver)
+                await self._images.generate(request, payment, **hooks)
             else:
-                await self._images.edit(request, payment, still_working, deliver)
+                await self._images.edit(request, payment, **hooks)
         except ImagebotError as error:
             log.info("request failed: %s", error.user_message)
-            await self._close_failed(row_id, payment, error, request.estimate_micro)
             await chat.send_text(error.user_message)
+            await _logged(self._close_failed(row_id, payment, error, request.estimate_micro))
             return Outcome.REFUSED
-        except BaseException as error:  # cancelled at shutdown, or a bug: keep the row honest
-            if not settled:  # an upload that failed after settling leaves the row as it is
-                await self._close_interrupted(row_id, payment, error)
+        except asyncio.CancelledError:
+            await self._stopped(draw, payment, chat)
             raise
+        except Exception:
+            log.exception("request %d failed unexpectedly", row_id)
+            await self._broke(draw, payment, chat)
+            return Outcome.REFUSED
+        finally:
+            del self._draws[task]
         return Outcome.DONE
 
     async def _close_failed(
@@ -233,14 +349,33 @@ class ImageBot:
             await self._ledger.mark_unknown(row_id, error.user_message)
         elif error.charged:
             charged = payment.signed_micro if payment.signed_micro is not None else estimate_micro
-            await self._ledger.settle(row_id, charged, None)
+            await self._journal.settle(row_id, charged, None)
         else:
             await self._ledger.fail(row_id, error.user_message)
 
-    async def _close_interrupted(
-        self, row_id: int, payment: LedgerPayment, error: BaseException
-    ) -> None:
-        reason = f"interrupted: {type(error).__name__}"
+    async def _stopped(self, draw: _Draw, payment: LedgerPayment, chat: Chat) -> None:
+        """Cancelled (a shutdown): a kept slow job is left to the next start, told to its user."""
+        if draw.settled:
+            return  # an upload cut short after settling: the row stays as it is
+        if draw.resumable and self._draining:
+            await _said(chat, "The bot is restarting; your picture will come once it is back.")
+            return
+        await _logged(self._close_interrupted(draw.row_id, payment, "interrupted: shutdown"))
+        if payment.signed_micro is not None:
+            await _said(chat, f"The bot stopped before your picture arrived. {_MAYBE_CHARGED}")
+
+    async def _broke(self, draw: _Draw, payment: LedgerPayment, chat: Chat) -> None:
+        """A bug or a failing part after the request began: keep the row honest, say so once."""
+        if draw.settled:
+            await _said(chat, f"Your picture was paid for but I couldn't send it. {_ADMIN}")
+            return
+        await _logged(self._close_interrupted(draw.row_id, payment, "failed unexpectedly"))
+        if payment.signed_micro is None:
+            await _said(chat, "Something went wrong on my side. Nothing was charged; try again.")
+        else:
+            await _said(chat, f"Something went wrong on my side. {_MAYBE_CHARGED}")
+
+    async def _close_interrupted(self, row_id: int, payment: LedgerPayment, reason: str) -> None:
         if payment.signed_micro is None:
             await self._ledger.fail(row_id, reason)
         else:
@@ -283,6 +418,35 @@ class ImageBot:
         return (
             not allowed or sender.principal in allowed or self._settings.is_admin(sender.principal)
         )
+
+
+@dataclass
+class _Draw:
+    """A paid request in flight: its row, and how far it got."""
+
+    row_id: int
+    resumable: bool = False  # a 202 job kept in the ledger: the next start can finish it
+    settled: bool = False  # the gateway took the payment and the pictures are in hand
+
+
+ChatFinder = Callable[[str, str], Awaitable["Chat | None"]]
+"""(platform, reply address) -> a Chat answering there, or None if that platform is not running."""
+
+
+async def _said(chat: Chat, text: str) -> None:
+    """Tell the user; a platform failure here is logged, never raised over the real error."""
+    try:
+        await chat.send_text(text)
+    except Exception as error:
+        log.warning("could not tell the user: %s", type(error).__name__)
+
+
+async def _logged(write: Awaitable[None]) -> None:
+    """A ledger write after the user was answered: a failure is logged, the row left for recover."""
+    try:
+        await write
+    except Exception as error:
+        log.error("ledger write failed: %s", error)
 
 
 def _caption(request: GenerateRequest | EditRequest, result: ImageResult) -> str:

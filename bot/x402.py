@@ -127,6 +127,14 @@ class PaymentIntent:
 
 
 @dataclass(frozen=True)
+class PaymentHeader:
+    """The header that carries a signed payment: all a poll of its 202 job sends again."""
+
+    name: str
+    value: str = field(repr=False)
+
+
+@dataclass(frozen=True)
 class SignedPayment:
     """A signed payment and the exact header that carries it."""
 
@@ -134,6 +142,10 @@ class SignedPayment:
     header_name: str
     header_value: str = field(repr=False)
     signature: str
+
+    @property
+    def header(self) -> PaymentHeader:
+        return PaymentHeader(self.header_name, self.header_value)
 
 
 @dataclass(frozen=True)
@@ -244,10 +256,10 @@ class X402Payer:
         async with self._in_flight:
             return await self._pay(url, json, on_payment)
 
-    async def get(self, url: str, payment: SignedPayment | None) -> httpx.Response:
+    async def get(self, url: str, header: PaymentHeader | None) -> httpx.Response:
         """GET, e.g. to poll a 202 job, with the same payment header; resends like post."""
         async with self._in_flight:
-            return await self._send("GET", url, payment, None)
+            return await self._send("GET", url, header, None)
 
     async def _pay(
         self, url: str, json: dict[str, Any], on_payment: PaymentHook | None
@@ -265,7 +277,7 @@ class X402Payer:
         if on_payment is not None:
             await on_payment(intent)
         payment = _signed(intent, self._wallet.sign(intent))
-        response = await self._send("POST", url, payment, json)
+        response = await self._send("POST", url, payment.header, json)
         return PaidResponse(response, payment, read_receipt(response))
 
     def _intent(self, quote: Quote, payer: str) -> PaymentIntent:
@@ -288,10 +300,10 @@ class X402Payer:
         return intent
 
     async def _send(
-        self, method: str, url: str, payment: SignedPayment | None, json: dict[str, Any] | None
+        self, method: str, url: str, payment: PaymentHeader | None, json: dict[str, Any] | None
     ) -> httpx.Response:
         """Send, resending the identical request on transport errors; never re-signs."""
-        headers = {payment.header_name: payment.header_value} if payment else {}
+        headers = {payment.name: payment.value} if payment else {}
         for attempt in range(self._resend_attempts + 1):
             if attempt:
                 await asyncio.sleep(FIRST_RESEND_DELAY_SECONDS * 2 ** (attempt - 1))
@@ -313,7 +325,7 @@ class X402Payer:
                 raise PaymentOutcomeUnknown() from exc
         if payment is None:
             raise lost
-        logger.warning("no answer after sending payment nonce %s", payment.intent.nonce)
+        logger.warning("no answer after sending a payment to %s", url)
         raise PaymentOutcomeUnknown() from lost
 
 

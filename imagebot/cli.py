@@ -9,16 +9,22 @@ import signal
 import sys
 import tempfile
 from collections.abc import Awaitable
-from datetime import date
+from dataclasses import asdict
+from datetime import UTC, date, datetime
 from pathlib import Path
+from typing import Any
 
+from bot.chain import ChainResolver, Resolved
+from bot.chains import CHAINS
 from bot.config import Settings, load_settings
 from bot.errors import ConfigError
-from bot.ledger import Report, open_ledger
+from bot.http import gateway_client
+from bot.ledger import Payment, Report, Status, open_ledger
+from bot.money import usd_string
 from bot.principals import parse_principal
 from bot.x402 import Wallet
 from imagebot.logs import configure_logging
-from imagebot.reports import report_table, to_json
+from imagebot.reports import iso_utc, report_table, to_json
 from imagebot.wiring import open_bot
 
 EXIT_CONFIG = 2
@@ -64,6 +70,16 @@ def _parser() -> argparse.ArgumentParser:
     spend.add_argument("--since", metavar="YYYY-MM-DD", type=_day, help="only from this UTC day on")
     spend.add_argument("--user", metavar="platform:id", type=_principal, help="only this user")
     spend.set_defaults(handler=_spend)
+
+    payments = commands.add_parser("payments", help="every payment, newest first")
+    payments.add_argument("--status", choices=[status.value for status in Status])
+    payments.add_argument(
+        "--resolve",
+        action="store_true",
+        help="first settle or fail unknown payments from the chain",
+    )
+    payments.add_argument("--json", action="store_true", help="one JSON object, amounts as strings")
+    payments.set_defaults(handler=_payments)
     return parser
 
 
@@ -168,6 +184,110 @@ def _spend(args: argparse.Namespace) -> int:
 async def _report(path: Path, since: date | None, user: str | None) -> Report:
     async with await open_ledger(path) as ledger:
         return await ledger.report(since=since, user=user)
+
+
+def _payments(args: argparse.Namespace) -> int:
+    settings = _settings()
+    if not settings.database_path.is_file():
+        print(f"imagebot: no ledger at {settings.database_path} (DATABASE_PATH)", file=sys.stderr)
+        return 1
+    status = Status(args.status) if args.status else None
+    resolved, payments = asyncio.run(_list_payments(settings, status, args.resolve))
+    notes = sys.stderr if args.json else sys.stdout
+    if args.resolve and not any(settings.rpc_url_for(chain.caip2) for chain in CHAINS):
+        print(
+            "No RPC URL is set (BASE_RPC_URL, BASE_SEPOLIA_RPC_URL): "
+            "unknown payments cannot be checked on chain.",
+            file=notes,
+        )
+    if args.json:
+        result: dict[str, Any] = {"resolved": asdict(resolved)} if resolved is not None else {}
+        result["payments"] = [_payment_json(payment) for payment in payments]
+        print(json.dumps(result))
+        return 0
+    if resolved is not None:
+        print(
+            f"Resolved from the chain: {resolved.settled} settled, {resolved.failed} failed, "
+            f"{resolved.left} still unknown, {resolved.skipped} not checked (no RPC URL).",
+        )
+    print(_payments_table(payments))
+    return 0
+
+
+async def _list_payments(
+    settings: Settings, status: Status | None, resolve: bool
+) -> tuple[Resolved | None, list[Payment]]:
+    """The payments newest first, after a pass of the chain resolver if asked."""
+    async with await open_ledger(settings.database_path) as ledger:
+        resolved = None
+        if resolve:
+            async with gateway_client() as http:
+                resolved = await ChainResolver(ledger, http, settings.rpc_url_for).resolve()
+        return resolved, await ledger.payments(status)
+
+
+def _payment_json(payment: Payment) -> dict[str, Any]:
+    """One payment of ``imagebot payments --json``; amounts as 6-place decimal strings."""
+    charged = payment.charged_micro
+    valid_before = payment.valid_before
+    return {
+        "id": payment.row_id,
+        "created_at": iso_utc(payment.created_at),
+        "user": payment.user,
+        "command": payment.command,
+        "model": payment.model,
+        "status": payment.status.value,
+        "quoted_usd": usd_string(payment.quoted_micro),
+        "charged_usd": usd_string(charged) if charged is not None else None,
+        "network": payment.network,
+        "payer": payment.payer,
+        "nonce": payment.nonce,
+        "valid_before": (
+            iso_utc(datetime.fromtimestamp(valid_before, UTC)) if valid_before is not None else None
+        ),
+        "tx_hash": payment.tx_hash,
+        "error": payment.error,
+    }
+
+
+def _payments_table(payments: list[Payment]) -> str:
+    """The shell listing: one row per payment, newest first."""
+    rows = [
+        (
+            "id",
+            "time (UTC)",
+            "user",
+            "command",
+            "model",
+            "status",
+            "quoted usd",
+            "charged usd",
+            "tx",
+        )
+    ]
+    for payment in payments:
+        charged = payment.charged_micro
+        rows.append(
+            (
+                str(payment.row_id),
+                iso_utc(payment.created_at),
+                payment.user,
+                payment.command,
+                payment.model,
+                payment.status.value,
+                usd_string(payment.quoted_micro),
+                usd_string(charged) if charged is not None else "-",
+                payment.tx_hash or "-",
+            )
+        )
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+    if not payments:
+        lines.append("no payments")
+    return "\n".join(lines)
 
 
 def _day(text: str) -> date:

@@ -10,6 +10,7 @@ from bot.config import Settings
 from bot.http import gateway_client
 from bot.images import ImageService
 from bot.ledger import open_ledger
+from bot.ledger.journal import SettlementJournal
 from bot.service import ImageBot
 from bot.x402 import Wallet, X402Payer
 
@@ -23,14 +24,18 @@ async def open_bot(
     """One image service, one ledger and one bot for every adapter in the process.
 
     The wallet comes from ``WALLET_PRIVATE_KEY`` unless one is given (the demo's throwaway).
-    Payments left pending by a crashed run are settled as ``unknown`` (or ``failed`` when
-    nothing was signed) before the bot takes its first command.
+    Settlements a previous run journaled (its ledger was busy) are written, and payments left
+    pending by a crashed run are settled as ``unknown`` (or ``failed`` when nothing was signed)
+    before the bot takes its first command; their slow jobs stay open for ``resume_jobs``.
     """
     key = settings.wallet_private_key
     if wallet is None and key is not None:
         wallet = Wallet(key.get_secret_value())
     ledger = await open_ledger(settings.database_path)
+    journal = SettlementJournal(ledger, SettlementJournal.beside(settings.database_path))
     try:
+        if written := await journal.replay():
+            log.warning("wrote %d settlement(s) a previous run had to journal", written)
         unknown, failed = await ledger.recover()
         if unknown or failed:
             log.warning(
@@ -41,6 +46,7 @@ async def open_bot(
         async with gateway_client() as http:
             payer = X402Payer(http, wallet, max_micro=settings.max_micro_per_request)
             images = ImageService(http, payer, settings.image_api_url, **service_options)
-            yield ImageBot(settings, images, ledger)
+            yield ImageBot(settings, images, ledger, journal)
     finally:
+        await journal.close()
         await ledger.close()

@@ -55,6 +55,9 @@ class RecordingChat:
         self.progress: list[str] = []
         self.pictures: list[tuple[Sequence[Picture], str]] = []
 
+    def reply_address(self) -> str:
+        return '{"chat": "recorded"}'
+
     async def send_text(self, text: str) -> None:
         self.texts.append(text)
 
@@ -106,9 +109,12 @@ async def test_an_upload_that_fails_after_settling_leaves_the_charge_settled(
     sandbox: Sandbox, tmp_path: Path
 ) -> None:
     database = tmp_path / "l.sqlite3"
+    chat = FailingUploadChat()
     async with running_bot(sandbox, database) as bot:
-        with pytest.raises(ConnectionResetError):
-            await bot.handle(ALICE, FailingUploadChat(), "/imagegen a fox")
+        assert await bot.handle(ALICE, chat, "/imagegen a fox") is Outcome.REFUSED
+    assert chat.texts == [
+        "Your picture was paid for but I couldn't send it. An admin can check /spend."
+    ]
     async with await SqliteLedger.open(database) as ledger:
         report = await ledger.report()
     assert (report.total_micro, report.pending_micro) == (NANO_BANANA_MICRO, 0)
@@ -271,6 +277,7 @@ from imagebot.wiring import open_bot
 from bot.service import Outcome, Sender
 
 class Quiet:
+    def reply_address(self): return "{}"
     async def send_text(self, text): pass
     async def show_progress(self, status): pass
     async def send_pictures(self, pictures, caption): pass

@@ -680,13 +680,13 @@ async def test_poll_resends_the_same_payment_header(
     submitted = await payer.post(gateway.url + GENERATIONS, json={}, on_payment=Hook())
     assert submitted.response.status_code == 202
     poll_url = gateway.url + submitted.response.json()["poll_url"]
-    polled = await payer.get(poll_url, submitted.payment)
+    assert submitted.payment is not None
+    polled = await payer.get(poll_url, submitted.payment.header)
 
     assert polled.status_code == 200
     assert polled.json()["status"] == "completed"
     polls = [seen for seen in gateway.seen if seen.method == "GET"]
     assert len(polls) == 2
-    assert submitted.payment is not None
     assert {seen.payment for seen in polls} == {submitted.payment.header_value}
     assert wallet.signatures == 1
 
@@ -698,9 +698,10 @@ async def test_poll_that_never_answers_is_outcome_unknown(
     gateway.drop_polls = 99
     payer = X402Payer(http, wallet, max_micro=CAP, resend_attempts=1)
     submitted = await payer.post(gateway.url + GENERATIONS, json={})
+    assert submitted.payment is not None
 
     with pytest.raises(PaymentOutcomeUnknown):
-        await payer.get(gateway.url + f"{GENERATIONS}/job1", submitted.payment)
+        await payer.get(gateway.url + f"{GENERATIONS}/job1", submitted.payment.header)
 
     polls = [seen for seen in gateway.seen if seen.method == "GET"]
     # Two attempts; aiohttp itself retries a GET once when a kept-alive connection drops.
