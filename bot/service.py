@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from functools import partial
@@ -22,7 +22,7 @@ from bot.commands import Command, Help, Models, SpendQuery, parse
 from bot.config import Settings
 from bot.errors import ImagebotError
 from bot.images import ImageResult, ImageService, Picture, SlowJob
-from bot.ledger import Attempt, Budget, BudgetExceeded, Ledger, OpenJob
+from bot.ledger import Attempt, Budget, BudgetExceeded, Ledger, OpenJob, Payment
 from bot.ledger.journal import SettlementJournal
 from bot.money import format_usd
 from bot.principals import principal
@@ -37,6 +37,7 @@ DRAIN_SECONDS = 60.0  # how long a stopping bot lets paid requests in flight fin
 _RESTARTING = "The bot is restarting; send that again in a minute. Nothing was charged."
 _ADMIN = "An admin can check /spend."
 _MAYBE_CHARGED = f"It may have been charged. {_ADMIN}"
+_CHAIN_DECIDES = "the gateway said nothing was charged; waiting for the chain"
 _LEDGER_LATE = "(The spending ledger is busy; this charge is kept and recorded shortly.)"
 
 
@@ -93,6 +94,7 @@ class LedgerPayment:
         self._row_id = row_id
         self._budget = budget
         self.signed_micro: int | None = None  # set once a payment may leave the process
+        self.network: str | None = None  # the signed payment's network (CAIP-2)
 
     async def __call__(self, intent: PaymentIntent) -> None:
         quote = intent.quote
@@ -105,7 +107,7 @@ class LedgerPayment:
             nonce=intent.nonce,
             valid_before=intent.valid_before,
         )
-        self.signed_micro = quote.amount_micro
+        self.signed_micro, self.network = quote.amount_micro, quote.chain.caip2
 
 
 class ImageBot:
@@ -125,6 +127,7 @@ class ImageBot:
         self._jobs: Counter[str] = Counter()  # image jobs in flight per user
         self._draws: dict[asyncio.Task[Any], _Draw] = {}
         self._draining = False
+        self._chat_for: ChatFinder = _no_chat  # set by resume_jobs once adapters run
 
     async def drain(self, seconds: float = DRAIN_SECONDS) -> None:
         """Stop taking image commands; let paid requests in flight finish, up to ``seconds``.
@@ -144,9 +147,17 @@ class ImageBot:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def resume_jobs(self, chat_for: ChatFinder) -> None:
-        """Finish the slow jobs of stopped runs: poll on, deliver once, sign nothing new."""
-        for job in await self._ledger.claim_jobs():
+    async def resume_jobs(self, chat_for: ChatFinder, platforms: Collection[str]) -> None:
+        """Finish the slow jobs of stopped runs asked on ``platforms``: poll on, deliver once to
+        where they were asked, sign nothing new.
+
+        ``chat_for`` also answers later notices (a payment the chain shows went through).
+        """
+        self._chat_for = chat_for
+        jobs = await self._ledger.claim_jobs(platforms)
+        if jobs:
+            log.info("resuming %d slow job(s) of a stopped run", len(jobs))
+        for job in jobs:
             chat = await chat_for(job.platform, job.reply_to)
             task = asyncio.create_task(self._resume(job, chat))
             self._draws[task] = _Draw(job.row_id, resumable=True)
@@ -350,8 +361,23 @@ class ImageBot:
         elif error.charged:
             charged = payment.signed_micro if payment.signed_micro is not None else estimate_micro
             await self._journal.settle(row_id, charged, None)
+        elif payment.network is not None and self._settings.rpc_url_for(payment.network):
+            # The signed authorization stays valid until its validBefore: the chain decides.
+            await self._ledger.mark_unknown(row_id, f"{_CHAIN_DECIDES}: {error.user_message}")
         else:
             await self._ledger.fail(row_id, error.user_message)
+
+    async def tell_settled(self, payment: Payment) -> None:
+        """The chain shows a payment went through that its user was not sent pictures for."""
+        platform, _, _ = payment.user.partition(":")
+        chat = await self._chat_for(platform, payment.reply_to) if payment.reply_to else None
+        if chat is not None:
+            await _said(
+                chat,
+                f"Your earlier {payment.command} with {payment.model} was charged "
+                f"{format_usd(payment.charged_micro or payment.quoted_micro)} after all, but no "
+                f"picture came back. {_ADMIN}",
+            )
 
     async def _stopped(self, draw: _Draw, payment: LedgerPayment, chat: Chat) -> None:
         """Cancelled (a shutdown): a kept slow job is left to the next start, told to its user."""
@@ -431,6 +457,10 @@ class _Draw:
 
 ChatFinder = Callable[[str, str], Awaitable["Chat | None"]]
 """(platform, reply address) -> a Chat answering there, or None if that platform is not running."""
+
+
+async def _no_chat(platform: str, address: str) -> Chat | None:
+    return None
 
 
 async def _said(chat: Chat, text: str) -> None:

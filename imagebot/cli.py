@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import signal
 import sys
 import tempfile
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from datetime import UTC, date, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +24,13 @@ from bot.http import gateway_client
 from bot.ledger import Payment, Report, Status, open_ledger
 from bot.money import usd_string
 from bot.principals import parse_principal
+from bot.service import Chat
 from bot.x402 import Wallet
 from imagebot.logs import configure_logging
 from imagebot.reports import iso_utc, report_table, to_json
 from imagebot.wiring import open_bot
+
+log = logging.getLogger(__name__)
 
 EXIT_CONFIG = 2
 OUT_DIR = Path("out")
@@ -96,28 +101,65 @@ def _run(args: argparse.Namespace) -> int:
 
 
 async def _serve(settings: Settings) -> int:
-    """Every configured adapter on one bot (one image service, one ledger) until a signal."""
+    """Every configured adapter on one bot (one image service, one ledger) until a signal.
+
+    On SIGTERM or SIGINT the bot drains first (a late command is told it is restarting, paid
+    requests in flight finish for up to 60 s, slow jobs are left to the next start), then the
+    adapters stop.
+    """
     from adapters import discord, telegram
 
     configure_logging(settings.log_level)
-    stop = asyncio.Event()
+    stop = asyncio.Event()  # a signal, or an adapter that ended
+    halt = asyncio.Event()  # the adapters stop once the bot has drained
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     async with open_bot(settings) as bot:
         adapters: list[Awaitable[None]] = []
+        finders: dict[str, Callable[[str], Awaitable[Chat]]] = {}
         if settings.telegram_bot_token is not None:
-            adapters.append(telegram.serve(telegram.build_application(settings, bot), stop))
+            application = telegram.build_application(settings, bot)
+            ready = asyncio.Event()
+            adapters.append(telegram.serve(application, halt, ready))
+            finders["telegram"] = partial(_when_ready, ready, telegram.chat_for, application)
         if settings.discord_bot_token is not None:
+            client = discord.build_client(settings, bot)
             token = settings.discord_bot_token.get_secret_value()
-            adapters.append(discord.serve(discord.build_client(settings, bot), token, stop))
-        ended = await asyncio.gather(
-            *(_stopping_all(a, stop) for a in adapters), return_exceptions=True
-        )
+            adapters.append(discord.serve(client, token, halt))
+            finders["discord"] = partial(discord.chat_for, client)
+        running = [asyncio.create_task(_stopping_all(a, stop)) for a in adapters]
+        resuming = asyncio.create_task(bot.resume_jobs(partial(_find_chat, finders), finders))
+        await stop.wait()
+        resuming.cancel()
+        await bot.drain()
+        halt.set()
+        ended = await asyncio.gather(*running, return_exceptions=True)
     for outcome in ended:
         if isinstance(outcome, BaseException):
             raise outcome
     return 0
+
+
+async def _when_ready(
+    ready: asyncio.Event, make: Callable[[Any, str], Chat], platform: Any, address: str
+) -> Chat:
+    await ready.wait()
+    return make(platform, address)
+
+
+async def _find_chat(
+    finders: dict[str, Callable[[str], Awaitable[Chat]]], platform: str, address: str
+) -> Chat | None:
+    """The chat an owed answer goes to, or None when its platform is not running here."""
+    find = finders.get(platform)
+    if find is None:
+        return None
+    try:
+        return await find(address)
+    except (ValueError, KeyError, TypeError):
+        log.error("an owed answer has an unreadable %s address", platform)
+        return None
 
 
 async def _stopping_all(adapter: Awaitable[None], stop: asyncio.Event) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from bot.chain import ChainResolver
 from bot.config import Settings
 from bot.http import gateway_client
 from bot.images import ImageService
@@ -27,6 +29,7 @@ async def open_bot(
     Settlements a previous run journaled (its ledger was busy) are written, and payments left
     pending by a crashed run are settled as ``unknown`` (or ``failed`` when nothing was signed)
     before the bot takes its first command; their slow jobs stay open for ``resume_jobs``.
+    With an RPC URL set, unknown payments are checked against the chain now and every 10 min.
     """
     key = settings.wallet_private_key
     if wallet is None and key is not None:
@@ -46,7 +49,19 @@ async def open_bot(
         async with gateway_client() as http:
             payer = X402Payer(http, wallet, max_micro=settings.max_micro_per_request)
             images = ImageService(http, payer, settings.image_api_url, **service_options)
-            yield ImageBot(settings, images, ledger, journal)
+            bot = ImageBot(settings, images, ledger, journal)
+            checking = None
+            if settings.base_rpc_url or settings.base_sepolia_rpc_url:
+                resolver = ChainResolver(
+                    ledger, http, settings.rpc_url_for, on_settled=bot.tell_settled
+                )
+                checking = asyncio.create_task(resolver.resolve_every())
+            try:
+                yield bot
+            finally:
+                if checking is not None:
+                    checking.cancel()
+                    await asyncio.gather(checking, return_exceptions=True)
     finally:
         await journal.close()
         await ledger.close()

@@ -431,7 +431,12 @@ async def test_open_jobs_survive_recovery_and_are_claimed_once(ledger_backend: B
             await stopped.start_job(plain + 99, "{}", "{}")
     async with await ledger_backend.open() as first, await ledger_backend.open() as second:
         assert await first.recover() == (1, 0)  # the plain signed row; the jobs stay open
-        claims = await asyncio.gather(first.claim_jobs(), second.claim_jobs(), first.claim_jobs())
+        everywhere = ("telegram", "discord")
+        claims = await asyncio.gather(
+            first.claim_jobs(everywhere),
+            second.claim_jobs(everywhere),
+            first.claim_jobs(everywhere),
+        )
         claimed = [job.row_id for jobs in claims for job in jobs]
         assert sorted(claimed) == rows  # every job once, by one of the two runs
         job = next(job for jobs in claims for job in jobs if job.row_id == rows[0])
@@ -441,11 +446,13 @@ async def test_open_jobs_survive_recovery_and_are_claimed_once(ledger_backend: B
             '{"poll_url": "/jobs/1"}',
             '{"chat": 1}',
         )
-        assert await second.claim_jobs() == []  # the claimers are alive
+        assert await second.claim_jobs(everywhere) == []  # the claimers are alive
         owner = first if any(job.row_id == rows[0] for job in claims[0] + claims[2]) else second
         await owner.settle(rows[0], PRICE, "0xtx")
     async with await ledger_backend.open() as later:
-        assert sorted(job.row_id for job in await later.claim_jobs()) == rows[1:]
+        assert await later.claim_jobs(["discord"]) == []  # asked on Telegram
+        claimed_later = await later.claim_jobs(["telegram"])
+        assert sorted(job.row_id for job in claimed_later) == rows[1:]
 
 
 async def test_payments_lists_rows_newest_first_with_what_the_chain_needs(ledger: Ledger) -> None:

@@ -7,7 +7,7 @@ Users are written ``platform:id``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import date, datetime
 from enum import StrEnum
@@ -224,8 +224,9 @@ class Ledger(Protocol):
         ValueError if the row is not pending.
         """
 
-    async def claim_jobs(self) -> list[OpenJob]:
-        """Take over the open jobs of dead runs; each is claimed by exactly one live run."""
+    async def claim_jobs(self, platforms: Collection[str]) -> list[OpenJob]:
+        """Take over the open jobs of dead runs asked on these platforms (the ones this run can
+        answer on); each job is claimed by exactly one live run."""
 
     async def payments(self, status: Status | None = None, limit: int = 1000) -> list[Payment]:
         """The newest rows first, all or of one status."""

@@ -8,6 +8,7 @@ the totals tables that ``schema``'s triggers keep; ``recovery`` tells live runs 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Collection
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Self
@@ -209,20 +210,21 @@ class SqliteLedger:
         """As ``Ledger.start_job``."""
         await self._resolve(row_id, "job = ?, reply_to = ?", (job, reply_to), ("pending",))
 
-    async def claim_jobs(self) -> list[OpenJob]:
+    async def claim_jobs(self, platforms: Collection[str]) -> list[OpenJob]:
         """As ``Ledger.claim_jobs``: one compare-and-set of ``run_id`` per job."""
         rows = await self._db.execute_fetchall(
             "SELECT DISTINCT run_id FROM attempts WHERE status = 'pending' AND job IS NOT NULL"
         )
         dead = await asyncio.to_thread(self._lock.dead_runs, [run for (run,) in rows])
-        if not dead:
+        if not dead or not platforms:
             return []
         claimed = await self._db.execute_fetchall(
             f"UPDATE attempts SET run_id = ?, updated_at = ? WHERE status = 'pending'"
             f" AND job IS NOT NULL AND run_id IN ({','.join('?' * len(dead))})"
+            f" AND platform IN ({','.join('?' * len(platforms))})"
             " RETURNING id, platform, user_id, command, model, size, n, quoted_micro, job,"
             " coalesce(reply_to, '')",
-            (self._lock.run_id, self._now(), *dead),
+            (self._lock.run_id, self._now(), *dead, *platforms),
         )
         return sorted((OpenJob(*row) for row in claimed), key=lambda job: job.row_id)
 

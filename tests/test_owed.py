@@ -1,0 +1,276 @@
+"""What is owed is delivered or resolved, through ``open_bot``: jobs resumed by one process of
+several, a ledger locked by another process during a slow job, and the chain's word on
+payments the gateway left unknown."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import pytest
+from imagebot_cli import ROOT, cli_env
+from test_chain import FakeRpc
+from test_service import RecordingChat
+
+from bot.config import load_settings
+from bot.images import Picture
+from bot.ledger import Status, open_ledger
+from bot.ledger.journal import SettlementJournal
+from bot.service import Outcome, Sender
+from bot.x402 import Wallet
+from imagebot.wiring import open_bot
+from sandbox import Sandbox
+
+ALICE = Sender("telegram", "111", "@alice", ("111",), private=True)
+
+
+@pytest.fixture
+async def gateway() -> AsyncIterator[Sandbox]:
+    sandbox = Sandbox(job_seconds=1.0)
+    await sandbox.start()
+    yield sandbox
+    await sandbox.close()
+
+
+async def statuses(database: Path) -> list[str]:
+    async with aiosqlite.connect(database) as db:
+        found = await db.execute_fetchall("SELECT status FROM attempts ORDER BY id")
+    return [status for (status,) in found]
+
+
+async def wait_until(check: Any, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not await check():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.1)
+
+
+async def settled_micro(database: Path) -> int:
+    async with await open_ledger(database) as ledger:
+        return (await ledger.report()).total_micro
+
+
+# Two processes restarting on one ledger resume each job once.
+
+START_JOBS = """
+import asyncio, json, sys
+from bot.config import load_settings
+from bot.service import Sender
+from imagebot.wiring import open_bot
+
+class Chat:
+    def __init__(self, n): self.n = n
+    def reply_address(self): return json.dumps({"n": self.n})
+    async def send_text(self, text): pass
+    async def show_progress(self, status): pass
+    async def send_pictures(self, pictures, caption): pass
+
+async def main():
+    async with open_bot(load_settings(_env_file=None), poll_interval=0.2) as bot:
+        users = [Sender("telegram", str(n), "", (str(n),), True) for n in range(6)]
+        await asyncio.gather(*(
+            bot.handle(user, Chat(n), "/imagegen a fox #slow") for n, user in enumerate(users)
+        ))
+
+asyncio.run(main())
+"""
+
+RESUME_JOBS = """
+import asyncio, json, sqlite3, sys
+from bot.config import load_settings
+from imagebot.wiring import open_bot
+
+class Chat:
+    def __init__(self, n): self.n = n
+    async def send_text(self, text): print("text", self.n, text, flush=True)
+    async def show_progress(self, status): pass
+    async def send_pictures(self, pictures, caption): print("delivered", self.n, flush=True)
+
+async def chat_for(platform, address):
+    return Chat(json.loads(address)["n"])
+
+def pending(path):
+    with sqlite3.connect(path) as db:
+        return db.execute("SELECT count(*) FROM attempts WHERE status = 'pending'").fetchone()[0]
+
+async def main():
+    settings = load_settings(_env_file=None)
+    async with open_bot(settings, poll_interval=0.2) as bot:
+        sys.stdin.readline()  # both processes are up: resume together
+        await bot.resume_jobs(chat_for, ["telegram"])
+        while await asyncio.to_thread(pending, settings.database_path):
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)  # the last delivery follows its settlement
+
+asyncio.run(main())
+"""
+
+
+async def script(source: str, env: dict[str, str], **pipes: Any) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-c", source, env=env, cwd=str(ROOT), **pipes
+    )
+
+
+async def test_two_processes_restarting_on_one_ledger_resume_each_job_once(
+    gateway: Sandbox, tmp_path: Path
+) -> None:
+    gateway.job_seconds = 4.0
+    database = tmp_path / "ledger.sqlite3"
+    env = cli_env(gateway.url, database)
+    starting = await script(START_JOBS, env)
+
+    async def all_kept() -> bool:
+        exists = await asyncio.to_thread(database.exists)
+        if not exists:
+            return False
+        async with aiosqlite.connect(database) as db:
+            ((kept,),) = await db.execute_fetchall(
+                "SELECT count(*) FROM attempts WHERE job IS NOT NULL"
+            )
+        return bool(kept == 6)
+
+    await wait_until(all_kept)
+    starting.send_signal(signal.SIGKILL)
+    await starting.wait()
+
+    pipes = {"stdin": asyncio.subprocess.PIPE, "stdout": asyncio.subprocess.PIPE}
+    resumers = [await script(RESUME_JOBS, env, **pipes) for _ in range(2)]
+    await asyncio.sleep(2.0)  # both have opened the ledger
+    outputs = await asyncio.gather(
+        *(asyncio.wait_for(process.communicate(b"go\n"), 60) for process in resumers)
+    )
+
+    delivered = [
+        line.split()[1]
+        for out, _ in outputs
+        for line in out.decode().splitlines()
+        if line.startswith("delivered")
+    ]
+    assert sorted(delivered) == [str(n) for n in range(6)]  # each once, in one process or other
+    assert all(process.returncode == 0 for process in resumers)
+    assert gateway.payments_received == 6  # nothing new signed
+    assert len(gateway.settlements) == 6
+    assert await statuses(database) == ["settled"] * 6
+    assert await settled_micro(database) == sum(s.amount_micro for s in gateway.settlements)
+
+
+# A ledger another process holds locked during a slow job.
+
+HOLD_WRITE_LOCK = """
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+db.execute("ROLLBACK")
+"""
+
+
+class Pictures(RecordingChat):
+    """Notes when pictures arrive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arrived = asyncio.Event()
+
+    async def send_pictures(self, pictures: Sequence[Picture], caption: str) -> None:
+        await super().send_pictures(pictures, caption)
+        self.arrived.set()
+
+
+async def test_a_ledger_locked_for_20_s_during_a_slow_job_still_delivers_and_settles_later(
+    gateway: Sandbox, tmp_path: Path
+) -> None:
+    database = tmp_path / "ledger.sqlite3"
+    settings = load_settings(_env_file=None, image_api_url=gateway.url, database_path=database)
+    chat = Pictures()
+    async with open_bot(settings, Wallet.create(), poll_interval=0.1, job_deadline=60) as bot:
+        drawing = asyncio.create_task(bot.handle(ALICE, chat, "/imagegen a harbour #slow"))
+
+        async def kept() -> bool:
+            return await asyncio.to_thread(database.exists) and any(
+                status == "pending" for status in await statuses(database)
+            )
+
+        await wait_until(kept)
+        await asyncio.sleep(0.3)  # the 202 job is in the ledger
+        locker = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            HOLD_WRITE_LOCK,
+            str(database),
+            "20",
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert locker.stdout is not None
+        assert await locker.stdout.readline() == b"locked\n"
+        locked_at = time.monotonic()
+
+        await asyncio.wait_for(chat.arrived.wait(), 30)
+        assert time.monotonic() - locked_at < 20  # delivered while the lock was held
+        ((_, caption),) = chat.pictures
+        assert "ledger is busy; this charge is kept and recorded shortly" in caption
+        journal = SettlementJournal.beside(database)
+        assert await asyncio.to_thread(journal.exists)
+        assert await drawing is Outcome.DONE
+
+        await locker.wait()
+
+        async def settled() -> bool:
+            return await statuses(database) == ["settled"]
+
+        await wait_until(settled, 30)
+        assert not await asyncio.to_thread(journal.exists)
+    assert await settled_micro(database) == sum(s.amount_micro for s in gateway.settlements)
+    assert len(gateway.settlements) == 1
+
+
+# The chain's word on payments the gateway left unknown.
+
+
+async def test_the_chain_settles_or_fails_what_the_gateway_left_open(
+    gateway: Sandbox, tmp_path: Path
+) -> None:
+    rpc = FakeRpc()
+    await rpc.start()
+    database = tmp_path / "ledger.sqlite3"
+    settings = load_settings(
+        _env_file=None,
+        image_api_url=gateway.url,
+        database_path=database,
+        base_sepolia_rpc_url=rpc.url,
+    )
+    try:
+        rpc.block_timestamp = int(time.time())
+        chat = RecordingChat()
+        async with open_bot(settings, Wallet.create(), poll_interval=0.1) as bot:
+            for word in ("#servererror", "#timeout"):
+                assert await bot.handle(ALICE, chat, f"/imagegen a fox {word}") is Outcome.REFUSED
+        # The gateway said nothing was charged, but the signed authorizations stay valid: with
+        # an RPC URL the rows keep counting until the chain decides.
+        assert await statuses(database) == ["unknown", "unknown"]
+        assert all("Nothing was charged." in text for text in chat.texts)
+        async with await open_ledger(database) as ledger:
+            first, second = sorted(await ledger.payments(Status.UNKNOWN), key=lambda p: p.row_id)
+        assert first.payer is not None and first.nonce is not None
+        assert second.valid_before is not None
+        rpc.use(first.payer, first.nonce)  # settled on chain after all
+        rpc.block_timestamp = second.valid_before + 1  # the other can never be used now
+
+        async with open_bot(settings, Wallet.create()):  # a restart: resolved at start-up
+
+            async def resolved() -> bool:
+                return await statuses(database) == ["settled", "failed"]
+
+            await wait_until(resolved, 15)
+    finally:
+        await rpc.close()
+    assert await settled_micro(database) == first.quoted_micro
+    assert gateway.settlements == []  # the sandbox never settled: only the chain knew
