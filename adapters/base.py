@@ -15,13 +15,17 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar, cast
 
 from adapters.status import ThrottledStatus
-from bot.errors import InputUnavailable
+from bot.errors import ConfigError, InputUnavailable
 from bot.images import Picture
 from bot.requests import ImageInput
 
 log = logging.getLogger(__name__)
 
 Handle = TypeVar("Handle")  # the platform's status message
+
+
+class StartupError(ConfigError):
+    """A platform refused the bot or could not be reached at start-up; says what to change."""
 
 
 class StatusChat(ABC, Generic[Handle]):

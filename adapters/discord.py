@@ -26,11 +26,11 @@ from discord import app_commands
 from discord.gateway import DiscordWebSocket
 from PIL import Image
 
-from adapters.base import RemoteFile, StatusChat, download, split_text
+from adapters.base import RemoteFile, StartupError, StatusChat, download, split_text
 from bot.catalog import choices, sizes_of
 from bot.commands import MENU, Command, Help, Models, spend_query
 from bot.config import Settings
-from bot.errors import ConfigError, InputUnavailable
+from bot.errors import InputUnavailable
 from bot.images import Picture
 from bot.money import format_usd
 from bot.requests import MAX_INPUT_BYTES, MAX_N, ImageCommand, ImageInput
@@ -44,10 +44,6 @@ MAX_CONTENT_CHARS = 2000
 MAX_CHOICES = 25  # autocomplete answers
 TOKEN_SECONDS = 15 * 60 - 30  # an interaction's webhook token lives 15 min; keep a margin
 _SHRINK_QUALITIES = (90, 80, 70, 55, 40)
-
-
-class StartupError(ConfigError):
-    """Discord refused to let the bot start; the message says what the admin must change."""
 
 
 def build_client(settings: Settings, bot: ImageBot) -> ImagebotClient:
@@ -74,6 +70,11 @@ async def serve(client: ImagebotClient, token: str, stop: asyncio.Event) -> None
     except discord.LoginFailure:
         raise StartupError(
             "Discord refused DISCORD_BOT_TOKEN; copy the bot's token again."
+        ) from None
+    except (aiohttp.ClientError, OSError) as error:
+        raise StartupError(
+            f"could not reach Discord at DISCORD_API_URL ({type(error).__name__}); "
+            "check the address and the network"
         ) from None
 
 

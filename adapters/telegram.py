@@ -22,12 +22,12 @@ from httpx_aiohttp import AiohttpTransport
 from telegram import BotCommand, InputMediaPhoto, Message, Update
 from telegram import Chat as TelegramChatInfo
 from telegram.constants import ChatAction, ChatType
-from telegram.error import BadRequest, RetryAfter, TelegramError
+from telegram.error import BadRequest, InvalidToken, RetryAfter, TelegramError
 from telegram.ext import Application, ContextTypes, MessageHandler, filters
 from telegram.request import HTTPXRequest
 from telegram.warnings import PTBDeprecationWarning
 
-from adapters.base import RemoteFile, StatusChat, download
+from adapters.base import RemoteFile, StartupError, StatusChat, download
 from bot.commands import MENU
 from bot.config import Settings
 from bot.errors import InputUnavailable
@@ -100,6 +100,7 @@ async def serve(
 
     ``ready`` is set once the bot can send (for answers owed from before a restart).
     """
+    await _initialize(application)
     async with application:
         await _flood_safe(lambda: application.bot.set_my_commands(COMMANDS))
         await application.start()
@@ -110,6 +111,23 @@ async def serve(
         await stop.wait()
         await application.updater.stop()
         await application.stop()
+
+
+async def _initialize(application: Application[Any, Any, Any, Any, Any, Any]) -> None:
+    """Meet the Bot API (getMe); a refusal or no answer is one ``StartupError`` line."""
+    try:
+        await application.initialize()
+    except InvalidToken:
+        problem = "Telegram refused TELEGRAM_BOT_TOKEN; copy the token from @BotFather again."
+    except TelegramError as error:
+        problem = (
+            f"could not reach Telegram's Bot API at TELEGRAM_API_URL ({type(error).__name__}); "
+            "check the address and the network"
+        )
+    else:
+        return
+    await application.bot.request.shutdown()  # getMe's connection pool, left open by the failure
+    raise StartupError(problem)
 
 
 class TelegramAdapter:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import tempfile
@@ -212,12 +213,29 @@ def _sandbox(args: argparse.Namespace) -> int:
     from sandbox import serve_forever
 
     configure_logging("INFO")
-    asyncio.run(serve_forever(args.host, args.port))
+    try:
+        asyncio.run(serve_forever(args.host, args.port))
+    except OSError as error:
+        raise ConfigError(
+            f"--port: cannot listen on {args.host}:{args.port} "
+            f"({os.strerror(error.errno) if error.errno else error}); "
+            "pick another port with --port"
+        ) from None
     return 0
+
+
+def _ledger_exists(settings: Settings) -> bool:
+    """Report commands read a ledger; they never create one."""
+    if settings.database_path.is_file():
+        return True
+    print(f"imagebot: no ledger at {settings.database_path} (DATABASE_PATH)", file=sys.stderr)
+    return False
 
 
 def _spend(args: argparse.Namespace) -> int:
     settings = _settings()
+    if not _ledger_exists(settings):
+        return 1
     report = asyncio.run(_report(settings.database_path, args.since, args.user))
     print(json.dumps(to_json(report)) if args.json else report_table(report))
     return 0
@@ -230,8 +248,7 @@ async def _report(path: Path, since: date | None, user: str | None) -> Report:
 
 def _payments(args: argparse.Namespace) -> int:
     settings = _settings()
-    if not settings.database_path.is_file():
-        print(f"imagebot: no ledger at {settings.database_path} (DATABASE_PATH)", file=sys.stderr)
+    if not _ledger_exists(settings):
         return 1
     status = Status(args.status) if args.status else None
     resolved, payments = asyncio.run(_list_payments(settings, status, args.resolve))

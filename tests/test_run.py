@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -110,3 +111,74 @@ async def test_a_refused_discord_intent_stops_start_up_with_exit_2(tmp_path: Pat
     )
     assert str(ROOT) not in err.decode()  # no traceback
     assert telegram.calls("setMyCommands")  # it had started, and stopped with the process
+
+
+async def start_up_failure(tmp_path: Path, *args: str, **env: str) -> tuple[int, list[str]]:
+    """Exit code and stderr lines of an ``imagebot`` start that should fail at once."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "imagebot.cli",
+        *args,
+        cwd=tmp_path,
+        env=cli_env("http://127.0.0.1:9", tmp_path / "ledger.sqlite3", **env),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, err.decode().splitlines()
+
+
+async def test_start_up_problems_are_one_line_and_exit_2(tmp_path: Path) -> None:
+    telegram = FakeTelegram()
+    await telegram.start()
+    blocker = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = blocker.sockets[0].getsockname()[1]
+    try:
+        cases = {
+            "unwritable ledger": (
+                ("run",),
+                {
+                    "TELEGRAM_BOT_TOKEN": telegram.token,
+                    "TELEGRAM_API_URL": telegram.url,
+                    "DATABASE_PATH": "/proc/no-such-dir/ledger.sqlite3",
+                },
+                "imagebot: DATABASE_PATH: cannot open a ledger at /proc/no-such-dir/",
+            ),
+            "refused token": (
+                ("run",),
+                {"TELEGRAM_BOT_TOKEN": "999:not-the-token", "TELEGRAM_API_URL": telegram.url},
+                "imagebot: Telegram refused TELEGRAM_BOT_TOKEN; copy the token from @BotFather",
+            ),
+            "unreachable Telegram": (
+                ("run",),
+                {"TELEGRAM_BOT_TOKEN": telegram.token, "TELEGRAM_API_URL": "http://127.0.0.1:9"},
+                "imagebot: could not reach Telegram's Bot API at TELEGRAM_API_URL",
+            ),
+            "unreachable Discord": (
+                ("run",),
+                {"DISCORD_BOT_TOKEN": "x", "DISCORD_API_URL": "http://127.0.0.1:9/api/v10"},
+                "imagebot: could not reach Discord at DISCORD_API_URL",
+            ),
+            "sandbox port in use": (
+                ("sandbox", "--port", str(port)),
+                {},
+                f"imagebot: --port: cannot listen on 127.0.0.1:{port} (Address already in use)",
+            ),
+        }
+        for name, (args, env, first_words) in cases.items():
+            code, lines = await start_up_failure(tmp_path, *args, **env)
+            problems = [line for line in lines if " INFO " not in line]
+            assert (code, len(problems)) == (2, 1), (name, lines)
+            assert problems[0].startswith(first_words), (name, problems)
+            assert "Traceback" not in "\n".join(lines), name
+    finally:
+        blocker.close()
+        await telegram.close()
+
+
+async def test_spend_on_a_missing_ledger_says_so_and_creates_nothing(tmp_path: Path) -> None:
+    code, lines = await start_up_failure(tmp_path, "spend")
+    assert code == 1
+    assert lines == [f"imagebot: no ledger at {tmp_path / 'ledger.sqlite3'} (DATABASE_PATH)"]
+    assert await asyncio.to_thread(os.listdir, tmp_path) == []

@@ -5,8 +5,10 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
+from bot.errors import ConfigError
 from bot.ledger.api import (
     Attempt,
     Budget,
@@ -40,5 +42,11 @@ __all__ = [
 
 
 async def open_ledger(path: Path) -> Ledger:
-    """The ledger at ``path``, its schema brought up to date; close it when done."""
-    return await SqliteLedger.open(path)
+    """The ledger at ``path``, its schema brought up to date; close it when done.
+
+    ``ConfigError`` naming DATABASE_PATH when it cannot be created, opened or written.
+    """
+    try:
+        return await SqliteLedger.open(path)
+    except (OSError, sqlite3.Error) as error:
+        raise ConfigError(f"DATABASE_PATH: cannot open a ledger at {path} ({error})") from None
