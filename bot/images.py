@@ -411,6 +411,8 @@ def _picture(data: bytes, charged_micro: int) -> Picture:
     try:
         with Image.open(io.BytesIO(data)) as image:  # reads the header only
             width, height = image.size
+    except Image.DecompressionBombError:
+        raise _bad_reply(charged_micro, "sent an image too large to open") from None
     except (OSError, ValueError):
         raise _bad_reply(charged_micro, "sent an image I can't read") from None
     return Picture(data, mime, width, height)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import socket
 import threading
 import time
@@ -18,6 +19,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from eth_account import Account
 from eth_account.messages import encode_typed_data
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from imagebot_cli import cli_env, imagebot
 from pictures import png
 from test_service import RecordingChat
 from x402.http import FacilitatorConfig, HTTPFacilitatorClient
@@ -37,7 +40,6 @@ from x402.server import x402ResourceServer
 
 from bot.chains import BASE_SEPOLIA
 from bot.config import load_settings
-from bot.ledger import open_ledger
 from bot.service import Outcome, Sender
 from bot.x402 import Wallet
 from imagebot.wiring import open_bot
@@ -217,10 +219,13 @@ async def run_bot(url: str, database: Path, text: str) -> RecordingChat:
 
 
 async def ledger_total(database: Path) -> tuple[int, int]:
-    """(micro-USDC settled, micro-USDC unresolved) as the ledger's report has them."""
-    async with await open_ledger(database) as ledger:
-        report = await ledger.report()
-    return report.total_micro, report.pending_micro
+    """(micro-USDC settled, micro-USDC unresolved) as ``imagebot spend --json`` reports them."""
+    env = cli_env("http://127.0.0.1:9", database)
+    code, out = await imagebot("spend", "--json", env=env, cwd=database.parent)
+    assert code == 0
+    report = json.loads(out)
+    micro = [Decimal(report.get(key, "0")) * 1_000_000 for key in ("total_usd", "pending_usd")]
+    return int(micro[0]), int(micro[1])
 
 
 @pytest.mark.parametrize("text", ["/imagegen a fox", "/imagegen a fox #slow"])

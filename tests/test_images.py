@@ -7,9 +7,11 @@ import base64
 import gc
 import json
 import os
+import struct
 import subprocess
 import sys
 import weakref
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -205,6 +207,39 @@ async def test_a_receipt_on_a_202_is_charged_even_when_the_job_then_fails(
 
     assert caught.value.charged is True
     assert "charged anyway" in caught.value.user_message
+
+
+def bomb_png(width: int = 40_000, height: int = 40_000) -> bytes:
+    """A valid PNG header claiming 1.6 gigapixels, with one tiny compressed row after it."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    pixels = zlib.compress(b"\0" * (1 + 3 * width))
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    )
+
+
+async def test_a_decompression_bomb_after_payment_says_it_was_charged(
+    http: httpx.AsyncClient, unused_tcp_port: int
+) -> None:
+    async def generations(request: web.Request) -> web.StreamResponse:
+        if "PAYMENT-SIGNATURE" not in request.headers:
+            return web.json_response({"x402Version": 2, "accepts": [REQUIREMENT]}, status=402)
+        picture = "data:image/png;base64," + base64.b64encode(bomb_png()).decode()
+        return web.json_response({"created": 1, "data": [{"url": picture}]})
+
+    async with serving(unused_tcp_port, ("POST", "/v1/images/generations", generations)) as url:
+        with pytest.raises(BadReply) as caught:
+            await run(service_for(http, url), "/imagegen a fox")
+
+    assert caught.value.charged is True
+    assert caught.value.user_message == (
+        "The image service sent an image too large to open; $0.0525 was charged for it."
+    )
 
 
 async def test_a_poll_address_off_the_gateway_is_never_sent_the_payment(

@@ -5,16 +5,19 @@ payments the gateway left unknown."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 import pytest
-from imagebot_cli import ROOT, cli_env
+from aiohttp import web
+from imagebot_cli import ROOT, cli_env, imagebot
 from test_chain import FakeRpc
 from test_service import RecordingChat
 
@@ -52,8 +55,50 @@ async def wait_until(check: Any, seconds: float = 30.0) -> None:
 
 
 async def settled_micro(database: Path) -> int:
-    async with await open_ledger(database) as ledger:
-        return (await ledger.report()).total_micro
+    """What ``imagebot spend --json`` says was charged in all, in micro-USDC."""
+    code, out = await imagebot(
+        "spend", "--json", env=cli_env("http://127.0.0.1:9", database), cwd=database.parent
+    )
+    assert code == 0
+    return int(Decimal(json.loads(out)["total_usd"]) * 1_000_000)
+
+
+# A slow job, polled as BlockRun answers.
+
+
+async def test_a_slow_job_is_polled_through_202s_then_delivered_and_settled_once(
+    tmp_path: Path,
+) -> None:
+    gateway = Sandbox(job_seconds=1.0)
+    answers: list[tuple[int, str]] = []
+
+    @web.middleware
+    async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+        response = await handler(request)
+        if request.method == "GET" and "/v1/images/generations/" in request.path:
+            assert isinstance(response, web.Response) and response.body is not None
+            answers.append((response.status, json.loads(bytes(response.body))["status"]))
+        return response
+
+    gateway.app.middlewares.append(record)
+    await gateway.start()
+    database = tmp_path / "ledger.sqlite3"
+    settings = load_settings(_env_file=None, image_api_url=gateway.url, database_path=database)
+    chat = RecordingChat()
+    try:
+        async with open_bot(settings, Wallet.create(), poll_interval=0.1) as bot:
+            outcome = await bot.handle(ALICE, chat, "/imagegen -m banana-pro a harbour")
+    finally:
+        await gateway.close()
+
+    assert outcome is Outcome.DONE
+    assert answers.count((202, "in_progress")) >= 3
+    assert answers[-1] == (200, "completed")
+    assert len(chat.pictures) == 1
+    assert chat.progress[-1].startswith("Drawing with banana-pro · 1024x1024 · $0.105… ")
+    assert len(gateway.settlements) == 1
+    assert await statuses(database) == ["settled"]
+    assert await settled_micro(database) == gateway.settlements[0].amount_micro
 
 
 # Two processes restarting on one ledger resume each job once.
