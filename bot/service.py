@@ -89,10 +89,11 @@ class Chat(Protocol):
 class LedgerPayment:
     """The payer's hook for one request: records the real quote on its ledger row before signing."""
 
-    def __init__(self, ledger: Ledger, row_id: int, budget: Budget) -> None:
+    def __init__(self, ledger: Ledger, row_id: int, budget: Budget, reply_to: str) -> None:
         self._ledger = ledger
         self._row_id = row_id
         self._budget = budget
+        self._reply_to = reply_to
         self.signed_micro: int | None = None  # set once a payment may leave the process
         self.network: str | None = None  # the signed payment's network (CAIP-2)
 
@@ -106,6 +107,7 @@ class LedgerPayment:
             payer=intent.payer,
             nonce=intent.nonce,
             valid_before=intent.valid_before,
+            reply_to=self._reply_to,
         )
         self.signed_micro, self.network = quote.amount_micro, quote.chain.caip2
 
@@ -300,7 +302,7 @@ class ImageBot:
         except BudgetExceeded as error:
             await chat.send_text(error.user_message)
             return Outcome.REFUSED
-        payment = LedgerPayment(self._ledger, row_id, budget)
+        payment = LedgerPayment(self._ledger, row_id, budget, chat.reply_address())
         verb = "Drawing" if isinstance(request, GenerateRequest) else "Editing"
         status = f"{verb} with {request.price_line(request.estimate_micro)}…"
         await chat.show_progress(status)
@@ -368,7 +370,10 @@ class ImageBot:
             await self._ledger.fail(row_id, error.user_message)
 
     async def tell_settled(self, payment: Payment) -> None:
-        """The chain shows a payment went through that its user was not sent pictures for."""
+        """The chain shows a payment went through that its user was not sent pictures for.
+
+        Told where the command was asked, when that platform runs in this process.
+        """
         platform, _, _ = payment.user.partition(":")
         chat = await self._chat_for(platform, payment.reply_to) if payment.reply_to else None
         if chat is not None:

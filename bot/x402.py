@@ -492,6 +492,8 @@ def read_receipt(response: httpx.Response) -> Receipt | None:
 
 
 def _receipt(report: dict[str, Any], tx_hash_key: str) -> Receipt | None:
-    """The report's transaction hash, if it names one."""
+    """The report's transaction hash, if it names one and does not say it failed."""
+    if report.get("success") is False:  # x402's answer to a settlement that failed
+        return None
     tx_hash = report.get(tx_hash_key)
     return Receipt(tx_hash) if isinstance(tx_hash, str) and tx_hash else None

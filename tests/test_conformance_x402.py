@@ -32,6 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from imagebot_cli import cli_env, imagebot
 from pictures import png
+from test_sandbox import TRANSFER_TYPES
 from test_service import RecordingChat
 from x402.http import FacilitatorConfig, HTTPFacilitatorClient
 from x402.http.middleware.fastapi import payment_middleware
@@ -48,16 +49,6 @@ PAY_TO = "0x1f9994449098867e0A14f77DcAD0fD3beBe3ae15"
 PRICE_MICRO = 50_000
 ALICE = Sender("telegram", "111", "@alice", ("111",), private=True)
 PICTURE = "data:image/png;base64," + base64.b64encode(png(32, 32)).decode()
-TRANSFER_TYPES = {
-    "TransferWithAuthorization": [
-        {"name": "from", "type": "address"},
-        {"name": "to", "type": "address"},
-        {"name": "value", "type": "uint256"},
-        {"name": "validAfter", "type": "uint256"},
-        {"name": "validBefore", "type": "uint256"},
-        {"name": "nonce", "type": "bytes32"},
-    ]
-}
 
 
 @dataclass

@@ -156,26 +156,26 @@ async def test_busy_and_lost_polls_are_asked_again_with_the_same_payment(
     answers = [503, 429, "drop", 504, 200]
     seen: list[str] = []
 
-    async def generations(request: web.Request) -> web.StreamResponse:
-        if "PAYMENT-SIGNATURE" not in request.headers:
-            return web.json_response({"x402Version": 2, "accepts": [REQUIREMENT]}, status=402)
+    def answer() -> web.Response:
         return web.json_response({"id": "j", "status": "queued", "poll_url": "/jobs/j"}, status=202)
 
     async def job(request: web.Request) -> web.StreamResponse:
         seen.append(request.headers["PAYMENT-SIGNATURE"])
-        answer = answers.pop(0)
-        if answer == "drop":
+        reply = answers.pop(0)
+        if reply == "drop":
             assert request.transport is not None
             request.transport.close()
             return web.Response()
-        if answer != 200:
-            return web.json_response({"status": "in_progress"}, status=answer)
+        if reply != 200:
+            return web.json_response({"status": "in_progress"}, status=reply)
         picture = "data:image/png;base64," + base64.b64encode(png()).decode()
         body = {"status": "completed", "data": [{"url": picture}]}
         return web.json_response(body, headers={"X-Payment-Receipt": "0xabc"})
 
     async with serving(
-        unused_tcp_port, ("POST", "/v1/images/generations", generations), ("GET", "/jobs/j", job)
+        unused_tcp_port,
+        ("POST", "/v1/images/generations", quoting(answer)),
+        ("GET", "/jobs/j", job),
     ) as url:
         result = await run(service_for(http, url), "/imagegen a fox")
 
@@ -190,9 +190,7 @@ async def test_a_receipt_on_a_202_is_charged_even_when_the_job_then_fails(
         json.dumps({"success": True, "transaction": "0xabc", "network": "eip155:84532"}).encode()
     ).decode()
 
-    async def generations(request: web.Request) -> web.StreamResponse:
-        if "PAYMENT-SIGNATURE" not in request.headers:
-            return web.json_response({"x402Version": 2, "accepts": [REQUIREMENT]}, status=402)
+    def answer() -> web.Response:
         body = {"id": "j", "status": "queued", "poll_url": "/jobs/j"}
         return web.json_response(body, status=202, headers={"PAYMENT-RESPONSE": receipt})
 
@@ -200,7 +198,9 @@ async def test_a_receipt_on_a_202_is_charged_even_when_the_job_then_fails(
         return web.json_response({"status": "failed", "error": "upstream broke"})
 
     async with serving(
-        unused_tcp_port, ("POST", "/v1/images/generations", generations), ("GET", "/jobs/j", job)
+        unused_tcp_port,
+        ("POST", "/v1/images/generations", quoting(answer)),
+        ("GET", "/jobs/j", job),
     ) as url:
         with pytest.raises(JobAbandoned) as caught:
             await run(service_for(http, url), "/imagegen a fox")
@@ -226,13 +226,11 @@ def bomb_png(width: int = 40_000, height: int = 40_000) -> bytes:
 async def test_a_decompression_bomb_after_payment_says_it_was_charged(
     http: httpx.AsyncClient, unused_tcp_port: int
 ) -> None:
-    async def generations(request: web.Request) -> web.StreamResponse:
-        if "PAYMENT-SIGNATURE" not in request.headers:
-            return web.json_response({"x402Version": 2, "accepts": [REQUIREMENT]}, status=402)
+    def answer() -> web.Response:
         picture = "data:image/png;base64," + base64.b64encode(bomb_png()).decode()
         return web.json_response({"created": 1, "data": [{"url": picture}]})
 
-    async with serving(unused_tcp_port, ("POST", "/v1/images/generations", generations)) as url:
+    async with serving(unused_tcp_port, ("POST", "/v1/images/generations", quoting(answer))) as url:
         with pytest.raises(BadReply) as caught:
             await run(service_for(http, url), "/imagegen a fox")
 
@@ -245,13 +243,11 @@ async def test_a_decompression_bomb_after_payment_says_it_was_charged(
 async def test_a_poll_address_off_the_gateway_is_never_sent_the_payment(
     http: httpx.AsyncClient, unused_tcp_port: int
 ) -> None:
-    async def generations(request: web.Request) -> web.StreamResponse:
-        if "PAYMENT-SIGNATURE" not in request.headers:
-            return web.json_response({"x402Version": 2, "accepts": [REQUIREMENT]}, status=402)
+    def answer() -> web.Response:
         body = {"id": "j", "status": "queued", "poll_url": "http://127.0.0.2:9/steal"}
         return web.json_response(body, status=202)
 
-    async with serving(unused_tcp_port, ("POST", "/v1/images/generations", generations)) as url:
+    async with serving(unused_tcp_port, ("POST", "/v1/images/generations", quoting(answer))) as url:
         with pytest.raises(BadReply) as caught:
             await run(service_for(http, url), "/imagegen a fox")
 
@@ -351,6 +347,17 @@ REQUIREMENT = {
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def quoting(answer: Callable[[], web.Response]) -> Handler:
+    """A paid route: REQUIREMENT's 402 quote when unpaid, then ``answer()``."""
+
+    async def route(request: web.Request) -> web.StreamResponse:
+        if "PAYMENT-SIGNATURE" not in request.headers:
+            return web.json_response({"x402Version": 2, "accepts": [REQUIREMENT]}, status=402)
+        return answer()
+
+    return route
+
+
 @asynccontextmanager
 async def serving(port: int, *routes: tuple[str, str, Handler]) -> AsyncIterator[str]:
     """A throwaway gateway on loopback with these routes; yields its root URL."""
@@ -420,21 +427,12 @@ async def test_resent_payment_reported_as_used_is_an_unknown_outcome(
     http: httpx.AsyncClient, unused_tcp_port: int
 ) -> None:
     """The gateway got the paid request, the answer was lost, the resend meets a used nonce."""
-    requirement = {
-        "scheme": "exact",
-        "network": BASE_SEPOLIA.caip2,
-        "asset": BASE_SEPOLIA.usdc,
-        "amount": "52500",
-        "payTo": "0x1f9994449098867e0A14f77DcAD0fD3beBe3ae15",
-        "maxTimeoutSeconds": 300,
-        "extra": {},
-    }
     headers_seen: list[str] = []
 
     async def generations(request: web.Request) -> web.StreamResponse:
         header = request.headers.get("PAYMENT-SIGNATURE")
         if header is None:
-            return web.json_response({"x402Version": 2, "accepts": [requirement]}, status=402)
+            return web.json_response({"x402Version": 2, "accepts": [REQUIREMENT]}, status=402)
         headers_seen.append(header)
         if len(headers_seen) == 1:
             assert request.transport is not None

@@ -745,6 +745,13 @@ def settle_header(network: str) -> str:
             Receipt(TX_HASH),
         ),
         (httpx.Response(200, headers={"PAYMENT-RESPONSE": b64json([1, 2])}), None),
+        (
+            httpx.Response(
+                402,
+                headers={"PAYMENT-RESPONSE": b64json({"success": False, "transaction": TX_HASH})},
+            ),
+            None,
+        ),
         (httpx.Response(200, content=b"\x89PNG\r\n\x1a\n"), None),
         (httpx.Response(200, json={"payment": "settled"}), None),
         (httpx.Response(200, json={"payment": {"tx_hash": 7, "network": ""}}), None),
@@ -756,6 +763,7 @@ def settle_header(network: str) -> str:
         "body",
         "garbage-header-then-body",
         "header-not-object",
+        "settlement-failed",
         "binary-body",
         "payment-not-object",
         "wrong-types",

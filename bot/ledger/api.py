@@ -185,8 +185,11 @@ class Ledger(Protocol):
         payer: str,
         nonce: str,
         valid_before: int,
+        reply_to: str | None = None,
     ) -> None:
         """Set the real quote and the payment's nonce before signing; a higher quote is re-checked.
+
+        ``reply_to`` (the adapter's JSON) lets a later run tell the user what became of it.
 
         Raises BudgetExceeded (row unchanged) if it no longer fits, ValueError if the row is not
         pending or already priced, the store's integrity error if the nonce was recorded before.

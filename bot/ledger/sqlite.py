@@ -49,7 +49,7 @@ _RESERVE = f"""INSERT INTO attempts (run_id, platform, user_id, display_name, ch
 
 # A price at or under the reservation only shrinks the spend, so only a higher one is re-checked.
 _PRICE = f"""UPDATE attempts SET quoted_micro = :amount, network = :network, payer = :payer,
-        nonce = :nonce, valid_before = :valid_before, updated_at = :now
+        nonce = :nonce, valid_before = :valid_before, reply_to = :reply_to, updated_at = :now
     WHERE id = :id AND status = 'pending' AND nonce IS NULL AND (:amount <= quoted_micro OR (
         (:exempt OR (SELECT counted_micro FROM user_days AS d WHERE d.platform = attempts.platform
             AND d.user_id = attempts.user_id AND d.day = attempts.created_at / {DAY_SECONDS})
@@ -142,6 +142,7 @@ class SqliteLedger:
         payer: str,
         nonce: str,
         valid_before: int,
+        reply_to: str | None = None,
     ) -> None:
         """As ``Ledger.price``; a nonce recorded before raises sqlite3.IntegrityError."""
         params = {
@@ -151,6 +152,7 @@ class SqliteLedger:
             "payer": payer,
             "nonce": nonce,
             "valid_before": valid_before,
+            "reply_to": reply_to,
             "now": self._now(),
             **_caps(budget),
         }
