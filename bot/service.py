@@ -161,12 +161,12 @@ class ImageBot:
             log.info("resuming %d slow job(s) of a stopped run", len(jobs))
         for job in jobs:
             chat = await chat_for(job.platform, job.reply_to)
-            task = asyncio.create_task(self._resume(job, chat))
-            self._draws[task] = _Draw(job.row_id, resumable=True)
+            draw = _Draw(job.row_id, resumable=True)
+            task = asyncio.create_task(self._resume(job, chat, draw))
+            self._draws[task] = draw
             task.add_done_callback(self._draws.pop)
 
-    async def _resume(self, open_job: OpenJob, chat: Chat | None) -> None:
-        draw = self._draws[asyncio.current_task()]  # type: ignore[index]
+    async def _resume(self, open_job: OpenJob, chat: Chat | None, draw: _Draw) -> None:
         model = find_model(open_job.model)
         line = f"{model.name if model else open_job.model} · {open_job.size}"
         try:
@@ -194,7 +194,9 @@ class ImageBot:
             log.info("resumed job %d failed: %s", open_job.row_id, error.user_message)
             if chat is not None:
                 await _said(chat, error.user_message)
-            await _logged(self._close_resumed(open_job, error))
+            await _logged(
+                self._close_failed(open_job.row_id, error, open_job.quoted_micro, open_job.network)
+            )
         except asyncio.CancelledError:
             if not draw.settled:
                 log.info("resumed job %d left to the next start", open_job.row_id)
@@ -203,14 +205,6 @@ class ImageBot:
             log.exception("resumed job %d failed unexpectedly", open_job.row_id)
             if chat is not None and draw.settled:
                 await _said(chat, f"Your picture was paid for but I couldn't send it. {_ADMIN}")
-
-    async def _close_resumed(self, open_job: OpenJob, error: ImagebotError) -> None:
-        if error.charged is None:
-            await self._ledger.mark_unknown(open_job.row_id, error.user_message)
-        elif error.charged:
-            await self._journal.settle(open_job.row_id, open_job.quoted_micro, None)
-        else:
-            await self._ledger.fail(open_job.row_id, error.user_message)
 
     async def handle(
         self,
@@ -342,7 +336,8 @@ class ImageBot:
         except ImagebotError as error:
             log.info("request failed: %s", error.user_message)
             await chat.send_text(error.user_message)
-            await _logged(self._close_failed(row_id, payment, error, request.estimate_micro))
+            charged = payment.signed_micro or request.estimate_micro
+            await _logged(self._close_failed(row_id, error, charged, payment.network))
             return Outcome.REFUSED
         except asyncio.CancelledError:
             await self._stopped(draw, payment, chat)
@@ -356,14 +351,14 @@ class ImageBot:
         return Outcome.DONE
 
     async def _close_failed(
-        self, row_id: int, payment: LedgerPayment, error: ImagebotError, estimate_micro: int
+        self, row_id: int, error: ImagebotError, charged_micro: int, network: str | None
     ) -> None:
+        """Record how a request ended in error: charged, not, or not known yet."""
         if error.charged is None:
             await self._ledger.mark_unknown(row_id, error.user_message)
         elif error.charged:
-            charged = payment.signed_micro if payment.signed_micro is not None else estimate_micro
-            await self._journal.settle(row_id, charged, None)
-        elif payment.network is not None and self._settings.rpc_url_for(payment.network):
+            await self._journal.settle(row_id, charged_micro, None)
+        elif network is not None and self._settings.rpc_url_for(network):
             # The signed authorization stays valid until its validBefore: the chain decides.
             await self._ledger.mark_unknown(row_id, f"{_CHAIN_DECIDES}: {error.user_message}")
         else:

@@ -136,6 +136,7 @@ class OpenJob:
     size: str
     n: int
     quoted_micro: int
+    network: str | None  # of the signed payment; None when a proxy paid
     job: str  # the image service's JSON: poll address and the payment header presented
     reply_to: str  # the adapter's JSON: where to answer
 

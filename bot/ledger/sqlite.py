@@ -224,7 +224,7 @@ class SqliteLedger:
             f"UPDATE attempts SET run_id = ?, updated_at = ? WHERE status = 'pending'"
             f" AND job IS NOT NULL AND run_id IN ({','.join('?' * len(dead))})"
             f" AND platform IN ({','.join('?' * len(platforms))})"
-            " RETURNING id, platform, user_id, command, model, size, n, quoted_micro, job,"
+            " RETURNING id, platform, user_id, command, model, size, n, quoted_micro, network, job,"
             " coalesce(reply_to, '')",
             (self._lock.run_id, self._now(), *dead, *platforms),
         )
