@@ -27,7 +27,7 @@ from bot.money import usd_string
 from bot.principals import parse_principal
 from bot.service import Chat
 from bot.x402 import Wallet
-from imagebot.logs import configure_logging
+from imagebot.logs import configure_logging, secrets_of
 from imagebot.reports import iso_utc, report_table, to_json
 from imagebot.wiring import open_bot
 
@@ -110,7 +110,7 @@ async def _serve(settings: Settings) -> int:
     """
     from adapters import discord, telegram
 
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, secrets_of(settings))
     stop = asyncio.Event()  # a signal, or an adapter that ended
     halt = asyncio.Event()  # the adapters stop once the bot has drained
     loop = asyncio.get_running_loop()
@@ -204,7 +204,8 @@ async def _chat(settings: Settings, once: str | None, wallet: Wallet | None = No
     from adapters.console import run_console
 
     # The console is the chat: logs stay out of it unless LOG_LEVEL asks for them.
-    configure_logging(settings.log_level if "log_level" in settings.model_fields_set else "ERROR")
+    level = settings.log_level if "log_level" in settings.model_fields_set else "ERROR"
+    configure_logging(level, secrets_of(settings))
     async with open_bot(settings, wallet) as bot:
         return await run_console(bot, OUT_DIR, once)
 

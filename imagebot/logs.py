@@ -1,14 +1,46 @@
-"""Logging for the whole process, with secrets kept out."""
+"""Logging for the whole process, with secrets kept out at every level."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
-# Keeps secrets out of logs: httpx logs each request URL at INFO, and Telegram's carries the token.
+from pydantic import BaseModel, SecretStr
+
+# Quieter by default: httpx logs each request URL at INFO, and Telegram's carries the token.
 _QUIET_LOGGERS = ("httpx", "httpcore", "aiohttp.access")
+_MASK = "[secret]"
 
 
-def configure_logging(level: str) -> None:
+class _Redacting(logging.Formatter):
+    """Formats as usual, then masks every secret in the line and in any traceback."""
+
+    def __init__(self, fmt: str, secrets: Iterable[str]) -> None:
+        super().__init__(fmt)
+        self._secrets = sorted({s for s in secrets if len(s) >= 6}, key=len, reverse=True)
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        for secret in self._secrets:
+            text = text.replace(secret, _MASK)
+        return text
+
+
+def secrets_of(settings: BaseModel) -> list[str]:
+    """Every secret setting's value, with a wallet key also without its ``0x``."""
+    values = [
+        value.get_secret_value()
+        for name in type(settings).model_fields
+        if isinstance(value := getattr(settings, name), SecretStr)
+    ]
+    return values + [value.removeprefix("0x") for value in values if value.startswith("0x")]
+
+
+def configure_logging(level: str, secrets: Iterable[str] = ()) -> None:
+    """Log lines to stderr at ``level``; ``secrets`` never appear in them, whatever the level."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    formatter = _Redacting("%(asctime)s %(levelname)s %(name)s: %(message)s", secrets)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(formatter)
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(level)))
