@@ -383,8 +383,9 @@ class ImageBot:
         """Cancelled (a shutdown): a kept slow job is left to the next start, told to its user."""
         if draw.settled:
             return  # an upload cut short after settling: the row stays as it is
-        if draw.resumable and self._draining:
-            await _said(chat, "The bot is restarting; your picture will come once it is back.")
+        if draw.resumable:  # kept in the ledger: the next start polls on
+            if self._draining:
+                await _said(chat, "The bot is restarting; your picture will come once it is back.")
             return
         await _logged(self._close_interrupted(draw.row_id, payment, "interrupted: shutdown"))
         if payment.signed_micro is not None:
