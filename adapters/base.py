@@ -17,7 +17,7 @@ from typing import Generic, TypeVar, cast
 from adapters.status import ThrottledStatus
 from bot.errors import ConfigError, InputUnavailable
 from bot.images import Picture
-from bot.requests import ImageInput
+from bot.requests import ImageInput, check_declared
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +122,12 @@ async def download(
 ) -> tuple[ImageInput, ...]:
     """Every file's bytes, in order; ``InputUnavailable`` with the user's sentence if any fails.
 
-    Files the platform says are over ``max_bytes`` are refused before anything is downloaded;
+    Too many files, files the platform says are over ``max_bytes`` and too many bytes in all
+    are refused before anything is downloaded;
     ``errors`` are the platform library's failures, logged by type only (their text may carry
     file URLs or tokens).
     """
+    check_declared([file.size for file in files])
     if any((file.size or 0) > max_bytes for file in files):
         raise InputUnavailable(too_big)
     try:

@@ -43,6 +43,8 @@ MAX_FILES_PER_MESSAGE = 10
 MAX_CONTENT_CHARS = 2000
 MAX_CHOICES = 25  # autocomplete answers
 TOKEN_SECONDS = 15 * 60 - 30  # an interaction's webhook token lives 15 min; keep a margin
+MAX_FIT_PIXELS = 24_000_000  # a picture re-encoded to fit is decoded whole: ~100 MB at most
+WEBP_MAX_SIDE = 16_383
 _SHRINK_QUALITIES = (90, 80, 70, 55, 40)
 
 
@@ -87,7 +89,9 @@ class ImagebotClient(discord.Client):
         discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False
         intents = discord.Intents.default()
         intents.message_content = True  # message commands read the text
-        super().__init__(intents=intents)
+        # Names and prompts are the users' own text: nothing the bot sends pings anyone unless
+        # a message names the one user it means.
+        super().__init__(intents=intents, allowed_mentions=discord.AllowedMentions.none())
         self.bot = bot
         self.tree = app_commands.CommandTree(self)
         _add_slash_commands(self.tree, bot)
@@ -186,6 +190,7 @@ def _sender(
         display_name=f"@{user.name}",
         chat_ids=chat_ids,
         private=guild is None,
+        username=user.name,
     )
 
 
@@ -222,7 +227,8 @@ class MessageChat(StatusChat[discord.Message]):
         return await self._command.reply(text, mention_author=False)
 
     async def _post_pictures(self, pictures: Sequence[Picture], caption: str) -> None:
-        for index, files in enumerate(await _batches(pictures)):
+        batches, caption = await _batches(pictures, caption)
+        for index, files in enumerate(batches):
             content = caption[:MAX_CONTENT_CHARS] if index == 0 else None
             await self._command.reply(content, files=files, mention_author=False)
 
@@ -284,8 +290,9 @@ class InteractionChat(StatusChat[None]):
 
     async def _post_pictures(self, pictures: Sequence[Picture], caption: str) -> None:
         await self.clear_status()
+        batches, caption = await _batches(pictures, caption)
         content = caption[:MAX_CONTENT_CHARS]
-        for index, files in enumerate(await _batches(pictures)):
+        for index, files in enumerate(batches):
             if self._expired():
                 await self._to_channel(content if index == 0 else None, files)
             elif index == 0:
@@ -308,8 +315,13 @@ class InteractionChat(StatusChat[None]):
     async def _to_channel(self, content: str | None, files: Sequence[discord.File] = ()) -> None:
         channel = self._interaction.channel
         assert isinstance(channel, discord.abc.Messageable)
-        text = f"{self._interaction.user.mention} {content or ''}".strip()
-        await channel.send(text[:MAX_CONTENT_CHARS], files=list(files))
+        user = self._interaction.user
+        text = f"{user.mention} {content or ''}".strip()
+        await channel.send(
+            text[:MAX_CONTENT_CHARS],
+            files=list(files),
+            allowed_mentions=discord.AllowedMentions(users=[user]),
+        )
 
 
 class ChannelChat(StatusChat[discord.Message]):
@@ -322,24 +334,28 @@ class ChannelChat(StatusChat[discord.Message]):
         self._channel = channel
         self._user_id = user_id
         self._mention = f"<@{user_id}>"
+        self._pings = discord.AllowedMentions(users=[discord.Object(user_id)])  # this user only
 
     def reply_address(self) -> str:
         return json.dumps({"channel": self._channel.id, "user": self._user_id})
 
     async def _post_text(self, text: str) -> None:
-        await self._channel.send(f"{self._mention} {text}")
+        await self._channel.send(f"{self._mention} {text}", allowed_mentions=self._pings)
 
     async def _post_status(self, text: str) -> discord.Message:
-        return await self._channel.send(f"{self._mention} {text}")
+        return await self._channel.send(f"{self._mention} {text}", allowed_mentions=self._pings)
 
     async def _post_pictures(self, pictures: Sequence[Picture], caption: str) -> None:
-        for index, files in enumerate(await _batches(pictures)):
+        batches, caption = await _batches(pictures, caption)
+        for index, files in enumerate(batches):
             content = f"{self._mention} {caption}" if index == 0 else None
-            await self._channel.send(content and content[:MAX_CONTENT_CHARS], files=files)
+            await self._channel.send(
+                content and content[:MAX_CONTENT_CHARS], files=files, allowed_mentions=self._pings
+            )
 
     async def _edit_status(self, status: discord.Message, text: str) -> float | None:
         with contextlib.suppress(discord.HTTPException):
-            await status.edit(content=f"{self._mention} {text}")
+            await status.edit(content=f"{self._mention} {text}", allowed_mentions=self._pings)
         return None
 
     async def _delete_status(self, status: discord.Message) -> None:
@@ -347,27 +363,45 @@ class ChannelChat(StatusChat[discord.Message]):
             await status.delete()
 
 
-async def _batches(pictures: Sequence[Picture]) -> list[list[discord.File]]:
-    """The pictures as files in messages of at most 10 MiB and 10 files each."""
+async def _batches(
+    pictures: Sequence[Picture], caption: str
+) -> tuple[list[list[discord.File]], str]:
+    """The pictures as files in messages of at most 10 MiB and 10 files each (at least one
+    message), and the caption, first saying which pictures were too large to send."""
     fitted = await asyncio.gather(*(asyncio.to_thread(_fit, picture) for picture in pictures))
-    batches: list[list[discord.File]] = []
-    size = MAX_UPLOAD_BYTES + 1
-    for index, (data, extension) in enumerate(fitted, 1):
+    batches: list[list[discord.File]] = [[]]
+    size, notes = 0, []
+    for index, (picture, fit) in enumerate(zip(pictures, fitted, strict=True), 1):
+        if fit is None:
+            notes.append(
+                f"Picture {index} ({picture.width}x{picture.height}) is too large to send here."
+            )
+            continue
+        data, extension = fit
         if size + len(data) > MAX_UPLOAD_BYTES or len(batches[-1]) >= MAX_FILES_PER_MESSAGE:
             batches.append([])
             size = 0
         batches[-1].append(discord.File(io.BytesIO(data), f"image-{index}.{extension}"))
         size += len(data)
-    return batches
+    return batches, "\n".join([*notes, caption])
 
 
-def _fit(picture: Picture) -> tuple[bytes, str]:
-    """The picture as it is, or re-encoded as WebP (then smaller) until it fits one message."""
+def _fit(picture: Picture) -> tuple[bytes, str] | None:
+    """The picture as it is, or re-encoded as WebP (then smaller) until it fits one message;
+    None when decoding it would take more than ``MAX_FIT_PIXELS`` (a JPEG decodes scaled down).
+    """
     extension = picture.mime.removeprefix("image/").replace("jpeg", "jpg")
     if len(picture.data) <= MAX_UPLOAD_BYTES:
         return picture.data, extension
     with Image.open(io.BytesIO(picture.data)) as image:
+        pixels = image.width * image.height
+        scale = next((s for s in (2, 4) if pixels <= MAX_FIT_PIXELS * s * s), 8)
+        if pixels > MAX_FIT_PIXELS:  # JPEG decodes at 1/2, 1/4 or 1/8 of the size; others don't
+            image.draft("RGB", (image.width // scale, image.height // scale))
+        if image.width * image.height > MAX_FIT_PIXELS:
+            return None
         image = image.convert("RGB")
+        image.thumbnail((WEBP_MAX_SIDE, WEBP_MAX_SIDE))
         while True:
             for quality in _SHRINK_QUALITIES:
                 out = io.BytesIO()

@@ -19,7 +19,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 from httpx_aiohttp import AiohttpTransport
-from telegram import BotCommand, InputMediaPhoto, Message, Update
+from telegram import BotCommand, InputMediaPhoto, Message, Update, User
 from telegram import Chat as TelegramChatInfo
 from telegram.constants import ChatAction, ChatType
 from telegram.error import BadRequest, InvalidToken, RetryAfter, TelegramError
@@ -160,22 +160,32 @@ class TelegramAdapter:
         command = next((m for m in messages if (m.text or m.caption or "").startswith("/")), None)
         if command is None:
             return  # the bot reacts to commands only, never to bare text or photos
-        user = command.from_user
-        assert user is not None
-        sender = Sender(
-            platform="telegram",
-            user_id=str(user.id),
-            display_name=f"@{user.username}" if user.username else user.full_name,
-            chat_ids=(str(command.chat_id),),
-            private=command.chat.type == ChatType.PRIVATE,
-        )
         chat = TelegramChat(command)
         text = command.text or command.caption or ""
         inputs = partial(_images_of, messages, command)
         try:
-            await self._bot.handle(sender, chat, text, inputs, bot_username=bot_username)
+            await self._bot.handle(_sender(command), chat, text, inputs, bot_username=bot_username)
         finally:
             await chat.close()
+
+
+def _sender(message: Message) -> Sender:
+    """Who wrote ``message``: its user, or the chat it was sent as.
+
+    An anonymous group admin writes as the group and a channel as itself (``sender_chat``);
+    ``from`` is then a placeholder bot every such message shares.
+    """
+    who: User | TelegramChatInfo | None = message.sender_chat or message.from_user
+    assert who is not None
+    name = who.full_name if isinstance(who, User) else who.title
+    return Sender(
+        platform="telegram",
+        user_id=str(who.id),
+        display_name=f"@{who.username}" if who.username else name or "",
+        chat_ids=(str(message.chat_id),),
+        private=message.chat.type == ChatType.PRIVATE,
+        username=who.username,
+    )
 
 
 _TOO_BIG = "That image is over Telegram's 20 MB limit for bots; send a smaller one."

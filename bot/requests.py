@@ -8,10 +8,14 @@ with a reference to where the platform keeps it).
 
 from __future__ import annotations
 
+import asyncio
+import io
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
+
+from PIL import Image
 
 from bot.catalog import DEFAULT_SIZE, MODELS, Model, choices, default_model, find_model
 from bot.errors import UsageError
@@ -20,6 +24,9 @@ from bot.money import format_usd
 Kind = Literal["imagegen", "img2img"]
 
 MAX_INPUT_BYTES = 20 * 1024 * 1024
+MAX_INPUTS = max(model.max_inputs for model in MODELS) + 1  # the most a request takes, and a mask
+MAX_TOTAL_INPUT_BYTES = 50 * 1024 * 1024  # all of one command's pictures, as the platform says
+MAX_INPUT_PIXELS = 40_000_000  # decoding one takes up to 4 bytes a pixel
 MAX_PROMPT_CHARS = 4000
 MAX_N = 4
 
@@ -27,6 +34,7 @@ _SIGNATURES = (
     (b"\x89PNG\r\n\x1a\n", "image/png"),
     (b"\xff\xd8\xff", "image/jpeg"),
 )
+_FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}
 _SIZE = re.compile(r"^(\d{1,5})\s*[xX\u00d7*]\s*(\d{1,5})$")
 
 
@@ -38,6 +46,23 @@ def detect_mime(data: bytes) -> str | None:
     if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "image/webp"
     return None
+
+
+def check_declared(sizes: Sequence[int | None]) -> None:
+    """Refuse, before any download, more pictures than a request can take or too many bytes.
+
+    ``sizes`` are what the platform says of each file (None when it does not say).
+    """
+    if len(sizes) > MAX_INPUTS:
+        raise UsageError(
+            f"That's {len(sizes)} images; /img2img takes at most {MAX_INPUTS} "
+            "(pictures and a mask). Send fewer."
+        )
+    if sum(size or 0 for size in sizes) > MAX_TOTAL_INPUT_BYTES:
+        raise UsageError(
+            f"Those images are over {MAX_TOTAL_INPUT_BYTES // 1_048_576} MB together; "
+            "send fewer or smaller ones."
+        )
 
 
 @dataclass(frozen=True)
@@ -256,3 +281,85 @@ def _check_image(image: ImageInput, index: int) -> None:
             f"Image {index} is {len(image.data) / 1_048_576:.1f} MB; the limit is "
             f"{MAX_INPUT_BYTES // 1_048_576} MB per image."
         )
+
+
+async def decode_inputs(request: EditRequest) -> None:
+    """Decode every picture of ``request`` once, in a worker thread, before anything is paid.
+
+    Raises ``UsageError`` for a picture over ``MAX_INPUT_PIXELS``, one that is cut short or
+    damaged, and one with other data after the picture's end (a polyglot file).
+    """
+    images = (*request.images, *((request.mask,) if request.mask else ()))
+    await asyncio.to_thread(_decode_all, images)
+
+
+def _decode_all(images: Sequence[ImageInput]) -> None:
+    for index, image in enumerate(images, 1):
+        _decode(image, index)
+
+
+def _decode(image: ImageInput, index: int) -> None:
+    damaged = UsageError(
+        f"Image {index} is not a whole PNG, JPEG or WebP file (it is cut short, damaged or has "
+        "other data attached); send the picture itself."
+    )
+    mime = image.mime
+    if mime is None or _image_end(image.data, mime) != len(image.data):
+        raise damaged
+    try:
+        with Image.open(io.BytesIO(image.data), formats=[_FORMATS[mime]]) as picture:
+            width, height = picture.size
+            if width * height <= MAX_INPUT_PIXELS:
+                picture.load()
+    except Image.DecompressionBombError:
+        width = height = MAX_INPUT_PIXELS
+    except (OSError, SyntaxError, ValueError, EOFError):
+        raise damaged from None
+    if width * height > MAX_INPUT_PIXELS:
+        raise UsageError(
+            f"Image {index} has too many pixels; the limit is "
+            f"{MAX_INPUT_PIXELS // 1_000_000} megapixels per image. Send a smaller one."
+        )
+
+
+def _image_end(data: bytes, mime: str) -> int | None:
+    """Where the picture's own bytes end (after PNG's IEND, JPEG's EOI, WebP's RIFF size)."""
+    if mime == "image/webp":
+        return 8 + int.from_bytes(data[4:8], "little")
+    if mime == "image/png":
+        return _png_end(data)
+    return _jpeg_end(data)
+
+
+def _png_end(data: bytes) -> int | None:
+    pos = 8
+    while pos + 12 <= len(data):
+        length, kind = int.from_bytes(data[pos : pos + 4], "big"), data[pos + 4 : pos + 8]
+        pos += 12 + length
+        if kind == b"IEND":
+            return pos
+    return None
+
+
+def _jpeg_end(data: bytes) -> int | None:
+    pos = 2
+    while pos + 2 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xD9:  # EOI
+            return pos + 2
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # no length
+            pos += 2
+            continue
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker == 0xDA:  # entropy-coded data, up to the next real marker
+            while (pos := data.find(b"\xff", pos)) >= 0 and pos + 1 < len(data):
+                following = data[pos + 1]
+                if following != 0 and not 0xD0 <= following <= 0xD7 and following != 0xFF:
+                    break
+                pos += 1 if following == 0xFF else 2
+            else:
+                return None
+    return None

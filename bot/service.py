@@ -27,7 +27,7 @@ from bot.ledger.journal import SettlementJournal
 from bot.money import format_usd
 from bot.principals import principal
 from bot.replies import help_text, models_text, report_text, spend_text
-from bot.requests import EditRequest, GenerateRequest, ImageInput
+from bot.requests import EditRequest, GenerateRequest, ImageInput, decode_inputs
 from bot.x402 import PaymentIntent
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ class Sender:
     display_name: str
     chat_ids: tuple[str, ...]  # the chat, and on Discord also the guild
     private: bool
+    username: str | None = None  # the platform's unique @name, never a display name
 
     @property
     def principal(self) -> str:
@@ -260,6 +261,8 @@ class ImageBot:
                 await chat.send_text("Sorry, this bot makes pictures only for its members.")
                 return Outcome.REFUSED
             request = command.build(await inputs() if command.kind == "img2img" else ())
+            if isinstance(request, EditRequest):
+                await decode_inputs(request)
         except ImagebotError as error:
             await chat.send_text(error.user_message)
             return Outcome.REFUSED
@@ -284,6 +287,7 @@ class ImageBot:
             platform=sender.platform,
             user_id=sender.user_id,
             display_name=sender.display_name,
+            username=sender.username,
             chat_id=sender.chat_ids[0] if sender.chat_ids else "",
             command=request.kind,
             model=request.model.id,

@@ -118,22 +118,31 @@ class User:
     id: int
     first_name: str
     username: str | None = None
+    is_bot: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        user: dict[str, Any] = {"id": self.id, "is_bot": False, "first_name": self.first_name}
+        user: dict[str, Any] = {"id": self.id, "is_bot": self.is_bot, "first_name": self.first_name}
         if self.username:
             user["username"] = self.username
         return user
 
 
+# The placeholder senders Telegram puts in ``from`` of messages sent on behalf of a chat.
+GROUP_ANONYMOUS_BOT = User(1087968824, "Group", "GroupAnonymousBot", is_bot=True)
+CHANNEL_BOT = User(136817688, "Channel", "Channel_Bot", is_bot=True)
+
+
 @dataclass(frozen=True)
 class Chat:
-    """A chat the fake knows: private with ``user``, or a supergroup (a forum if ``is_forum``)."""
+    """A chat the fake knows: private with ``user``, a supergroup (a forum if ``is_forum``) or,
+    with ``channel``, a channel (public with a ``username``)."""
 
     id: int
     title: str | None = None
     user: User | None = None
     is_forum: bool = False
+    channel: bool = False
+    username: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         if self.user is not None:
@@ -141,9 +150,15 @@ class Chat:
             if self.user.username:
                 chat["username"] = self.user.username
             return chat
-        chat = {"id": self.id, "type": "supergroup", "title": self.title}
+        chat = {
+            "id": self.id,
+            "type": "channel" if self.channel else "supergroup",
+            "title": self.title,
+        }
         if self.is_forum:
             chat["is_forum"] = True
+        if self.username:
+            chat["username"] = self.username
         return chat
 
 
@@ -331,6 +346,10 @@ class FakeTelegram:
         """A supergroup (a forum with topics if ``forum``) the bot is a member of."""
         return self._add_chat(Chat(chat_id, title=title, is_forum=forum))
 
+    def channel_chat(self, chat_id: int, title: str, username: str | None = None) -> Chat:
+        """A channel the bot is in; it may also write in groups (``send_text(sender_chat=...)``)."""
+        return self._add_chat(Chat(chat_id, title=title, channel=True, username=username))
+
     def send_text(
         self,
         chat: Chat,
@@ -339,9 +358,17 @@ class FakeTelegram:
         *,
         reply_to: int | None = None,
         thread_id: int | None = None,
+        sender_chat: Chat | None = None,
     ) -> dict[str, Any]:
-        """Deliver ``user``'s text message as an update; a leading /command gets its entity."""
+        """Deliver ``user``'s text message as an update; a leading /command gets its entity.
+
+        With ``sender_chat`` it is sent on behalf of a chat, as Telegram shows it: an anonymous
+        group admin is the group itself from ``GROUP_ANONYMOUS_BOT``, a channel is itself from
+        ``CHANNEL_BOT``.
+        """
         content: dict[str, Any] = {"text": text, **_command_entity("entities", text)}
+        if sender_chat is not None:
+            content["sender_chat"] = sender_chat.to_json()
         return self._incoming(chat, user, content, reply_to=reply_to, thread_id=thread_id)
 
     def send_photo(

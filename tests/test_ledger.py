@@ -62,11 +62,16 @@ def utc_now() -> datetime:
 
 
 def attempt(
-    user_id: str = "111", name: str = "@alice", platform: str = "telegram", n: int = 1
+    user_id: str = "111",
+    name: str = "@alice",
+    platform: str = "telegram",
+    n: int = 1,
+    username: str | None = None,
 ) -> Attempt:
     return Attempt(
-        platform, user_id, name, "chat-1", "imagegen", "openai/gpt-image-1", "1024x1024", n
-    )
+        platform, user_id, name, "chat-1", "imagegen", "openai/gpt-image-1", "1024x1024", n,
+        username,
+    )  # fmt: skip
 
 
 def nonce(number: int) -> str:
@@ -568,13 +573,19 @@ async def test_report_filters_by_day_and_user(ledger: Ledger, clock: Clock) -> N
         await ledger.report(user="alice")
 
 
-async def test_find_user_matches_the_latest_display_name(ledger: Ledger) -> None:
-    await ledger.reserve(attempt("1", name="@Alice"), PRICE, ROOMY)
-    await ledger.reserve(attempt("2", name="bob", platform="discord"), PRICE, ROOMY)
+async def test_find_user_matches_the_latest_username_never_a_display_name(
+    ledger: Ledger,
+) -> None:
+    await ledger.reserve(attempt("1", name="@Alice", username="Alice"), PRICE, ROOMY)
+    await ledger.reserve(attempt("2", name="bob", platform="discord", username="bob"), PRICE, ROOMY)
     assert await ledger.find_user("alice") == "telegram:1"
     assert await ledger.find_user("@ALICE") == "telegram:1"
     assert await ledger.find_user("@bob") == "discord:2"
-    await ledger.reserve(attempt("3", name="alice", platform="discord"), PRICE, ROOMY)
+    await ledger.reserve(
+        attempt("3", name="al", platform="discord", username="alice"), PRICE, ROOMY
+    )
+    assert await ledger.find_user("@alice") == "discord:3"
+    await ledger.reserve(attempt("4", name="@alice"), PRICE, ROOMY)  # a chosen name, no username
     assert await ledger.find_user("@alice") == "discord:3"
     for unknown in ("carol", "", "@", "   "):
         assert await ledger.find_user(unknown) is None

@@ -102,7 +102,7 @@ async def test_a_v1_ledger_is_upgraded_in_place(tmp_path: Path) -> None:
     await asyncio.to_thread(write_v1_ledger, path, clock.at)
     before = await rows_of(path)
     async with await SqliteLedger.open(path, clock=clock) as ledger:
-        new_columns = {"valid_before": None, "job": None, "reply_to": None}  # v3, empty
+        new_columns = {"valid_before": None, "job": None, "reply_to": None, "username": None}
         assert await rows_of(path) == [{**row, **new_columns} for row in before]
         assert await ledger.report() == expected_report(before)
         assert (await ledger.report()).users[0] == UserTotal(

@@ -33,7 +33,7 @@ from imagebot.wiring import open_bot
 from sandbox import Sandbox
 
 NANO_BANANA_MICRO = 52_500
-ALICE = Sender("telegram", "111", "@alice", ("111",), private=True)
+ALICE = Sender("telegram", "111", "@alice", ("111",), private=True, username="alice")
 BOB = Sender("discord", "222", "bob", ("900", "901"), private=False)
 ADMIN = Sender("telegram", "999", "@boss", ("999",), private=True)
 

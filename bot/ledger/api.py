@@ -40,6 +40,7 @@ class Attempt:
     model: str
     size: str
     n: int
+    username: str | None = None  # the platform's unique @name; ``find_user`` matches only this
 
 
 @dataclass(frozen=True)
@@ -248,7 +249,8 @@ class Ledger(Protocol):
         """
 
     async def find_user(self, name: str) -> str | None:
-        """``platform:id`` last seen as ``@name`` or ``name`` (ASCII case-insensitive), or None."""
+        """``platform:id`` last seen with the username ``name`` (a leading ``@`` is ignored; ASCII
+        case-insensitive), or None. Display names never match: anyone can choose theirs."""
 
     async def close(self) -> None:
         """Close the store; from then on ``recover()`` elsewhere treats this run as dead."""

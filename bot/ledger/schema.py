@@ -175,8 +175,19 @@ _V3_JOBS = (
     "CREATE INDEX attempts_by_status ON attempts (status, id)",
 )
 
+# ``/spend @name`` matches the platform's username only, never a display name anyone can choose.
+# Discord rows were always named "@" + the username; a Telegram name may be a full name, so
+# older Telegram rows stay without one.
+_V4_USERNAMES = (
+    "ALTER TABLE attempts ADD COLUMN username TEXT",
+    "UPDATE attempts SET username = substr(display_name, 2)"
+    " WHERE platform = 'discord' AND display_name LIKE '@_%'",
+    "DROP INDEX attempts_by_name",
+    "CREATE INDEX attempts_by_username ON attempts (lower(username))",
+)
+
 # Applied in order from the file's PRAGMA user_version; never edit a released step, add one.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1_ATTEMPTS, _V2_TOTALS, _V3_JOBS)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1_ATTEMPTS, _V2_TOTALS, _V3_JOBS, _V4_USERNAMES)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -39,10 +39,10 @@ _USER_TODAY = (
 )
 _GLOBAL_TODAY = "SELECT counted_micro FROM day_totals WHERE day = :day"
 
-_RESERVE = f"""INSERT INTO attempts (run_id, platform, user_id, display_name, chat_id, command,
-        model, size, n, quoted_micro, status, created_at, updated_at)
-    SELECT :run_id, :platform, :user_id, :display_name, :chat_id, :command, :model, :size, :n,
-        :amount, 'pending', :now, :now
+_RESERVE = f"""INSERT INTO attempts (run_id, platform, user_id, display_name, username, chat_id,
+        command, model, size, n, quoted_micro, status, created_at, updated_at)
+    SELECT :run_id, :platform, :user_id, :display_name, :username, :chat_id, :command, :model,
+        :size, :n, :amount, 'pending', :now, :now
     WHERE (:exempt OR coalesce(({_USER_TODAY}), 0) + :amount <= :user_cap)
         AND coalesce(({_GLOBAL_TODAY}), 0) + :amount <= :global_cap
     RETURNING id"""
@@ -114,6 +114,7 @@ class SqliteLedger:
             "platform": attempt.platform,
             "user_id": attempt.user_id,
             "display_name": attempt.display_name,
+            "username": attempt.username,
             "chat_id": attempt.chat_id,
             "command": attempt.command,
             "model": attempt.model,
@@ -340,13 +341,13 @@ class SqliteLedger:
         )
 
     async def find_user(self, name: str) -> str | None:
-        """``platform:id`` last seen as ``@name`` or ``name`` (ASCII case-insensitive), or None."""
+        """As ``Ledger.find_user``: the username column only (SQLite's lower() is ASCII-only)."""
         key = name.strip().lstrip("@")
         if not key:
             return None
         rows = await self._db.execute_fetchall(
             "SELECT platform, user_id FROM attempts"
-            " WHERE lower(ltrim(display_name, '@')) = lower(?) ORDER BY id DESC LIMIT 1",
+            " WHERE lower(username) = lower(?) ORDER BY id DESC LIMIT 1",
             (key,),
         )
         return f"{rows[0][0]}:{rows[0][1]}" if rows else None
