@@ -5,7 +5,10 @@ The domain is always taken from this table, never from a server's payment requir
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 
 @dataclass(frozen=True)
@@ -46,3 +49,19 @@ def chain_for(network: str) -> Chain | None:
         if network in (chain.caip2, chain.v1_name):
             return chain
     return None
+
+
+_TESTNET_HOST = re.compile(r"(^|[.-])(testnet|sepolia)([.-]|$)")
+
+
+def gateway_chain(api_url: str) -> Chain:
+    """The network a gateway's address implies: Base Sepolia for a testnet host (such as
+    testnet.blockrun.ai) or one on loopback (the sandbox), else Base mainnet."""
+    host = (urlsplit(api_url).hostname or "").lower()
+    if host == "localhost" or host.endswith(".localhost") or _TESTNET_HOST.search(host):
+        return BASE_SEPOLIA
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    return BASE_SEPOLIA if loopback else BASE

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from bot.chains import BASE, BASE_SEPOLIA, chain_for
+from bot.chains import BASE, BASE_SEPOLIA, Chain, chain_for, gateway_chain
 from bot.errors import ConfigError
 from bot.money import parse_usd
 from bot.principals import CONSOLE_OPERATOR, parse_principal
@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     discord_bot_token: SecretStr | None = None
     discord_api_url: str = "https://discord.com/api/v10"
     image_api_url: str = "https://blockrun.ai/api"
+    payment_network: str | None = None
     wallet_private_key: SecretStr | None = Field(
         None, validation_alias=AliasChoices("WALLET_PRIVATE_KEY", "BLOCKRUN_WALLET_KEY")
     )
@@ -56,6 +57,7 @@ class Settings(BaseSettings):
         "wallet_private_key",
         "base_rpc_url",
         "base_sepolia_rpc_url",
+        "payment_network",
         mode="before",
     )
     @classmethod
@@ -68,6 +70,16 @@ class Settings(BaseSettings):
         if value is not None and not _KEY.match(value.get_secret_value().strip()):
             raise ValueError("not a private key: expected 64 hex digits, optionally after 0x")
         return value
+
+    @field_validator("payment_network")
+    @classmethod
+    def _check_network(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        chain = chain_for(value.strip().lower())
+        if chain is None:
+            raise ValueError("use base, base-sepolia, eip155:8453 or eip155:84532")
+        return chain.caip2
 
     @field_validator("telegram_api_url", "discord_api_url", "image_api_url")
     @classmethod
@@ -116,6 +128,12 @@ class Settings(BaseSettings):
     def is_admin(self, principal: str) -> bool:
         """Admins are ``ADMIN_IDS`` plus the console's local operator."""
         return principal == CONSOLE_OPERATOR or principal in self.admin_ids
+
+    @property
+    def payment_chain(self) -> Chain:
+        """The one network the bot signs on: ``PAYMENT_NETWORK``, else what the gateway implies."""
+        chain = chain_for(self.payment_network) if self.payment_network else None
+        return chain or gateway_chain(self.image_api_url)
 
     def rpc_url_for(self, network: str) -> str | None:
         """The JSON-RPC endpoint set for a network (CAIP-2 id or v1 name), or None."""

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import aiohttp
 import httpx
-from httpx_aiohttp import HttpxAiohttpClient
+from httpx_aiohttp import AiohttpTransport, HttpxAiohttpClient
 
 GATEWAY_CONNECTIONS = 100
 
@@ -17,10 +18,22 @@ def gateway_client(max_connections: int = GATEWAY_CONNECTIONS) -> httpx.AsyncCli
     per paid request at 50 concurrent requests and ~25 ms at 500; aiohttp's ~1 ms (bench/README).
     """
     return HttpxAiohttpClient(
-        limits=pool_limits(max_connections),
+        transport=_Transport(limits=pool_limits(max_connections)),
         timeout=httpx.Timeout(120.0, connect=10.0),
         event_hooks=FREE_WHEN_CLOSED,
     )
+
+
+class _Transport(AiohttpTransport):
+    """httpx-aiohttp's transport, raising an answer aiohttp refuses to parse as httpx's
+    protocol error rather than a raw aiohttp one: aiohttp bounds what it accepts (8,190 bytes
+    a header line or field, 128 headers)."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            return await super().handle_async_request(request)
+        except aiohttp.ClientResponseError as error:
+            raise httpx.RemoteProtocolError(error.message, request=request) from None
 
 
 def pool_limits(connections: int) -> httpx.Limits:

@@ -1,7 +1,10 @@
 """The image service: turn a request into pictures, paying for them through the x402 payer.
 
 Handles the gateway's 200 answer and its 202 + ``poll_url`` job flow, fetches the pictures
-(data URI or URL) and maps every failure to one error with one sentence for the user.
+(data URI or URL) and maps every failure to one error with one sentence for the user. The gateway
+is not trusted: every exchange, poll and download has a deadline, bodies are capped, links go
+only to public addresses (or the gateway's own origin), and its words reach the chat as plain
+text.
 """
 
 from __future__ import annotations
@@ -22,13 +25,16 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 from PIL import Image
 
+from bot.chains import Chain, gateway_chain
 from bot.errors import GatewayError
+from bot.fetching import MAX_PICTURE_BYTES, is_public, plain_reason, too_large
 from bot.money import MICRO_PER_USD, format_usd
-from bot.requests import EditRequest, GenerateRequest, ImageInput, detect_mime
+from bot.requests import MAX_N, EditRequest, GenerateRequest, ImageInput, detect_mime
 from bot.x402 import (
     PaidResponse,
     PaymentHeader,
     PaymentHook,
+    PaymentIntent,
     PaymentOutcomeUnknown,
     Receipt,
     SignedPayment,
@@ -38,7 +44,10 @@ from bot.x402 import (
 
 log = logging.getLogger(__name__)
 
-MAX_PICTURE_BYTES = 50 * 1024 * 1024
+MAX_PICTURE_PIXELS = 64_000_000  # checked from the header, before anything decodes a picture
+EXCHANGE_DEADLINE = 180.0  # seconds for one paid request and its whole answer
+POLL_DEADLINE = 60.0  # seconds for one poll of a 202 job and its whole answer
+DOWNLOAD_DEADLINE = 60.0  # seconds for one picture's download
 # Paid answers read, decoded and handed to the caller at once: bounds the bot's memory when
 # many multi-MB results land together or the chat platform uploads slowly.
 MAX_RESULTS_IN_HAND = 64
@@ -98,6 +107,18 @@ class BadReply(GatewayError):
     """The gateway's answer could not be used."""
 
 
+class AnswerTimedOut(GatewayError):
+    """The paid request was sent but its answer did not complete in time: outcome unknown."""
+
+    charged = None
+
+    def __init__(self) -> None:
+        super().__init__(
+            "The image service did not finish answering in time after the payment was sent; "
+            "the charge may or may not have gone through. An admin can check /spend."
+        )
+
+
 _NOTHING = "Nothing was charged."
 _STILL_RUNNING: dict[str, Any] = {"status": "in_progress"}
 _STILL_RUNNING_CODES = frozenset({202, 429, 500, 502, 503, 504})
@@ -114,15 +135,22 @@ class ImageService:
         *,
         poll_interval: float = 2.0,
         job_deadline: float = 300.0,
-        download_timeout: float = 30.0,
+        exchange_deadline: float = EXCHANGE_DEADLINE,
+        poll_deadline: float = POLL_DEADLINE,
+        download_deadline: float = DOWNLOAD_DEADLINE,
         max_results_in_hand: int = MAX_RESULTS_IN_HAND,
+        network: Chain | None = None,
     ) -> None:
+        """``network`` is the one the bot pays on; by default the one ``api_url`` implies."""
         self._http = http
         self._payer = payer
         self._api_url = api_url.rstrip("/")
+        self._network = network or gateway_chain(self._api_url)
         self._poll_interval = poll_interval
         self._job_deadline = job_deadline
-        self._download_timeout = download_timeout
+        self._exchange_deadline = exchange_deadline
+        self._poll_deadline = poll_deadline
+        self._download_deadline = download_deadline
         self._in_hand = asyncio.Semaphore(max_results_in_hand)
 
     async def generate(
@@ -177,17 +205,19 @@ class ImageService:
     async def _call(
         self, path: str, body: dict[str, Any], estimate_micro: int, hooks: _Hooks
     ) -> ImageResult:
+        n = body["n"]
         async with self._in_hand:
             paid = await self._post(path, body, hooks.on_payment)
             reply = await self._answer(paid)
             if paid.response.status_code != 202:
                 charged = _charged_micro(paid.payment, reply, estimate_micro)
-                return await self._finish(charged, paid.receipt, reply, hooks.on_result)
+                return await self._finish(charged, paid.receipt, reply, n, hooks.on_result)
         job = SlowJob(
             poll_url=self._poll_url(reply, charged=paid.receipt is not None),
             header=paid.payment.header if paid.payment else None,
             charged_micro=_charged_micro(paid.payment, reply, estimate_micro),
             receipt_tx=paid.receipt.tx_hash if paid.receipt else None,
+            n=n,
         )
         if hooks.on_job is not None:
             await hooks.on_job(job)
@@ -203,13 +233,29 @@ class ImageService:
         polling = _Polling(job)
         reply = await self._wait_for_job(polling, on_wait)
         async with self._in_hand:
-            return await self._finish(job.charged_micro, polling.receipt, reply, on_result)
+            return await self._finish(job.charged_micro, polling.receipt, reply, job.n, on_result)
 
     async def _post(
         self, path: str, body: dict[str, Any], on_payment: PaymentHook | None
     ) -> PaidResponse:
+        """The paid exchange, whole answer included, within ``exchange_deadline``."""
+        signed = False
+
+        async def record(intent: PaymentIntent) -> None:
+            nonlocal signed
+            if on_payment is not None:
+                await on_payment(intent)
+            signed = True  # the header is signed and sent next
+
         try:
-            return await self._payer.post(self._api_url + path, json=body, on_payment=on_payment)
+            async with asyncio.timeout(self._exchange_deadline):
+                return await self._payer.post(
+                    self._api_url + path, json=body, on_payment=record, network=self._network
+                )
+        except TimeoutError:
+            if signed:
+                raise AnswerTimedOut() from None
+            raise GatewayError(f"The image service did not answer in time. {_NOTHING}") from None
         except httpx.TransportError as error:
             log.warning("image gateway unreachable: %s", type(error).__name__)
             raise GatewayError(f"I couldn't reach the image service. {_NOTHING}") from None
@@ -219,15 +265,15 @@ class ImageService:
         charged: int,
         receipt: Receipt | None,
         reply: dict[str, Any],
+        n: int,
         on_result: ResultHook | None,
     ) -> ImageResult:
-        """Fetch or decode the pictures of a completed reply and hand them to ``on_result``."""
-        pictures = await self._fetch_all(reply, charged)
+        """Fetch or decode the first ``n`` pictures of a completed reply; hand them over."""
+        pictures = await self._fetch_all(reply, charged, n)
         stated = reply.get("payment")
-        tx_hash = (stated.get("tx_hash") if isinstance(stated, dict) else None) or (
-            receipt.tx_hash if receipt else None
-        )
-        revised = next((item.get("revised_prompt") for item in reply["data"]), None)
+        tx_hash = _text(stated.get("tx_hash")) if isinstance(stated, dict) else None
+        tx_hash = tx_hash or (receipt.tx_hash if receipt else None)
+        revised = next((_text(item.get("revised_prompt")) for item in reply["data"]), None)
         result = ImageResult(pictures, charged, tx_hash, revised)
         if on_result is not None:
             await on_result(result)
@@ -281,8 +327,9 @@ class ImageService:
         settlement receipt marks the job charged, whatever its status.
         """
         try:
-            response = await self._payer.get(job.job.poll_url, job.job.header)
-        except (httpx.TransportError, PaymentOutcomeUnknown):
+            async with asyncio.timeout(self._poll_deadline):
+                response = await self._payer.get(job.job.poll_url, job.job.header)
+        except (httpx.TransportError, PaymentOutcomeUnknown, TimeoutError):
             return _STILL_RUNNING
         job.receipt = read_receipt(response) or job.receipt
         if response.status_code == 200:  # unreadable: it may have said "completed"
@@ -292,18 +339,22 @@ class ImageService:
         if response.status_code == 402 and job.receipt is None:
             body = _safe_json(response)
             details = body.get("details") if isinstance(body, dict) else None
-            reason = str(details)[:80] if details else _error_message(body) or "refused"
+            reason = (plain_reason(str(details)) if details else _error_message(body)) or "refused"
             raise InsufficientFunds(
                 f"The image service could not collect the payment ({reason}). {_NOTHING} "
                 "An admin should check that the bot's wallet has USDC."
             )
         raise _error_for(response, job.job.header, job.receipt is not None)
 
-    async def _fetch_all(self, reply: dict[str, Any], charged_micro: int) -> tuple[Picture, ...]:
+    async def _fetch_all(
+        self, reply: dict[str, Any], charged_micro: int, n: int
+    ) -> tuple[Picture, ...]:
         items = reply.get("data")
         if not isinstance(items, list) or not items:
             raise _bad_reply(charged_micro, "sent no image")
-        fetches = [self._fetch(item, charged_micro) for item in items]
+        if len(items) > n:
+            log.warning("the gateway sent %d pictures for n=%d; taking %d", len(items), n, n)
+        fetches = [self._fetch(item, charged_micro) for item in items[:n]]
         return tuple(await asyncio.gather(*fetches))
 
     async def _fetch(self, item: Any, charged_micro: int) -> Picture:
@@ -319,19 +370,31 @@ class ImageService:
         return _picture(data, charged_micro)
 
     async def _download(self, url: str, charged_micro: int) -> bytes:
+        """A picture's bytes, within ``download_deadline``, from a public address or the
+        gateway's own origin; redirects are not followed."""
         try:
-            async with self._http.stream("GET", url, timeout=self._download_timeout) as response:
-                if response.status_code != 200:
-                    raise _bad_reply(charged_micro, "gave an image link that does not work")
-                chunks, size = [], 0
-                async for chunk in response.aiter_bytes():
-                    size += len(chunk)
-                    if size > MAX_PICTURE_BYTES:
-                        raise _bad_reply(charged_micro, "sent an image that is too big")
-                    chunks.append(chunk)
-                return b"".join(chunks)
-        except httpx.HTTPError:
+            async with asyncio.timeout(self._download_deadline):
+                if _origin(url) != _origin(self._api_url) and not await is_public(url):
+                    log.warning("a picture link is not on a public address; not fetching it")
+                    raise _bad_reply(charged_micro, "gave an image link to a private address")
+                return await self._read_picture(url, charged_micro)
+        except TimeoutError:
+            what = "sent an image that did not finish downloading in time"
+            raise _bad_reply(charged_micro, what) from None
+        except (httpx.HTTPError, OSError, ValueError):
             raise _bad_reply(charged_micro, "gave an image link I couldn't fetch") from None
+
+    async def _read_picture(self, url: str, charged_micro: int) -> bytes:
+        async with self._http.stream("GET", url) as response:
+            if response.status_code != 200:
+                raise _bad_reply(charged_micro, "gave an image link that does not work")
+            chunks, size = [], 0
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > MAX_PICTURE_BYTES:
+                    raise _bad_reply(charged_micro, "sent an image that is too big")
+                chunks.append(chunk)
+            return b"".join(chunks)
 
 
 @dataclass(frozen=True)
@@ -346,6 +409,7 @@ class SlowJob:
     header: PaymentHeader | None  # None when a proxy such as ClawRouter paid
     charged_micro: int  # what the job costs once completed
     receipt_tx: str | None = None  # a settlement receipt already seen (on the 202 itself)
+    n: int = MAX_N  # the most pictures taken from its answer
 
     def to_json(self) -> str:
         header = self.header
@@ -355,6 +419,7 @@ class SlowJob:
                 "header": None if header is None else [header.name, header.value],
                 "charged_micro": self.charged_micro,
                 "receipt_tx": self.receipt_tx,
+                "n": self.n,
             }
         )
 
@@ -368,6 +433,7 @@ class SlowJob:
             header=None if header is None else PaymentHeader(str(header[0]), str(header[1])),
             charged_micro=int(fields["charged_micro"]),
             receipt_tx=fields.get("receipt_tx"),
+            n=int(fields.get("n", MAX_N)),
         )
 
 
@@ -408,13 +474,16 @@ def _picture(data: bytes, charged_micro: int) -> Picture:
     mime = detect_mime(data)
     if mime is None or len(data) > MAX_PICTURE_BYTES:
         raise _bad_reply(charged_micro, "sent a file that is not a PNG, JPEG or WebP")
+    too_big = _bad_reply(charged_micro, "sent an image too large to open")
     try:
         with Image.open(io.BytesIO(data)) as image:  # reads the header only
             width, height = image.size
-    except Image.DecompressionBombError:
-        raise _bad_reply(charged_micro, "sent an image too large to open") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise too_big from None
     except (OSError, ValueError):
         raise _bad_reply(charged_micro, "sent an image I can't read") from None
+    if width * height > MAX_PICTURE_PIXELS:
+        raise too_big
     return Picture(data, mime, width, height)
 
 
@@ -434,20 +503,23 @@ def _bad_reply(charged_micro: int | bool, what: str) -> BadReply:
 def _charged_micro(
     payment: SignedPayment | None, reply: dict[str, Any], estimate_micro: int
 ) -> int:
-    """What this call costs: the signed amount, else the gateway's stated price, else the estimate.
+    """What this call costs: the signed amount, else the catalog's estimate, or the gateway's
+    stated price when that is lower.
 
-    The last two only happen when a proxy such as ClawRouter paid on the bot's behalf.
+    Without a signed payment (a proxy such as ClawRouter paid, or a gateway that skipped the
+    402), a gateway-stated amount is never trusted above the estimate.
     """
     if payment is not None:
         return payment.intent.quote.amount_micro
-    stated = (reply.get("price") or {}).get("amount") if isinstance(reply, dict) else None
+    price = reply.get("price")
+    stated = price.get("amount") if isinstance(price, dict) else None
     try:
         micro = Decimal(str(stated)) * MICRO_PER_USD
     except (InvalidOperation, ValueError):
         return estimate_micro
     if not micro.is_finite() or micro < 0 or micro != micro.to_integral_value():
         return estimate_micro
-    return int(micro)
+    return min(int(micro), estimate_micro)
 
 
 def _error_for(
@@ -501,7 +573,7 @@ def _error_message(body: Any) -> str | None:
         return None
     error = body.get("error")
     message = error.get("message") if isinstance(error, dict) else error
-    return str(message)[:200] if message else None
+    return (plain_reason(str(message)) or None) if message else None
 
 
 def _safe_json(response: httpx.Response) -> Any:
@@ -522,10 +594,16 @@ async def _json_body(response: httpx.Response, charged: bool | None) -> dict[str
             None: "It may have been charged; an admin can check /spend.",
             False: _NOTHING,
         }[charged]
-        error = BadReply(f"The image service sent a reply I can't read. {note}")
+        what = "a reply too large to read" if too_large(response) else "a reply I can't read"
+        error = BadReply(f"The image service sent {what}. {note}")
         error.charged = charged
         raise error
     return body
+
+
+def _text(value: Any) -> str | None:
+    """A gateway field that should be text, or None when it is anything else."""
+    return value if isinstance(value, str) and value else None
 
 
 def _data_uris(images: tuple[ImageInput, ...]) -> list[str]:

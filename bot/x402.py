@@ -1,8 +1,9 @@
 """The x402 payer: reads a 402 quote, checks it against the cap, signs one USDC payment, resends.
 
-Money leaves the wallet here, so the rules are strict: only the cheapest acceptable quote at or
-under the cap is signed, the caller's hook records the payment before the header is sent, one
-request is signed at most once, and the wallet key never appears in logs, errors or reprs.
+Money leaves the wallet here, so the rules are strict: only the cheapest acceptable quote on the
+pinned network at or under the cap is signed, the caller's hook records the payment before the
+header is sent, one request is signed at most once, and the wallet key never appears in logs,
+errors or reprs.
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ from eth_utils import keccak, to_checksum_address
 
 from bot.chains import Chain, chain_for
 from bot.errors import GatewayError, PaymentRefused
+from bot.fetching import (
+    MAX_ANSWER_BYTES,
+    MAX_SMALL_BODY_BYTES,
+    plain_reason,
+    read_capped,
+    too_large,
+)
 from bot.money import format_usd
 
 logger = logging.getLogger(__name__)
@@ -66,6 +74,16 @@ class NoAcceptablePayment(PaymentRefused):
         super().__init__(
             f"The gateway asked for a payment this bot cannot make ({', '.join(offered)}). "
             "Nothing was charged."
+        )
+
+
+class WrongNetwork(PaymentRefused):
+    """Every acceptable offer is on another network than the one the bot pays on."""
+
+    def __init__(self, offered: list[str], network: Chain) -> None:
+        super().__init__(
+            f"The image service asked for payment on {', '.join(offered)}, but this bot pays "
+            f"only on {network.caip2} ({network.v1_name}) here. Nothing was charged."
         )
 
 
@@ -250,11 +268,19 @@ class X402Payer:
         self._in_flight = asyncio.Semaphore(max_in_flight)
 
     async def post(
-        self, url: str, *, json: dict[str, Any], on_payment: PaymentHook | None = None
+        self,
+        url: str,
+        *,
+        json: dict[str, Any],
+        on_payment: PaymentHook | None = None,
+        network: Chain | None = None,
     ) -> PaidResponse:
-        """POST json; on a 402 check the quote, let the hook record it, sign once and retry."""
+        """POST json; on a 402 check the quote, let the hook record it, sign once and retry.
+
+        With ``network``, quotes on any other network are refused before signing.
+        """
         async with self._in_flight:
-            return await self._pay(url, json, on_payment)
+            return await self._pay(url, json, on_payment, network)
 
     async def get(self, url: str, header: PaymentHeader | None) -> httpx.Response:
         """GET, e.g. to poll a 202 job, with the same payment header; resends like post."""
@@ -262,12 +288,22 @@ class X402Payer:
             return await self._send("GET", url, header, None)
 
     async def _pay(
-        self, url: str, json: dict[str, Any], on_payment: PaymentHook | None
+        self,
+        url: str,
+        json: dict[str, Any],
+        on_payment: PaymentHook | None,
+        network: Chain | None,
     ) -> PaidResponse:
-        response = await self._http.post(url, json=json)
+        response = await self._exchange("POST", url, {}, json)
         if response.status_code != 402:
             return PaidResponse(response, None, read_receipt(response))
-        quote = min(parse_requirements(response), key=lambda q: q.amount_micro)
+        quotes = parse_requirements(response)
+        if network is not None:
+            offered = list(dict.fromkeys(q.chain.caip2 for q in quotes))
+            quotes = [q for q in quotes if q.chain == network]
+            if not quotes:
+                raise WrongNetwork(offered, network)
+        quote = min(quotes, key=lambda q: q.amount_micro)
         if self._wallet is None:
             raise WalletMissing()
         if quote.amount_micro > self._max_micro:
@@ -308,7 +344,7 @@ class X402Payer:
             if attempt:
                 await asyncio.sleep(FIRST_RESEND_DELAY_SECONDS * 2 ** (attempt - 1))
             try:
-                return await self._http.request(method, url, json=json, headers=headers)
+                return await self._exchange(method, url, headers, json)
             except httpx.TransportError as exc:
                 lost = exc
                 logger.warning(
@@ -327,6 +363,14 @@ class X402Payer:
             raise lost
         logger.warning("no answer after sending a payment to %s", url)
         raise PaymentOutcomeUnknown() from lost
+
+    async def _exchange(
+        self, method: str, url: str, headers: dict[str, str], json: dict[str, Any] | None
+    ) -> httpx.Response:
+        """One request and its whole answer: a 200 up to the paid cap, anything else far less."""
+        async with self._http.stream(method, url, json=json, headers=headers) as response:
+            limit = MAX_ANSWER_BYTES if response.status_code == 200 else MAX_SMALL_BODY_BYTES
+            return await read_capped(response, limit)
 
 
 def _signed(intent: PaymentIntent, signature: str) -> SignedPayment:
@@ -393,6 +437,8 @@ def parse_requirements(response: httpx.Response) -> list[Quote]:
 
 def _payment_required(response: httpx.Response) -> dict[str, Any]:
     header = response.headers.get("PAYMENT-REQUIRED")
+    if header is None and too_large(response):
+        raise BadPaymentRequest("too large")
     if header is None:
         try:
             body = response.json()
@@ -463,8 +509,7 @@ def _quote(
 
 def _short(text: str) -> str:
     """A server-chosen value made safe to show in one chat line."""
-    printable = "".join(ch for ch in text if ch.isprintable())
-    return printable if len(printable) <= 42 else printable[:41] + "…"
+    return plain_reason(text, 42)
 
 
 def read_receipt(response: httpx.Response) -> Receipt | None:

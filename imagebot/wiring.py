@@ -48,7 +48,13 @@ async def open_bot(
             )
         async with gateway_client() as http:
             payer = X402Payer(http, wallet, max_micro=settings.max_micro_per_request)
-            images = ImageService(http, payer, settings.image_api_url, **service_options)
+            images = ImageService(
+                http,
+                payer,
+                settings.image_api_url,
+                network=settings.payment_chain,
+                **service_options,
+            )
             bot = ImageBot(settings, images, ledger, journal)
             checking = None
             if settings.base_rpc_url or settings.base_sepolia_rpc_url:
