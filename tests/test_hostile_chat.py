@@ -36,6 +36,8 @@ from fake_discord import FakeDiscord, File
 from fake_telegram import CHANNEL_BOT, GROUP_ANONYMOUS_BOT, FakeTelegram
 from pictures import png
 from PIL import Image
+from test_discord import replies_to
+from test_telegram import reply_text
 
 import adapters.discord
 from adapters import telegram as telegram_adapter
@@ -193,28 +195,6 @@ def answers(telegram: FakeTelegram, chat_id: int) -> list[str]:
     ]
 
 
-async def telegram_answer(telegram: FakeTelegram, chat_id: int, since: int = 0) -> str:
-    call = await telegram.wait_for(
-        lambda call: (
-            call.method == "sendMessage"
-            and call.chat_id == chat_id
-            and not call.params["text"].startswith(("Drawing", "Editing"))
-        ),
-        since=since,
-    )
-    return str(call.params["text"])
-
-
-def replies_to(command: dict[str, Any]) -> Callable[[DiscordCall], bool]:
-    def matches(call: DiscordCall) -> bool:
-        if call.name != "create_message" or not isinstance(call.payload, dict):
-            return False
-        reference = call.payload.get("message_reference") or {}
-        return reference.get("message_id") == int(command["id"])
-
-    return matches
-
-
 async def discord_answer(fake: FakeDiscord, command: dict[str, Any]) -> str:
     """The text the bot answered a message command with (not its status)."""
     answered = replies_to(command)
@@ -338,7 +318,7 @@ async def test_a_broken_input_is_refused_before_anything_is_paid(
             chat, chat.user, make(), "in.png", "image/png", caption="/img2img add a hat"
         )
 
-        answer = await telegram_answer(telegram, 111)
+        answer = await reply_text(telegram, 111)
 
     assert answer.startswith("Image 1 ") and says in answer, answer
     assert stack.gateway.payments_received == 0
@@ -424,7 +404,7 @@ async def test_more_pictures_than_a_request_takes_are_refused_before_fetching(
         chat = telegram.private_chat(111, "Alice", "alice")
         telegram.send_album(chat, chat.user, [png() for _ in range(10)], caption="/img2img fuse")
 
-        answer = await telegram_answer(telegram, 111)
+        answer = await reply_text(telegram, 111)
 
     assert answer == "That's 10 images; /img2img takes at most 5 (pictures and a mask). Send fewer."
     assert telegram.calls("getFile") == [] and stack.downloads == []
@@ -548,7 +528,7 @@ async def test_anonymous_admins_of_two_groups_and_a_channel_are_three_principals
         )
         assert boss.user is not None
         telegram.send_text(boss, boss.user, "/spend @newsroom")
-        report = await telegram_answer(telegram, ADMIN_ID)
+        report = await reply_text(telegram, ADMIN_ID)
 
     assert report.startswith("@newsroom (telegram:-100333) has spent $0.0525 today"), report
     async with await SqliteLedger.open(stack.database) as ledger:
@@ -576,10 +556,10 @@ async def test_spend_at_name_finds_the_username_not_a_display_name_impostor(
             )
         assert boss.user is not None
         telegram.send_text(boss, boss.user, "/spend @Alice")
-        found = await telegram_answer(telegram, ADMIN_ID)
+        found = await reply_text(telegram, ADMIN_ID)
         since = len(telegram.sent)
         telegram.send_text(boss, boss.user, f"/spend telegram:{impostor.id}")
-        by_id = await telegram_answer(telegram, ADMIN_ID, since)
+        by_id = await reply_text(telegram, ADMIN_ID, since)
 
     assert found.startswith("@alice (telegram:111) has spent $0.0525"), found
     assert by_id.startswith("@alice (telegram:666) has spent $0.0525"), by_id

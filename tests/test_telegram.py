@@ -74,7 +74,7 @@ def sent_to(chat_id: int, method: str) -> object:
     return lambda call: call.method == method and call.chat_id == chat_id
 
 
-async def reply_text(telegram: FakeTelegram, chat_id: int, since: int) -> str:
+async def reply_text(telegram: FakeTelegram, chat_id: int, since: int = 0) -> str:
     call = await telegram.wait_for(
         lambda call: (
             call.method == "sendMessage"
