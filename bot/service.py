@@ -33,6 +33,7 @@ from bot.x402 import PaymentIntent
 log = logging.getLogger(__name__)
 
 MAX_JOBS_PER_USER = 2  # one user's burst cannot crowd out everyone else
+MAX_DECODING = 2  # input pictures decoded at once, whatever the number of commands
 DRAIN_SECONDS = 60.0  # how long a stopping bot lets paid requests in flight finish
 _RESTARTING = "The bot is restarting; send that again in a minute. Nothing was charged."
 _ADMIN = "An admin can check /spend."
@@ -130,6 +131,7 @@ class ImageBot:
         self._jobs: Counter[str] = Counter()  # image jobs in flight per user
         self._draws: dict[asyncio.Task[Any], _Draw] = {}
         self._draining = False
+        self._decoding = asyncio.Semaphore(MAX_DECODING)
         self._chat_for: ChatFinder = _no_chat  # set by resume_jobs once adapters run
 
     async def drain(self, seconds: float = DRAIN_SECONDS) -> None:
@@ -262,7 +264,8 @@ class ImageBot:
                 return Outcome.REFUSED
             request = command.build(await inputs() if command.kind == "img2img" else ())
             if isinstance(request, EditRequest):
-                await decode_inputs(request)
+                async with self._decoding:  # a decode may hold ~160 MB: bound how many at once
+                    await decode_inputs(request)
         except ImagebotError as error:
             await chat.send_text(error.user_message)
             return Outcome.REFUSED

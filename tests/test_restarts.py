@@ -12,6 +12,7 @@ import inspect
 import json
 import os
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -49,8 +50,12 @@ async def imagebot_run(env: dict[str, str], log: Path) -> AsyncIterator[asyncio.
 
 
 async def rows(database: Path, where: str) -> int:
-    async with aiosqlite.connect(database) as db:
-        ((count,),) = await db.execute_fetchall(f"SELECT count(*) FROM attempts WHERE {where}")
+    """How many ledger rows match; 0 while the bot is still creating its tables."""
+    try:
+        async with aiosqlite.connect(database) as db:
+            ((count,),) = await db.execute_fetchall(f"SELECT count(*) FROM attempts WHERE {where}")
+    except sqlite3.OperationalError:
+        return 0
     return int(count)
 
 
