@@ -315,13 +315,7 @@ class InteractionChat(StatusChat[None]):
     async def _to_channel(self, content: str | None, files: Sequence[discord.File] = ()) -> None:
         channel = self._interaction.channel
         assert isinstance(channel, discord.abc.Messageable)
-        user = self._interaction.user
-        text = f"{user.mention} {content or ''}".strip()
-        await channel.send(
-            text[:MAX_CONTENT_CHARS],
-            files=list(files),
-            allowed_mentions=discord.AllowedMentions(users=[user]),
-        )
+        await _naming(channel, self._interaction.user.id, content, files)
 
 
 class ChannelChat(StatusChat[discord.Message]):
@@ -333,34 +327,50 @@ class ChannelChat(StatusChat[discord.Message]):
         super().__init__()
         self._channel = channel
         self._user_id = user_id
-        self._mention = f"<@{user_id}>"
-        self._pings = discord.AllowedMentions(users=[discord.Object(user_id)])  # this user only
 
     def reply_address(self) -> str:
         return json.dumps({"channel": self._channel.id, "user": self._user_id})
 
     async def _post_text(self, text: str) -> None:
-        await self._channel.send(f"{self._mention} {text}", allowed_mentions=self._pings)
+        await _naming(self._channel, self._user_id, text)
 
     async def _post_status(self, text: str) -> discord.Message:
-        return await self._channel.send(f"{self._mention} {text}", allowed_mentions=self._pings)
+        return await _naming(self._channel, self._user_id, text)
 
     async def _post_pictures(self, pictures: Sequence[Picture], caption: str) -> None:
         batches, caption = await _batches(pictures, caption)
-        for index, files in enumerate(batches):
-            content = f"{self._mention} {caption}" if index == 0 else None
-            await self._channel.send(
-                content and content[:MAX_CONTENT_CHARS], files=files, allowed_mentions=self._pings
-            )
+        await _naming(self._channel, self._user_id, caption, batches[0])
+        for files in batches[1:]:
+            await self._channel.send(files=files, allowed_mentions=discord.AllowedMentions.none())
 
     async def _edit_status(self, status: discord.Message, text: str) -> float | None:
         with contextlib.suppress(discord.HTTPException):
-            await status.edit(content=f"{self._mention} {text}", allowed_mentions=self._pings)
+            await status.edit(
+                content=f"<@{self._user_id}> {text}",
+                allowed_mentions=_only(self._user_id),
+            )
         return None
 
     async def _delete_status(self, status: discord.Message) -> None:
         with contextlib.suppress(discord.NotFound):
             await status.delete()
+
+
+def _only(user_id: int) -> discord.AllowedMentions:
+    return discord.AllowedMentions(users=[discord.Object(user_id)])
+
+
+async def _naming(
+    channel: discord.abc.Messageable,
+    user_id: int,
+    content: str | None,
+    files: Sequence[discord.File] = (),
+) -> discord.Message:
+    """Post in ``channel`` addressed to ``user_id``: the one mention the message may ping."""
+    text = f"<@{user_id}> {content or ''}".strip()
+    return await channel.send(
+        text[:MAX_CONTENT_CHARS], files=list(files), allowed_mentions=_only(user_id)
+    )
 
 
 async def _batches(

@@ -120,6 +120,7 @@ class AnswerTimedOut(GatewayError):
 
 
 _NOTHING = "Nothing was charged."
+_CHARGED_ANYWAY = "It was charged anyway; an admin can check /spend."
 _STILL_RUNNING: dict[str, Any] = {"status": "in_progress"}
 _STILL_RUNNING_CODES = frozenset({202, 429, 500, 502, 503, 504})
 
@@ -209,13 +210,13 @@ class ImageService:
         async with self._in_hand:
             paid = await self._post(path, body, hooks.on_payment)
             reply = await self._answer(paid)
+            charged = _charged_micro(paid.payment, reply, estimate_micro)
             if paid.response.status_code != 202:
-                charged = _charged_micro(paid.payment, reply, estimate_micro)
                 return await self._finish(charged, paid.receipt, reply, n, hooks.on_result)
         job = SlowJob(
-            poll_url=self._poll_url(reply, charged=paid.receipt is not None),
+            poll_url=self._poll_url(reply, charged if paid.receipt else 0),
             header=paid.payment.header if paid.payment else None,
-            charged_micro=_charged_micro(paid.payment, reply, estimate_micro),
+            charged_micro=charged,
             receipt_tx=paid.receipt.tx_hash if paid.receipt else None,
             n=n,
         )
@@ -288,13 +289,13 @@ class ImageService:
             return await _json_body(response, charged=paid.receipt is not None)
         raise _error_for(response, paid.payment, paid.receipt is not None)
 
-    def _poll_url(self, envelope: dict[str, Any], *, charged: bool) -> str:
+    def _poll_url(self, envelope: dict[str, Any], charged_micro: int) -> str:
         """The job's absolute poll address; only the gateway's own origin gets the payment."""
         poll_url = envelope.get("poll_url")
         resolved = urljoin(self._api_url + "/", poll_url) if isinstance(poll_url, str) else ""
         if _origin(resolved) != _origin(self._api_url):
             log.warning("a job's poll address is not on the gateway; not polling it")
-            raise _bad_reply(charged, "started a job without a usable poll address")
+            raise _bad_reply(charged_micro, "started a job without a usable poll address")
         return resolved
 
     async def _wait_for_job(self, job: _Polling, on_wait: WaitHook | None) -> dict[str, Any]:
@@ -452,7 +453,7 @@ class _Polling:
         """A job given up on: charged only if some answer carried a receipt."""
         if self.receipt is None:
             return JobAbandoned(f"{what} {_NOTHING}")
-        error = JobAbandoned(f"{what} It was charged anyway; an admin can check /spend.")
+        error = JobAbandoned(f"{what} {_CHARGED_ANYWAY}")
         error.charged = True
         return error
 
@@ -487,12 +488,8 @@ def _picture(data: bytes, charged_micro: int) -> Picture:
     return Picture(data, mime, width, height)
 
 
-def _bad_reply(charged_micro: int | bool, what: str) -> BadReply:
+def _bad_reply(charged_micro: int, what: str) -> BadReply:
     """An unusable answer to a call that cost ``charged_micro`` (0: nothing was charged)."""
-    if charged_micro is True:
-        error = BadReply(f"The image service {what}; it was charged, an admin can check /spend.")
-        error.charged = True
-        return error
     if not charged_micro:
         return BadReply(f"The image service {what}. {_NOTHING}")
     error = BadReply(f"The image service {what}; {format_usd(charged_micro)} was charged for it.")
@@ -527,7 +524,7 @@ def _error_for(
 ) -> GatewayError:
     status = response.status_code
     detail = _error_message(_safe_json(response))
-    charge_note = "It was charged anyway; an admin can check /spend." if charged else _NOTHING
+    charge_note = _CHARGED_ANYWAY if charged else _NOTHING
     error: GatewayError
     if status == 403:
         error = ContentRefused(

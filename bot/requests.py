@@ -95,7 +95,12 @@ class ImageRequest:
 
     def price_line(self, micro: int) -> str:
         """``nano-banana · 1024x1024 · $0.0525``, for status lines and captions."""
-        return f"{self.model.name} · {self.size} · {format_usd(micro)}"
+        return price_line(self.model.name, self.size, micro)
+
+
+def price_line(model_name: str, size: str, micro: int) -> str:
+    """``nano-banana · 1024x1024 · $0.0525``: the model, the size and what it costs."""
+    return f"{model_name} · {size} · {format_usd(micro)}"
 
 
 @dataclass(frozen=True)

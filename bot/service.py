@@ -27,7 +27,7 @@ from bot.ledger.journal import SettlementJournal
 from bot.money import format_usd
 from bot.principals import principal
 from bot.replies import help_text, models_text, report_text, spend_text
-from bot.requests import EditRequest, GenerateRequest, ImageInput, decode_inputs
+from bot.requests import EditRequest, GenerateRequest, ImageInput, decode_inputs, price_line
 from bot.x402 import PaymentIntent
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ class ImageBot:
 
     async def _resume(self, open_job: OpenJob, chat: Chat | None, draw: _Draw) -> None:
         model = find_model(open_job.model)
-        line = f"{model.name if model else open_job.model} · {open_job.size}"
+        name = model.name if model else open_job.model
         try:
             job = SlowJob.from_json(open_job.job)
         except (ValueError, KeyError, TypeError):
@@ -180,16 +180,8 @@ class ImageBot:
 
         async def deliver(result: ImageResult) -> None:
             draw.settled = True
-            in_ledger = await self._journal.settle(
-                open_job.row_id, result.charged_micro, result.tx_hash
-            )
-            caption = f"{line} · {format_usd(result.charged_micro)}"
-            if not in_ledger:
-                caption += f"\n{_LEDGER_LATE}"
-            if chat is None:
-                log.warning("job %d finished but its chat is gone; settled", open_job.row_id)
-            else:
-                await chat.send_pictures(result.pictures, caption)
+            caption = price_line(name, open_job.size, result.charged_micro)
+            await self._hand_over(open_job.row_id, result, caption, chat)
 
         try:
             await self._images.finish_job(job, on_result=deliver)
@@ -303,7 +295,8 @@ class ImageBot:
         except BudgetExceeded as error:
             await chat.send_text(error.user_message)
             return Outcome.REFUSED
-        payment = LedgerPayment(self._ledger, row_id, budget, chat.reply_address())
+        reply_to = chat.reply_address()
+        payment = LedgerPayment(self._ledger, row_id, budget, reply_to)
         verb = "Drawing" if isinstance(request, GenerateRequest) else "Editing"
         status = f"{verb} with {request.price_line(request.estimate_micro)}…"
         await chat.show_progress(status)
@@ -320,7 +313,7 @@ class ImageBot:
 
         async def remember_job(job: SlowJob) -> None:
             try:
-                await self._ledger.start_job(row_id, job.to_json(), chat.reply_address())
+                await self._ledger.start_job(row_id, job.to_json(), reply_to)
             except Exception as error:  # polling goes on; only a restart could lose it
                 log.warning("could not keep slow job %d in the ledger: %s", row_id, error)
                 return
@@ -328,11 +321,7 @@ class ImageBot:
 
         async def deliver(result: ImageResult) -> None:
             draw.settled = True
-            in_ledger = await self._journal.settle(row_id, result.charged_micro, result.tx_hash)
-            caption = _caption(request, result)
-            if not in_ledger:
-                caption += f"\n{_LEDGER_LATE}"
-            await chat.send_pictures(result.pictures, caption)
+            await self._hand_over(row_id, result, _caption(request, result), chat)
 
         try:
             hooks = {"on_wait": still_working, "on_result": deliver, "on_job": remember_job}
@@ -356,6 +345,17 @@ class ImageBot:
         finally:
             del self._draws[task]
         return Outcome.DONE
+
+    async def _hand_over(
+        self, row_id: int, result: ImageResult, caption: str, chat: Chat | None
+    ) -> None:
+        """Settle the row (kept in the journal while the ledger is busy), then send the pictures."""
+        if not await self._journal.settle(row_id, result.charged_micro, result.tx_hash):
+            caption += f"\n{_LEDGER_LATE}"
+        if chat is None:
+            log.warning("row %d is settled but its chat is not served here", row_id)
+        else:
+            await chat.send_pictures(result.pictures, caption)
 
     async def _close_failed(
         self, row_id: int, error: ImagebotError, charged_micro: int, network: str | None

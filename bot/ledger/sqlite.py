@@ -191,10 +191,7 @@ class SqliteLedger:
 
     async def recover(self) -> tuple[int, int]:
         """Resolve pending rows of dead runs: unknown if priced (maybe paid), else failed."""
-        rows = await self._db.execute_fetchall(
-            "SELECT DISTINCT run_id FROM attempts WHERE status = 'pending'"
-        )
-        dead = await asyncio.to_thread(self._lock.dead_runs, [run for (run,) in rows])
+        dead = await self._dead_runs("status = 'pending'")
         if not dead:
             return 0, 0
         changed = await self._db.execute_fetchall(
@@ -215,10 +212,7 @@ class SqliteLedger:
 
     async def claim_jobs(self, platforms: Collection[str]) -> list[OpenJob]:
         """As ``Ledger.claim_jobs``: one compare-and-set of ``run_id`` per job."""
-        rows = await self._db.execute_fetchall(
-            "SELECT DISTINCT run_id FROM attempts WHERE status = 'pending' AND job IS NOT NULL"
-        )
-        dead = await asyncio.to_thread(self._lock.dead_runs, [run for (run,) in rows])
+        dead = await self._dead_runs("status = 'pending' AND job IS NOT NULL")
         if not dead or not platforms:
             return []
         claimed = await self._db.execute_fetchall(
@@ -351,6 +345,13 @@ class SqliteLedger:
             (key,),
         )
         return f"{rows[0][0]}:{rows[0][1]}" if rows else None
+
+    async def _dead_runs(self, rows: str) -> list[str]:
+        """The dead runs among those that wrote the rows matching the SQL condition ``rows``."""
+        found = await self._db.execute_fetchall(
+            f"SELECT DISTINCT run_id FROM attempts WHERE {rows}"
+        )
+        return await asyncio.to_thread(self._lock.dead_runs, [run for (run,) in found])
 
     def _now(self) -> int:
         return int(self._clock().timestamp())
