@@ -6,8 +6,16 @@ import logging
 import re
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from bot.chains import BASE, BASE_SEPOLIA, Chain, chain_for, gateway_chain
@@ -18,6 +26,8 @@ from bot.principals import CONSOLE_OPERATOR, parse_principal
 _KEY = re.compile(r"^(0x)?[0-9a-fA-F]{64}$")
 
 Principals = Annotated[frozenset[str], NoDecode]
+ShardIds = Annotated[tuple[int, ...] | None, NoDecode]
+_WEBHOOK_SECRET = re.compile(r"^[A-Za-z0-9_-]{1,256}$")  # what Telegram's secret_token allows
 
 
 class Settings(BaseSettings):
@@ -49,7 +59,13 @@ class Settings(BaseSettings):
     base_rpc_url: SecretStr | None = None
     base_sepolia_rpc_url: SecretStr | None = None
     database_path: Path = Path("./data/imagebot.sqlite3")
+    database_url: SecretStr | None = None
     log_level: str = "INFO"
+    telegram_webhook_url: str | None = None
+    telegram_webhook_listen: str = "0.0.0.0:8080"
+    telegram_webhook_secret: SecretStr | None = None
+    discord_shard_count: int | None = None
+    discord_shard_ids: ShardIds = None
 
     @field_validator(
         "telegram_bot_token",
@@ -58,6 +74,11 @@ class Settings(BaseSettings):
         "base_rpc_url",
         "base_sepolia_rpc_url",
         "payment_network",
+        "database_url",
+        "telegram_webhook_url",
+        "telegram_webhook_secret",
+        "discord_shard_count",
+        "discord_shard_ids",
         mode="before",
     )
     @classmethod
@@ -108,6 +129,71 @@ class Settings(BaseSettings):
             return value
         return parse_usd(str(value))
 
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        url = value.get_secret_value().strip()
+        if not re.match(r"^postgres(ql)?://[^\s/]*/[^\s/?]+", url):
+            raise ValueError("expected postgresql://user:password@host:port/dbname")
+        return SecretStr(url)
+
+    @field_validator("telegram_webhook_url")
+    @classmethod
+    def _check_webhook_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        url = urlsplit(value.strip())
+        loopback = url.hostname in ("localhost", "127.0.0.1", "::1")
+        if not url.hostname or not (url.scheme == "https" or (url.scheme == "http" and loopback)):
+            raise ValueError("not an https:// URL (http:// only for a loopback address)")
+        return value.strip()
+
+    @field_validator("telegram_webhook_listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        host, colon, port = value.strip().rpartition(":")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("expected host:port, e.g. 0.0.0.0:8080")
+        return value.strip()
+
+    @field_validator("telegram_webhook_secret")
+    @classmethod
+    def _check_webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not _WEBHOOK_SECRET.match(value.get_secret_value()):
+            raise ValueError("use 1 to 256 characters of A-Z, a-z, 0-9, _ and -")
+        return value
+
+    @field_validator("discord_shard_count")
+    @classmethod
+    def _check_shard_count(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError("must be 1 or more")
+        return value
+
+    @field_validator("discord_shard_ids", mode="before")
+    @classmethod
+    def _parse_shard_ids(cls, value: Any) -> tuple[int, ...] | None:
+        if value is None or isinstance(value, tuple | list):
+            return None if value is None else tuple(int(item) for item in value)
+        items = [item.strip() for item in str(value).split(",") if item.strip()]
+        if not all(item.isdigit() for item in items):
+            raise ValueError("expected comma-separated shard numbers, e.g. 0,1")
+        return tuple(sorted({int(item) for item in items}))
+
+    @model_validator(mode="after")
+    def _check_together(self) -> Settings:
+        if self.telegram_webhook_url and self.telegram_webhook_secret is None:
+            raise ValueError("TELEGRAM_WEBHOOK_SECRET: required with TELEGRAM_WEBHOOK_URL")
+        if self.discord_shard_ids is not None:
+            count = self.discord_shard_count
+            if count is None:
+                raise ValueError("DISCORD_SHARD_IDS: needs DISCORD_SHARD_COUNT")
+            if any(shard >= count for shard in self.discord_shard_ids):
+                raise ValueError(f"DISCORD_SHARD_IDS: shard ids run from 0 to {count - 1}")
+        return self
+
     @field_validator("admin_ids", "allowed_users", "allowed_chats", mode="before")
     @classmethod
     def _parse_principals(cls, value: Any) -> frozenset[str]:
@@ -153,7 +239,9 @@ def load_settings(**overrides: Any) -> Settings:
 
 
 def _describe(problem: Any) -> str:
-    field = str(problem["loc"][0]) if problem["loc"] else "settings"
+    if not problem["loc"]:  # a check across settings names its variable itself
+        return str(problem["msg"]).removeprefix("Value error, ")
+    field = str(problem["loc"][0])
     variable = _variable_name(field)
     message = str(problem["msg"]).removeprefix("Value error, ")
     return f"{variable}: {message}"

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 MAX_JOBS_PER_USER = 2  # one user's burst cannot crowd out everyone else
 MAX_DECODING = 2  # input pictures decoded at once, whatever the number of commands
 DRAIN_SECONDS = 60.0  # how long a stopping bot lets paid requests in flight finish
+ALBUM_QUIET_SECONDS = 0.8  # an album's messages arrive together; gather once none came this long
+ALBUM_WAIT_SECONDS = 30.0  # an album still growing after this long is taken as it is
 _RESTARTING = "The bot is restarting; send that again in a minute. Nothing was charged."
 _ADMIN = "An admin can check /spend."
 _MAYBE_CHARGED = f"It may have been charged. {_ADMIN}"
@@ -151,6 +153,23 @@ class ImageBot:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def gather_album(self, album: str, part: str) -> list[str]:
+        """All the messages (adapter JSON) of a chat album, to the one caller that gathers them.
+
+        Each message of the album, whichever replica received it, comes here; once no part has
+        arrived for ``ALBUM_QUIET_SECONDS``, exactly one caller gets every part (in the order
+        they came) and the others get ``[]``. Kept in the ledger, so replicas share albums.
+        """
+        await self._ledger.add_album_part(album, part)
+        deadline = time.monotonic() + ALBUM_WAIT_SECONDS
+        quiet = ALBUM_QUIET_SECONDS
+        await asyncio.sleep(quiet)
+        while (parts := await self._ledger.take_album(album, quiet)) is None:
+            await asyncio.sleep(ALBUM_QUIET_SECONDS / 4)
+            if time.monotonic() > deadline:
+                quiet = 0.0  # still growing: take what is there
+        return parts
 
     async def resume_jobs(self, chat_for: ChatFinder, platforms: Collection[str]) -> None:
         """Finish the slow jobs of stopped runs asked on ``platforms``: poll on, deliver once to
@@ -439,6 +458,7 @@ class ImageBot:
             user_daily_micro=self._settings.user_daily_micro,
             global_daily_micro=self._settings.global_daily_micro,
             exempt=self._settings.is_admin(principal),
+            max_pending=MAX_JOBS_PER_USER,
         )
 
     def _chat_allowed(self, sender: Sender) -> bool:

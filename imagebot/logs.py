@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, SecretStr
 
@@ -27,13 +28,22 @@ class _Redacting(logging.Formatter):
 
 
 def secrets_of(settings: BaseModel) -> list[str]:
-    """Every secret setting's value, with a wallet key also without its ``0x``."""
+    """Every secret setting's value, a wallet key also without its ``0x``, a URL's password alone."""
     values = [
         value.get_secret_value()
         for name in type(settings).model_fields
         if isinstance(value := getattr(settings, name), SecretStr)
     ]
-    return values + [value.removeprefix("0x") for value in values if value.startswith("0x")]
+    bare_keys = [value.removeprefix("0x") for value in values if value.startswith("0x")]
+    passwords = [password for value in values if (password := _password_in(value))]
+    return values + bare_keys + passwords
+
+
+def _password_in(value: str) -> str | None:
+    try:
+        return urlsplit(value).password
+    except ValueError:
+        return None
 
 
 def configure_logging(level: str, secrets: Iterable[str] = ()) -> None:

@@ -45,11 +45,16 @@ class Attempt:
 
 @dataclass(frozen=True)
 class Budget:
-    """Daily caps; ``exempt`` (admins) lifts the per-user cap only, never the global one."""
+    """Daily caps; ``exempt`` (admins) lifts the per-user cap only, never the global one.
+
+    ``max_pending`` caps the user's pending rows (requests in flight, in every run sharing the
+    ledger) a reservation may find; None means no cap. It holds for admins too.
+    """
 
     user_daily_micro: int
     global_daily_micro: int
     exempt: bool
+    max_pending: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,11 +119,20 @@ class BudgetExceeded(PaymentRefused):
         )
 
     @classmethod
-    def refusing(cls, amount_micro: int, budget: Budget, user_counted_micro: int) -> BudgetExceeded:
-        """Why a ledger just refused an amount: the user's cap if it explains it, else the global.
+    def too_many_pending(cls) -> BudgetExceeded:
+        return cls("pending", "Wait for your previous image to finish first.")
+
+    @classmethod
+    def refusing(
+        cls, amount_micro: int, budget: Budget, user_counted_micro: int, user_pending: int = 0
+    ) -> BudgetExceeded:
+        """Why a ledger just refused an amount: the user's requests in flight if they explain it,
+        else the user's cap if it does, else the global cap.
 
         Read after the refusing statement; a race with a freed reservation can only relabel it.
         """
+        if budget.max_pending is not None and user_pending >= budget.max_pending:
+            return cls.too_many_pending()
         cap = budget.user_daily_micro
         if not budget.exempt and user_counted_micro + amount_micro > cap:
             return cls.over_user_cap(max(0, cap - user_counted_micro), cap)
@@ -172,9 +186,11 @@ class Ledger(Protocol):
     """
 
     async def reserve(self, attempt: Attempt, amount_micro: int, budget: Budget) -> int:
-        """Record a pending attempt if it fits today's budgets, else raise BudgetExceeded.
+        """Record a pending attempt if it fits today's budgets and the user's ``max_pending``,
+        else raise BudgetExceeded.
 
-        The check and the insert are one atomic step. Returns the new row's id.
+        The check and the insert are one atomic step, among processes and machines too.
+        Returns the new row's id.
         """
 
     async def price(
@@ -251,6 +267,19 @@ class Ledger(Protocol):
     async def find_user(self, name: str) -> str | None:
         """``platform:id`` last seen with the username ``name`` (a leading ``@`` is ignored; ASCII
         case-insensitive), or None. Display names never match: anyone can choose theirs."""
+
+    async def add_album_part(self, album: str, part: str) -> None:
+        """Keep one message of a chat album (the adapter's JSON) for ``take_album``.
+
+        Every run sharing the ledger sees it, so an album whose messages reached different
+        replicas is still gathered into one. At most 10 parts an album are kept (more are
+        dropped); parts never taken are deleted after an hour.
+        """
+
+    async def take_album(self, album: str, quiet_seconds: float) -> list[str] | None:
+        """None while the album's newest part was added less than ``quiet_seconds`` ago; then
+        its parts in the order they were added, removed in one atomic step, so exactly one
+        caller gets them and every other caller gets ``[]``."""
 
     async def close(self) -> None:
         """Close the store; from then on ``recover()`` elsewhere treats this run as dead."""
