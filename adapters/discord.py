@@ -49,10 +49,13 @@ _SHRINK_QUALITIES = (90, 80, 70, 55, 40)
 
 
 def build_client(settings: Settings, bot: ImageBot) -> ImagebotClient:
-    """A discord.py client for ``bot`` that talks to ``DISCORD_API_URL``; run it with ``serve``."""
+    """A discord.py client for ``bot`` that talks to ``DISCORD_API_URL`` and runs the shards of
+    ``DISCORD_SHARD_COUNT``/``DISCORD_SHARD_IDS``; run it with ``serve``."""
     # discord.py keeps the REST base in one class attribute, read for every request.
     discord.http.Route.BASE = settings.discord_api_url.rstrip("/")
-    return ImagebotClient(bot)
+    return ImagebotClient(
+        bot, shard_count=settings.discord_shard_count, shard_ids=settings.discord_shard_ids
+    )
 
 
 async def serve(client: ImagebotClient, token: str, stop: asyncio.Event) -> None:
@@ -80,10 +83,20 @@ async def serve(client: ImagebotClient, token: str, stop: asyncio.Event) -> None
         ) from None
 
 
-class ImagebotClient(discord.Client):
-    """Message commands through ``on_message``, slash commands through its command tree."""
+class ImagebotClient(discord.AutoShardedClient):
+    """Message commands through ``on_message``, slash commands through its command tree.
 
-    def __init__(self, bot: ImageBot) -> None:
+    Runs ``shard_ids`` of ``shard_count`` shards; every shard of ``shard_count`` without ids;
+    without a count, as many as ``GET /gateway/bot`` recommends.
+    """
+
+    def __init__(
+        self,
+        bot: ImageBot,
+        *,
+        shard_count: int | None = None,
+        shard_ids: Sequence[int] | None = None,
+    ) -> None:
         # The bot has no voice; discord.py would warn at every start that voice libraries are
         # missing.
         discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False
@@ -91,16 +104,27 @@ class ImagebotClient(discord.Client):
         intents.message_content = True  # message commands read the text
         # Names and prompts are the users' own text: nothing the bot sends pings anyone unless
         # a message names the one user it means.
-        super().__init__(intents=intents, allowed_mentions=discord.AllowedMentions.none())
+        super().__init__(
+            intents=intents,
+            allowed_mentions=discord.AllowedMentions.none(),
+            shard_count=shard_count,
+            shard_ids=None if shard_ids is None else list(shard_ids),
+        )
         self.bot = bot
         self.tree = app_commands.CommandTree(self)
         _add_slash_commands(self.tree, bot)
 
     async def setup_hook(self) -> None:
-        """Connect to the gateway ``GET /gateway/bot`` names, then publish the slash commands."""
+        """Connect to the gateway ``GET /gateway/bot`` names; publish the slash commands if this
+        process runs shard 0.
+
+        Slash commands are global, so one process publishes them: the one with shard 0, which
+        every sharded deployment has exactly once (and which gets the DMs), or the only one.
+        """
         _, url, _ = await self.http.get_bot_gateway()
         follow_gateway(self, url)
-        await self.tree.sync()
+        if self.shard_ids is None or 0 in self.shard_ids:
+            await self.tree.sync()
 
     async def on_message(self, message: discord.Message) -> None:
         if message.author.bot or not message.content.startswith("/"):
@@ -116,10 +140,12 @@ class ImagebotClient(discord.Client):
 def follow_gateway(client: discord.Client, url: str) -> None:
     """Send the client's gateway connections to ``url`` instead of discord.py's built-in address.
 
-    discord.py 2.7 connects to ``DiscordWebSocket.DEFAULT_GATEWAY`` and never asks
-    ``GET /gateway/bot``; every connection goes through ``client.http.ws_connect``, so the
-    default address is rewritten there (keeping discord.py's query). Resumes already use READY's
-    ``resume_gateway_url``.
+    discord.py 2.7 connects to ``DiscordWebSocket.DEFAULT_GATEWAY`` whenever it has no other
+    address: ``Client`` always, ``AutoShardedClient`` when given a shard count, a shard's new
+    connection after a failed one, a new IDENTIFY after an invalidated session. Every connection
+    goes through ``client.http.ws_connect``, so the default address is rewritten there (keeping
+    discord.py's query). ``AutoShardedClient`` without a count already connects where
+    ``GET /gateway/bot`` says, and resumes use READY's ``resume_gateway_url``.
     """
     target = yarl.URL(url)
     default_host = DiscordWebSocket.DEFAULT_GATEWAY.host

@@ -1,9 +1,10 @@
-"""Telegram adapter on python-telegram-bot's ``Application``: long polling, and translation only.
+"""Telegram adapter on python-telegram-bot's ``Application``: updates by long polling or by
+webhook (several replicas behind one load balancer), and translation only.
 
-A message (or an album, gathered first) becomes text + a way to fetch its pictures for
-``ImageBot.handle``; the core's answers become replies in the same chat and forum topic.
-Telegram's own limits (20 MB bot downloads, photo size and shape, 1,024-character captions,
-flood control) are handled here.
+A message (or an album, gathered first across replicas) becomes text + a way to fetch its
+pictures for ``ImageBot.handle``; the core's answers become replies in the same chat and forum
+topic. Telegram's own limits (20 MB bot downloads, photo size and shape, 1,024-character
+captions, flood control) are handled here.
 """
 
 from __future__ import annotations
@@ -12,18 +13,21 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import warnings
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from httpx_aiohttp import AiohttpTransport
-from telegram import BotCommand, InputMediaPhoto, Message, Update, User
+from telegram import Bot, BotCommand, InputMediaPhoto, Message, Update, User
 from telegram import Chat as TelegramChatInfo
 from telegram.constants import ChatAction, ChatType
 from telegram.error import BadRequest, InvalidToken, RetryAfter, TelegramError
-from telegram.ext import Application, ContextTypes, MessageHandler, filters
+from telegram.ext import Application, ContextTypes, MessageHandler, Updater, filters
 from telegram.request import HTTPXRequest
 from telegram.warnings import PTBDeprecationWarning
 
@@ -44,11 +48,14 @@ MAX_PHOTO_SIDES = 10_000  # width + height
 MAX_PHOTO_RATIO = 20
 MAX_CAPTION_CHARS = 1024
 MAX_TEXT_CHARS = 4096
-ALBUM_QUIET_SECONDS = 0.8  # an album's updates arrive together; act once none came for this long
 CHAT_ACTION_SECONDS = 4.5  # Telegram shows an action for 5 s
 FLOOD_RETRIES = 5
 CONCURRENT_UPDATES = 256
+MAX_HELD_UPDATES = 1024  # updates waiting or being handled; more wait (polling) or are refused
 CONNECTION_POOL = 64
+WEBHOOK_CONNECTIONS = 40  # Telegram's default; each replica answers in milliseconds
+WEBHOOK_RETRIES = 5  # setWebhook tried again for about 20 s (flood control as replicas start)
+_WEBHOOK = "imagebot.webhook"  # the application's bot_data key for its ``Webhook``
 
 COMMANDS = tuple(BotCommand(entry.name, entry.description) for entry in MENU)
 _MIME_EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
@@ -62,22 +69,80 @@ def build_application(
     """A PTB Application that feeds every message to ``bot``; run it with ``serve``."""
     assert settings.telegram_bot_token is not None
     api = settings.telegram_api_url.rstrip("/")
+    webhook = _webhook_of(settings)
     application = (
         Application.builder()
         .token(settings.telegram_bot_token.get_secret_value())
         .base_url(f"{api}/bot")
         .base_file_url(f"{api}/file/bot")
+        .update_queue(HeldUpdates(MAX_HELD_UPDATES, refuse_when_full=webhook is not None))
         .concurrent_updates(CONCURRENT_UPDATES)
         .request(_bot_api_request(CONNECTION_POOL, media_write_timeout=60))
         .get_updates_request(_bot_api_request(1))
         .build()
     )
+    application.bot_data[_WEBHOOK] = webhook
     adapter = TelegramAdapter(bot)
     wanted = filters.UpdateType.MESSAGE & (
         filters.TEXT | filters.CAPTION | filters.PHOTO | filters.Document.IMAGE
     )
     application.add_handler(MessageHandler(wanted, adapter.on_message))
     return application
+
+
+@dataclass(frozen=True)
+class Webhook:
+    """Where Telegram pushes updates (``TELEGRAM_WEBHOOK_URL``) and where this replica listens."""
+
+    url: str
+    host: str
+    port: int
+    secret: str = field(repr=False)
+
+    @property
+    def path(self) -> str:
+        """The URL's path, which the load balancer forwards unchanged."""
+        return urlsplit(self.url).path or "/"
+
+
+def _webhook_of(settings: Settings) -> Webhook | None:
+    if settings.telegram_webhook_url is None:
+        return None
+    assert settings.telegram_webhook_secret is not None  # the settings require it with the URL
+    host, _, port = settings.telegram_webhook_listen.rpartition(":")
+    return Webhook(
+        settings.telegram_webhook_url,
+        host.strip("[]"),  # an IPv6 address is written [::]:8080
+        int(port),
+        settings.telegram_webhook_secret.get_secret_value(),
+    )
+
+
+class HeldUpdates(asyncio.Queue[object]):
+    """PTB's update queue, bounded by the updates it holds: queued or still being handled.
+
+    PTB moves every update off its queue into a task of its own at once, so a ``maxsize`` would
+    bound nothing; here room is freed by ``task_done``, which PTB calls once an update is
+    handled. When full, long polling waits for room; a webhook update is refused at once
+    (``QueueFull``: PTB answers 500 and Telegram sends it again later, maybe to another replica).
+    """
+
+    def __init__(self, limit: int, *, refuse_when_full: bool) -> None:
+        super().__init__()
+        self._limit = limit
+        self._room = asyncio.Semaphore(limit)
+        self._refuse_when_full = refuse_when_full
+
+    async def put(self, item: object) -> None:
+        if self._refuse_when_full and isinstance(item, Update) and self._room.locked():
+            log.warning("%d Telegram updates in hand: refusing one for now", self._limit)
+            raise asyncio.QueueFull
+        await self._room.acquire()
+        await super().put(item)
+
+    def task_done(self) -> None:
+        super().task_done()
+        self._room.release()
 
 
 def _bot_api_request(connections: int, **options: float) -> HTTPXRequest:
@@ -96,21 +161,58 @@ async def serve(
     stop: asyncio.Event,
     ready: asyncio.Event | None = None,
 ) -> None:
-    """Long-poll until ``stop`` is set, then finish the jobs in hand and shut down.
+    """Take updates (by webhook when one is set, else by long polling) until ``stop`` is set,
+    then finish the jobs in hand and shut down.
 
-    ``ready`` is set once the bot can send (for answers owed from before a restart).
+    ``ready`` is set once the bot can send (for answers owed from before a restart). Stopping
+    leaves the webhook set: the other replicas still take updates through it.
     """
     await _initialize(application)
     async with application:
         await _flood_safe(lambda: application.bot.set_my_commands(COMMANDS))
-        await application.start()
         assert application.updater is not None
-        await application.updater.start_polling(allowed_updates=[Update.MESSAGE])
+        await _receive(application.updater, application.bot_data[_WEBHOOK])
+        await application.start()
         if ready is not None:
             ready.set()
         await stop.wait()
-        await application.updater.stop()
+        await application.updater.stop()  # PTB's stop deletes no webhook
         await application.stop()
+
+
+async def _receive(updater: Updater, webhook: Webhook | None) -> None:
+    """Start long polling, or ``setWebhook`` and the webhook server.
+
+    Every replica sets the same URL and secret, so setting it again changes nothing; pending
+    updates are never dropped, whichever replica they were meant for.
+    """
+    if webhook is None:
+        await updater.start_polling(allowed_updates=[Update.MESSAGE])
+        return
+    try:
+        await updater.start_webhook(
+            listen=webhook.host,
+            port=webhook.port,
+            url_path=re.escape(webhook.path),  # PTB routes by a regular expression of it
+            webhook_url=webhook.url,
+            secret_token=webhook.secret,
+            allowed_updates=[Update.MESSAGE],
+            max_connections=WEBHOOK_CONNECTIONS,
+            bootstrap_retries=WEBHOOK_RETRIES,
+            drop_pending_updates=False,
+        )
+    except BadRequest as error:
+        raise StartupError(f"Telegram refused TELEGRAM_WEBHOOK_URL: {error.message}") from None
+    except TelegramError as error:
+        raise StartupError(
+            f"could not set the webhook at Telegram's Bot API ({type(error).__name__}); "
+            "check TELEGRAM_API_URL and the network"
+        ) from None
+    except OSError as error:
+        raise StartupError(
+            f"could not listen on TELEGRAM_WEBHOOK_LISTEN ({webhook.host}:{webhook.port}): "
+            f"{error.strerror or error}"
+        ) from None
 
 
 async def _initialize(application: Application[Any, Any, Any, Any, Any, Any]) -> None:
@@ -135,7 +237,6 @@ class TelegramAdapter:
 
     def __init__(self, bot: ImageBot) -> None:
         self._bot = bot
-        self._albums: dict[tuple[int, str], list[Message]] = {}
 
     async def on_message(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message = update.message
@@ -144,17 +245,21 @@ class TelegramAdapter:
         if message.media_group_id is None:
             await self._handle([message], context.bot.username)
             return
-        key = (message.chat_id, message.media_group_id)
-        album = self._albums.setdefault(key, [])
-        album.append(message)
-        if len(album) > 1:
-            return  # the first item's handler gathers the rest
-        seen = 0
-        while seen != len(album):
-            seen = len(album)
-            await asyncio.sleep(ALBUM_QUIET_SECONDS)
-        del self._albums[key]
-        await self._handle(sorted(album, key=lambda item: item.message_id), context.bot.username)
+        album = await self._gather(message, context.bot)
+        if album:
+            await self._handle(album, context.bot.username)
+
+    async def _gather(self, message: Message, bot: Bot) -> list[Message]:
+        """Every message of ``message``'s album, sorted, to the one handler (on any replica)
+        that gathers them; [] to the others. Just ``message`` when the ledger fails."""
+        key = f"telegram:{message.chat_id}:{message.media_group_id}"
+        try:
+            parts = await self._bot.gather_album(key, message.to_json())
+        except Exception as error:  # the ledger is unreachable: better one picture than none
+            log.warning("could not gather an album (%r); handling its message alone", error)
+            return [message]
+        album = [Message.de_json(json.loads(part), bot) for part in parts]
+        return sorted(album, key=lambda item: item.message_id)
 
     async def _handle(self, messages: list[Message], bot_username: str) -> None:
         command = next((m for m in messages if (m.text or m.caption or "").startswith("/")), None)

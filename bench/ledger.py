@@ -1,14 +1,21 @@
-"""How fast the ledger records payments and answers ``/spend all``, on WAL files in /tmp.
+"""How fast the ledger records payments and answers ``/spend all``, on SQLite or PostgreSQL.
 
-Run: ``.venv/bin/python bench/ledger.py [--pairs N] [--writers W] [--rows R] [--users U]``.
-Targets: >= 2,000 reserve+settle pairs/s with 50 writers on 2 cores; ``report()`` over
-1,000,000 rows and 10,000 users < 200 ms. The big file is built once and cached in /tmp.
+Run: ``.venv/bin/python bench/ledger.py [--pairs N] [--writers W] [--rows R] [--users U]``
+for SQLite (WAL files in /tmp), or ``--backend postgresql --database-url postgresql://…/postgres``
+(a server where it may create databases; ``source .ci/postgres`` starts a throwaway one) to
+measure PostgreSQL with ``--processes`` processes of ``--writers`` writers each, beside SQLite's
+figure for the same processes and writers from the same run, and to print the query plans.
+Targets: >= 2,000 reserve+settle pairs/s; ``report()`` over 1,000,000 rows and 10,000 users
+< 200 ms. The big SQLite file is built once and cached in /tmp; PostgreSQL's big database is
+copied from it with ``imagebot migrate``'s code and kept for the next run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
+import os
 import random
 import shutil
 import sqlite3
@@ -18,9 +25,14 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
-from bot.ledger import Attempt, Budget, SqliteLedger
-from bot.ledger.schema import DAY_SECONDS, MIGRATIONS, SCHEMA_VERSION
+import asyncpg
+
+from bot.ledger import Attempt, Budget, Ledger, PostgresLedger, SqliteLedger, postgres_schema
+from bot.ledger.common import DAY_SECONDS
+from bot.ledger.copying import copy_ledger
+from bot.ledger.schema import MIGRATIONS, SCHEMA_VERSION
 from bot.replies import report_text
 
 PAIRS_TARGET = 2_000
@@ -46,19 +58,56 @@ def attempt(user: int) -> Attempt:
     )
 
 
-async def pairs_per_second(path: Path, pairs: int, writers: int) -> float:
-    """reserve+settle pairs per second, ``writers`` coroutines sharing one SqliteLedger."""
-    async with await SqliteLedger.open(path) as ledger:
-        remaining = iter(range(pairs))
+async def open_store(store: str) -> Ledger:
+    """A new run on a SQLite file path or a PostgreSQL URL."""
+    if store.startswith("postgresql://"):
+        return await PostgresLedger.open(store)
+    return await SqliteLedger.open(store)
+
+
+async def write_pairs(store: str, numbers: range, writers: int) -> None:
+    """reserve+settle one pair per number, ``writers`` coroutines sharing one ledger."""
+    async with await open_store(store) as ledger:
+        remaining = iter(numbers)
 
         async def writer() -> None:
             for number in remaining:
                 row = await ledger.reserve(attempt(number % 500), 21_000, OPEN_BUDGET)
                 await ledger.settle(row, 21_000, f"0x{number:064x}")
 
-        started = time.perf_counter()
         await asyncio.gather(*(writer() for _ in range(writers)))
-        return pairs / (time.perf_counter() - started)
+
+
+def _writing_process(store: str, numbers: range, writers: int, start: Any) -> None:
+    async def run() -> None:
+        async with await open_store(store) as ledger:
+            await ledger.report()  # connected and migrated before the clock starts
+        await asyncio.to_thread(start.wait)
+        await write_pairs(store, numbers, writers)
+
+    asyncio.run(run())
+
+
+def pairs_per_second(store: str, pairs: int, processes: int, writers: int) -> float:
+    """reserve+settle pairs per second, from ``processes`` processes of ``writers`` each."""
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(processes + 1)
+    share = pairs // processes
+    workers = [
+        context.Process(
+            target=_writing_process,
+            args=(store, range(i * share, (i + 1) * share), writers, start),
+        )
+        for i in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    start.wait()
+    started = time.perf_counter()
+    for worker in workers:
+        worker.join()
+        assert worker.exitcode == 0, "a writing process failed"
+    return share * processes / (time.perf_counter() - started)
 
 
 def write_v1_rows(path: Path, rows: int, users: int) -> None:
@@ -146,8 +195,8 @@ def summary(label: str, ms: list[float]) -> str:
     return f"{label}: best {min(ms):.2f} ms, median {statistics.median(ms):.2f} ms ({len(ms)} runs)"
 
 
-async def at_size(path: Path, rows: int, users: int) -> None:
-    async with await SqliteLedger.open(path) as ledger:
+async def at_size(store: str, rows: int) -> None:
+    async with await open_store(store) as ledger:
 
         async def spend_all() -> str:
             return report_text(await ledger.report())
@@ -174,32 +223,141 @@ async def at_size(path: Path, rows: int, users: int) -> None:
         print(summary("reserve() alone, one at a time", reserve_ms))
 
 
-async def run(args: argparse.Namespace) -> None:
-    with tempfile.TemporaryDirectory() as folder:
-        empty = await pairs_per_second(Path(folder) / "empty.sqlite3", args.pairs, args.writers)
-    verdict = "ok" if empty >= PAIRS_TARGET else "MISSED"
+def print_pairs(label: str, figure: float, args: argparse.Namespace) -> None:
+    verdict = "ok" if figure >= PAIRS_TARGET else "MISSED"
     print(
-        f"reserve+settle: {empty:,.0f} pairs/s on an empty ledger "
-        f"({args.pairs:,} pairs, {args.writers} writer coroutines, one Ledger)"
+        f"reserve+settle on {label}: {figure:,.0f} pairs/s ({args.pairs:,} pairs, "
+        f"{args.processes} process(es) x {args.writers} writers); target >= {PAIRS_TARGET:,}: "
+        f"{verdict}"
     )
-    print(f"target >= {PAIRS_TARGET:,} pairs/s on 2 cores: {verdict}")
 
+
+async def run_sqlite(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        empty = str(Path(folder) / "empty.sqlite3")
+        figure = pairs_per_second(empty, args.pairs, args.processes, args.writers)
+    print_pairs("SQLite, an empty ledger", figure, args)
     cached = await big_ledger(args.rows, args.users)
     with tempfile.TemporaryDirectory() as folder:
         copy = Path(folder) / "big.sqlite3"
         shutil.copyfile(cached, copy)
-        await at_size(copy, args.rows, args.users)
-        full = await pairs_per_second(copy, args.pairs, args.writers)
-        print(f"reserve+settle: {full:,.0f} pairs/s on the {args.rows:,}-row ledger")
+        await at_size(str(copy), args.rows)
+        full = pairs_per_second(str(copy), args.pairs, args.processes, args.writers)
+        print_pairs(f"SQLite, the {args.rows:,}-row ledger", full, args)
+
+
+async def run_postgresql(args: argparse.Namespace) -> None:
+    server = args.database_url
+    empty = await fresh_database(server, "imagebot_bench_empty")
+    with tempfile.TemporaryDirectory() as folder:
+        beside = pairs_per_second(
+            str(Path(folder) / "empty.sqlite3"), args.pairs, args.processes, args.writers
+        )
+    figure = pairs_per_second(empty, args.pairs, args.processes, args.writers)
+    print_pairs("PostgreSQL, an empty ledger", figure, args)
+    print_pairs("SQLite, an empty ledger, same run", beside, args)
+    big = await big_database(server, args.rows, args.users)
+    await at_size(big, args.rows)
+    await print_plans(big)
+
+
+async def fresh_database(server: str, name: str) -> str:
+    """An empty database ``name`` on the server (dropped first if it exists); its URL."""
+    admin = await asyncpg.connect(server)
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.execute(f"CREATE DATABASE {name}")
+    finally:
+        await admin.close()
+    return server.rpartition("/")[0] + "/" + name
+
+
+async def big_database(server: str, rows: int, users: int) -> str:
+    """The big SQLite ledger copied into PostgreSQL by ``imagebot migrate``'s code, kept."""
+    name = f"imagebot_bench_{rows}x{users}_v{postgres_schema.SCHEMA_VERSION}"
+    url = server.rpartition("/")[0] + "/" + name
+    admin = await asyncpg.connect(server)
+    try:
+        exists = await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+    finally:
+        await admin.close()
+    if exists:
+        print(f"using database {name}")
+        return url
+    source = await big_ledger(rows, users)
+    await fresh_database(server, name)
+    started = time.perf_counter()
+    copied = await copy_ledger(source, url)
+    print(f"migrated {copied.payments:,} rows into {name} in {time.perf_counter() - started:.1f} s")
+    database = await asyncpg.connect(url)
+    try:
+        await database.execute("VACUUM ANALYZE")
+    finally:
+        await database.close()
+    return url
+
+
+_PLANS = {
+    "budget: the day's totals row (reserve_attempt locks it)": (
+        "SELECT counted_micro FROM day_totals WHERE day = $1 FOR UPDATE", "day"),
+    "budget: the user's day (reserve_attempt)": (
+        "SELECT counted_micro FROM user_days"
+        " WHERE platform = 'telegram' AND user_id = $1 AND day = $2", "user_day"),
+    "budget: the user's pending rows (reserve_attempt)": (
+        "SELECT count(*) FROM attempts"
+        " WHERE platform = 'telegram' AND user_id = $1 AND status = 'pending'", "user"),
+    "/spend all: report()": (
+        "SELECT platform, user_id, display_name, requests, images, settled_micro AS micro,"
+        " pending_micro, last_at FROM user_totals WHERE last_at IS NOT NULL"
+        " ORDER BY micro DESC, (platform || ':' || user_id) COLLATE \"C\"", None),
+    "report(since=30 days ago)": (
+        "SELECT platform, user_id, count(*) FILTER (WHERE status = 'settled'),"
+        " sum(charged_micro), max(created_at) FROM attempts"
+        " WHERE status <> 'failed' AND created_at >= $1 GROUP BY platform, user_id", "since"),
+}  # fmt: skip
+
+
+async def print_plans(url: str) -> None:
+    """EXPLAIN ANALYZE of the budget checks and the report queries on the big database."""
+    now = int(time.time())
+    values = {"day": (now // DAY_SECONDS,), "user_day": ("100001", now // DAY_SECONDS),
+              "user": ("100001",), "since": (now - 30 * DAY_SECONDS,), None: ()}  # fmt: skip
+    database = await asyncpg.connect(url)
+    try:
+        for label, (sql, key) in _PLANS.items():
+            async with database.transaction():
+                plan = await database.fetch(
+                    f"EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY ON) {sql}", *values[key]
+                )
+            print(f"plan, {label}:")
+            for (line,) in plan:
+                print(f"    {line}")
+    finally:
+        await database.close()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--backend", choices=["sqlite", "postgresql"], default="sqlite")
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("IMAGEBOT_TEST_DATABASE_URL"),
+        help="postgresql://…/postgres: a server where the bench may create databases",
+    )
     parser.add_argument("--pairs", type=int, default=10_000, help="reserve+settle pairs")
-    parser.add_argument("--writers", type=int, default=50, help="concurrent writer coroutines")
+    parser.add_argument("--processes", type=int, help="writing processes (sqlite 1, postgresql 4)")
+    parser.add_argument("--writers", type=int, default=50, help="writer coroutines per process")
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows in the big ledger")
     parser.add_argument("--users", type=int, default=10_000, help="users in the big ledger")
-    asyncio.run(run(parser.parse_args()))
+    args = parser.parse_args()
+    if args.backend == "sqlite":
+        args.processes = args.processes or 1
+        asyncio.run(run_sqlite(args))
+        return
+    if not args.database_url:
+        parser.error("--backend postgresql needs --database-url (or IMAGEBOT_TEST_DATABASE_URL)")
+    args.processes = args.processes or 4
+    asyncio.run(run_postgresql(args))
 
 
 if __name__ == "__main__":

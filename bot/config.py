@@ -27,7 +27,9 @@ _KEY = re.compile(r"^(0x)?[0-9a-fA-F]{64}$")
 
 Principals = Annotated[frozenset[str], NoDecode]
 ShardIds = Annotated[tuple[int, ...] | None, NoDecode]
-_WEBHOOK_SECRET = re.compile(r"^[A-Za-z0-9_-]{1,256}$")  # what Telegram's secret_token allows
+POSTGRES_URL = re.compile(r"^postgres(ql)?://[^\s/]*/[^\s/?]+")  # postgresql://…/dbname
+# Telegram's secret_token allows 1 to 256 of these; fewer than 16 would be guessable.
+_WEBHOOK_SECRET = re.compile(r"^[A-Za-z0-9_-]{16,256}$")
 
 
 class Settings(BaseSettings):
@@ -135,7 +137,7 @@ class Settings(BaseSettings):
         if value is None:
             return None
         url = value.get_secret_value().strip()
-        if not re.match(r"^postgres(ql)?://[^\s/]*/[^\s/?]+", url):
+        if not POSTGRES_URL.match(url):
             raise ValueError("expected postgresql://user:password@host:port/dbname")
         return SecretStr(url)
 
@@ -162,7 +164,7 @@ class Settings(BaseSettings):
     @classmethod
     def _check_webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and not _WEBHOOK_SECRET.match(value.get_secret_value()):
-            raise ValueError("use 1 to 256 characters of A-Z, a-z, 0-9, _ and -")
+            raise ValueError("use 16 to 256 characters of A-Z, a-z, 0-9, _ and -")
         return value
 
     @field_validator("discord_shard_count")
@@ -178,7 +180,7 @@ class Settings(BaseSettings):
         if value is None or isinstance(value, tuple | list):
             return None if value is None else tuple(int(item) for item in value)
         items = [item.strip() for item in str(value).split(",") if item.strip()]
-        if not all(item.isdigit() for item in items):
+        if not items or not all(item.isdigit() for item in items):
             raise ValueError("expected comma-separated shard numbers, e.g. 0,1")
         return tuple(sorted({int(item) for item in items}))
 

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 MAX_JOBS_PER_USER = 2  # one user's burst cannot crowd out everyone else
 MAX_DECODING = 2  # input pictures decoded at once, whatever the number of commands
 DRAIN_SECONDS = 60.0  # how long a stopping bot lets paid requests in flight finish
+RECOVER_SECONDS = 15.0  # how often a run looks for the rows and slow jobs of runs that died
 ALBUM_QUIET_SECONDS = 0.8  # an album's messages arrive together; gather once none came this long
 ALBUM_WAIT_SECONDS = 30.0  # an album still growing after this long is taken as it is
 _RESTARTING = "The bot is restarting; send that again in a minute. Nothing was charged."
@@ -187,6 +188,23 @@ class ImageBot:
             task = asyncio.create_task(self._resume(job, chat, draw))
             self._draws[task] = draw
             task.add_done_callback(self._draws.pop)
+
+    async def keep_resuming(
+        self, chat_for: ChatFinder, platforms: Collection[str], every: float = RECOVER_SECONDS
+    ) -> None:
+        """``resume_jobs`` now and every ``every`` seconds, each time after resolving the pending
+        rows of runs that died meanwhile (a replica whose lease expired), until cancelled."""
+        while True:
+            try:
+                unknown, failed = await self._ledger.recover()
+                if unknown or failed:
+                    log.warning(
+                        "a stopped run left %d payment(s) unknown and %d failed", unknown, failed
+                    )
+                await self.resume_jobs(chat_for, platforms)
+            except Exception as error:  # the ledger is unreachable for now: try again later
+                log.warning("could not look for the work of stopped runs: %s", error)
+            await asyncio.sleep(every)
 
     async def _resume(self, open_job: OpenJob, chat: Chat | None, draw: _Draw) -> None:
         model = find_model(open_job.model)

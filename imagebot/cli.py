@@ -16,10 +16,13 @@ from datetime import UTC, date, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
 
 from bot.chain import ChainResolver, Resolved
 from bot.chains import CHAINS
-from bot.config import Settings, load_settings
+from bot.config import POSTGRES_URL, Settings, load_settings
 from bot.errors import ConfigError
 from bot.http import gateway_client
 from bot.ledger import Payment, Report, Status, open_ledger
@@ -86,6 +89,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     payments.add_argument("--json", action="store_true", help="one JSON object, amounts as strings")
     payments.set_defaults(handler=_payments)
+
+    migrate = commands.add_parser(
+        "migrate", help="copy the SQLite ledger into an empty PostgreSQL database"
+    )
+    migrate.add_argument(
+        "--to", metavar="postgresql://…", required=True, type=_postgres_url, help="the target"
+    )
+    migrate.set_defaults(handler=_migrate)
     return parser
 
 
@@ -130,7 +141,7 @@ async def _serve(settings: Settings) -> int:
             adapters.append(discord.serve(client, token, halt))
             finders["discord"] = partial(discord.chat_for, client)
         running = [asyncio.create_task(_stopping_all(a, stop)) for a in adapters]
-        resuming = asyncio.create_task(bot.resume_jobs(partial(_find_chat, finders), finders))
+        resuming = asyncio.create_task(bot.keep_resuming(partial(_find_chat, finders), finders))
         await stop.wait()
         resuming.cancel()
         await bot.drain()
@@ -235,21 +246,21 @@ def _ledger_exists(settings: Settings) -> bool:
 
 def _spend(args: argparse.Namespace) -> int:
     settings = _settings()
-    if not _ledger_exists(settings):
+    if settings.database_url is None and not _ledger_exists(settings):
         return 1
-    report = asyncio.run(_report(settings.database_path, args.since, args.user))
+    report = asyncio.run(_report(settings, args.since, args.user))
     print(json.dumps(to_json(report)) if args.json else report_table(report))
     return 0
 
 
-async def _report(path: Path, since: date | None, user: str | None) -> Report:
-    async with await open_ledger(path) as ledger:
+async def _report(settings: Settings, since: date | None, user: str | None) -> Report:
+    async with await open_ledger(settings) as ledger:
         return await ledger.report(since=since, user=user)
 
 
 def _payments(args: argparse.Namespace) -> int:
     settings = _settings()
-    if not _ledger_exists(settings):
+    if settings.database_url is None and not _ledger_exists(settings):
         return 1
     status = Status(args.status) if args.status else None
     resolved, payments = asyncio.run(_list_payments(settings, status, args.resolve))
@@ -278,7 +289,7 @@ async def _list_payments(
     settings: Settings, status: Status | None, resolve: bool
 ) -> tuple[Resolved | None, list[Payment]]:
     """The payments newest first, after a pass of the chain resolver if asked."""
-    async with await open_ledger(settings.database_path) as ledger:
+    async with await open_ledger(settings) as ledger:
         resolved = None
         if resolve:
             async with gateway_client() as http:
@@ -348,6 +359,51 @@ def _payments_table(payments: list[Payment]) -> str:
     if not payments:
         lines.append("no payments")
     return "\n".join(lines)
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from bot.ledger.copying import TargetNotEmpty, TotalsDiffer, copy_ledger
+
+    settings = _settings()
+    if not _ledger_exists(settings):
+        return 1
+    configure_logging(settings.log_level, [*secrets_of(settings), args.to, *_password(args.to)])
+    try:
+        copied = asyncio.run(copy_ledger(settings.database_path, args.to))
+    except (TargetNotEmpty, TotalsDiffer) as refused:
+        why = (
+            f"the PostgreSQL database {refused}; migrate only into an empty one"
+            if isinstance(refused, TargetNotEmpty)
+            else f"the copy does not match the SQLite ledger ({refused})"
+        )
+        print(f"imagebot: {why}. Nothing was changed in PostgreSQL.", file=sys.stderr)
+        return 1
+    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        print(
+            f"imagebot: cannot migrate into PostgreSQL ({type(error).__name__}); "
+            "check the address, the password and that the database exists. Nothing was changed.",
+            file=sys.stderr,
+        )
+        return 1
+    print(
+        f"Copied {copied.payments} payments of {copied.users} users over {copied.days} days "
+        f"from {settings.database_path} into PostgreSQL. Every total matches: settled "
+        f"{usd_string(copied.settled_micro)}, pending {usd_string(copied.pending_micro)}, "
+        f"unknown {usd_string(copied.unknown_micro)} USD, per user, per day and per status.\n"
+        "Set DATABASE_URL to that address and start the bot."
+    )
+    return 0
+
+
+def _postgres_url(text: str) -> str:
+    if not POSTGRES_URL.match(text.strip()):
+        raise argparse.ArgumentTypeError("expected postgresql://user:password@host:port/dbname")
+    return text.strip()
+
+
+def _password(url: str) -> list[str]:
+    password = urlsplit(url).password
+    return [password] if password else []
 
 
 def _day(text: str) -> date:

@@ -28,7 +28,7 @@ class _Redacting(logging.Formatter):
 
 
 def secrets_of(settings: BaseModel) -> list[str]:
-    """Every secret setting's value, a wallet key also without its ``0x``, a URL's password alone."""
+    """Every secret setting's value, a wallet key also without its ``0x``, a URL's password."""
     values = [
         value.get_secret_value()
         for name in type(settings).model_fields

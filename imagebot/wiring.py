@@ -34,7 +34,7 @@ async def open_bot(
     key = settings.wallet_private_key
     if wallet is None and key is not None:
         wallet = Wallet(key.get_secret_value())
-    ledger = await open_ledger(settings.database_path)
+    ledger = await open_ledger(settings)
     journal = SettlementJournal(ledger, SettlementJournal.beside(settings.database_path))
     try:
         if written := await journal.replay():

@@ -13,7 +13,9 @@ edit, delete, typing, reactions), DMs, interaction callbacks and the interaction
 (``@original`` and followups). The gateway speaks JSON, zlib-stream (or zstd-stream when a zstd
 module is importable): HELLO, IDENTIFY, READY, GUILD_CREATE, heartbeats, RESUME, RECONNECT and
 INVALID_SESSION, with sequence numbers and events buffered for a session while it is away.
-Attachments live on a CDN route with signed, expiring URLs.
+Sessions may be shards (IDENTIFY's ``shard``, ``[id, count]``): a guild's events go only to the
+shard ``(guild_id >> 22) % count``, DMs' to shard 0; ``GET /gateway/bot`` recommends
+``recommended_shards``. Attachments live on a CDN route with signed, expiring URLs.
 
 =========================================  ========================================================
 limit                                      answer
@@ -34,9 +36,10 @@ Without the MESSAGE_CONTENT intent a session gets guild messages with empty ``co
 ``attachments``, ``embeds`` and ``components`` unless they mention the bot or are its own.
 Tests play the users (``user``, ``guild``, ``dm``, ``send_message``, ``slash_command``,
 ``autocomplete``, ``dispatch``), watch the bot (``sent``, ``wait_for``, ``calls``,
-``messages_in``, ``interactions``, ``received``, ``wait_ready``) and inject faults (``flood``,
-``fail``, ``request_reconnect``, ``invalidate_session``). Time is read from ``clock`` (a
-``time.monotonic`` stand-in a test may replace to expire interactions without sleeping).
+``command_syncs``, ``messages_in``, ``interactions``, ``received``, ``wait_ready``,
+``delivered``) and inject faults (``flood``, ``fail``, ``request_reconnect``,
+``invalidate_session``). Time is read from ``clock`` (a ``time.monotonic`` stand-in a test may
+replace to expire interactions without sleeping).
 """
 
 from __future__ import annotations
@@ -427,6 +430,7 @@ class FakeDiscord:
         heartbeat_interval_ms: int = HEARTBEAT_INTERVAL_MS,
         rate_limit: tuple[int, float] = (50, 1.0),
         upload_max_bytes: int = UPLOAD_MAX_BYTES,
+        recommended_shards: int = 1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.application_id = application_id
@@ -440,6 +444,7 @@ class FakeDiscord:
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.rate_limit = rate_limit  # (requests, seconds) per bucket; Discord's messages: (5, 5)
         self.upload_max_bytes = upload_max_bytes
+        self.recommended_shards = recommended_shards  # GET /gateway/bot's "shards"
         self.clock = clock
         self.url = ""  # the server root, once started
         self.api_url = ""  # for discord.http.Route.BASE
@@ -510,9 +515,21 @@ class FakeDiscord:
         self._users[user.id] = user
         return user
 
-    def guild(self, name: str, channels: Sequence[str] = ("general",)) -> Guild:
-        """A guild with these text channels, which the bot has joined (GUILD_CREATE if live)."""
+    def guild(
+        self,
+        name: str,
+        channels: Sequence[str] = ("general",),
+        *,
+        shard: tuple[int, int] | None = None,
+    ) -> Guild:
+        """A guild with these text channels, which the bot has joined (GUILD_CREATE if live).
+
+        ``shard`` (id, count) picks an id whose events go to that shard.
+        """
         guild_id = self._snowflake()
+        if shard is not None:  # a few milliseconds later, so (guild_id >> 22) % count == id
+            shard_id, count = shard
+            guild_id += ((shard_id - (guild_id >> 22)) % count) << 22
         owner = self.user(f"{name.lower().replace(' ', '')}_owner")
         guild = Guild(
             guild_id,
@@ -529,7 +546,7 @@ class FakeDiscord:
         for channel in guild.channels:
             self._channels[channel.id] = channel
             self._messages[channel.id] = {}
-        for session in self._live_sessions():
+        for session in self._sessions_for(guild.id):
             self._send_event(session, "GUILD_CREATE", self._guild_create(guild))
         return guild
 
@@ -621,8 +638,9 @@ class FakeDiscord:
         )
 
     def dispatch(self, event: str, data: dict[str, Any]) -> int:
-        """Send any event to every live session; returns how many got it."""
-        sessions = self._live_sessions()
+        """Send any event to every live session on the shard of its ``guild_id`` (or shard 0
+        without one); returns how many got it."""
+        sessions = self._sessions_for(_snowflake_or_none(data.get("guild_id")))
         for session in sessions:
             self._send_event(session, event, data)
         return len(sessions)
@@ -664,11 +682,24 @@ class FakeDiscord:
 
         return await self._wait_until(found, timeout, lambda: f"no gateway op {op} received")
 
-    async def wait_ready(self, timeout: float = 10.0) -> GatewaySession:  # noqa: ASYNC109
-        """The newest session that has been sent READY and is connected."""
+    async def wait_ready(
+        self,
+        timeout: float = 10.0,  # noqa: ASYNC109
+        *,
+        shard: Sequence[int] | None = None,
+    ) -> GatewaySession:
+        """The newest session that has been sent READY and is connected (as ``shard`` [id, count],
+        if given)."""
 
         def found() -> GatewaySession | None:
-            return next((s for s in reversed(self.sessions) if s.connection and not s.ended), None)
+            return next(
+                (
+                    s
+                    for s in reversed(self.sessions)
+                    if s.connection and not s.ended and (shard is None or s.shard == list(shard))
+                ),
+                None,
+            )
 
         return await self._wait_until(found, timeout, lambda: "no gateway session became ready")
 
@@ -685,6 +716,21 @@ class FakeDiscord:
     def calls(self, name: str) -> list[Call]:
         """The bot's calls of route ``name``, in order."""
         return [call for call in self.sent if call.name == name]
+
+    @property
+    def command_syncs(self) -> int:
+        """How many times the bot overwrote its application commands (global or a guild's)."""
+        overwrites = ("bulk_overwrite_global_commands", "bulk_overwrite_guild_commands")
+        return sum(1 for call in self.sent if call.name in overwrites and call.ok)
+
+    def delivered(self, event: str) -> list[tuple[list[int] | None, dict[str, Any]]]:
+        """``(shard, data)`` for every ``event`` sent to a session: which shard got what."""
+        return [
+            (session.shard, frame["d"])
+            for session in self.sessions
+            for frame in session.events
+            if frame["t"] == event
+        ]
 
     def messages_in(self, channel: Channel | int) -> list[dict[str, Any]]:
         """The channel's messages as they stand (edits applied, deletions gone), oldest first."""
@@ -939,7 +985,7 @@ class FakeDiscord:
     async def _get_gateway_bot(self, request: _Request) -> tuple[int, Any]:
         return 200, {
             "url": self.gateway_url,
-            "shards": 1,
+            "shards": self.recommended_shards,
             "session_start_limit": {
                 "total": 1000,
                 "remaining": self._session_starts,
@@ -1587,8 +1633,8 @@ class FakeDiscord:
         locale: str,
     ) -> Interaction:
         self._check_channel(channel)
-        self._require_sessions("INTERACTION_CREATE")
         guild = self.guild_of(channel)
+        self._require_sessions("INTERACTION_CREATE", guild)
         command = self._synced_command(name, guild)
         interaction_id = self._snowflake()
         data: dict[str, Any] = {"id": command["id"], "name": name, "type": 1}
@@ -1875,17 +1921,18 @@ class FakeDiscord:
     def _live_sessions(self) -> list[GatewaySession]:
         return [session for session in self.sessions if not session.ended]
 
-    def _require_sessions(self, event: str) -> None:
-        if not self._live_sessions():
+    def _require_sessions(self, event: str, guild: Guild | None) -> None:
+        if not self._sessions_for(None if guild is None else guild.id):
             raise RuntimeError(
                 f"no gateway session to get {event}: start the client, then await wait_ready()"
             )
 
+    def _sessions_for(self, guild_id: int | None) -> list[GatewaySession]:
+        """The live sessions that get a guild's events (or, without a guild, DMs' events)."""
+        return [s for s in self._live_sessions() if _on_shard(s.shard, guild_id)]
+
     def _guilds_of(self, session: GatewaySession) -> list[Guild]:
-        if session.shard is None:
-            return list(self.guilds)
-        shard_id, count = session.shard
-        return [guild for guild in self.guilds if (guild.id >> 22) % count == shard_id]
+        return [guild for guild in self.guilds if _on_shard(session.shard, guild.id)]
 
     def _send_event(self, session: GatewaySession, event: str, data: dict[str, Any]) -> None:
         frame = {"op": 0, "t": event, "s": session.seq + 1, "d": data}
@@ -1903,7 +1950,7 @@ class FakeDiscord:
             data["guild_id"] = str(guild.id)
             if author is not None and author.id in guild.members:
                 data["member"] = self._member(guild, author)
-        for session in self._live_sessions():
+        for session in self._sessions_for(channel.guild_id):
             if session.intents & intent:
                 shaped = data
                 if not session.intents & INTENT_MESSAGE_CONTENT:
@@ -1915,7 +1962,7 @@ class FakeDiscord:
         if channel.guild_id is not None:
             data["guild_id"] = str(channel.guild_id)
         intent = INTENT_DIRECT_MESSAGES if channel.is_dm else INTENT_GUILD_MESSAGES
-        for session in self._live_sessions():
+        for session in self._sessions_for(channel.guild_id):
             if session.intents & intent:
                 self._send_event(session, "MESSAGE_DELETE", data)
 
@@ -2092,6 +2139,14 @@ def _snowflake_or_none(value: object) -> int | None:
     if isinstance(value, str) and _SNOWFLAKE.fullmatch(value):
         return int(value)
     return None
+
+
+def _on_shard(shard: list[int] | None, guild_id: int | None) -> bool:
+    """Whether a session on ``shard`` gets a guild's events (DMs' without a guild: shard 0)."""
+    if shard is None:
+        return True
+    shard_id, count = shard
+    return shard_id == (0 if guild_id is None else (guild_id >> 22) % count)
 
 
 def _ids(users: Iterable[dict[str, Any]]) -> set[str]:

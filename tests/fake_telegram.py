@@ -3,8 +3,8 @@
 Point PTB at it with ``base_url(fake.base_url)`` and ``base_file_url(fake.base_file_url)``.
 It speaks the wire format of ``api.telegram.org`` (form or multipart requests, ``{"ok": ...}``
 answers with Telegram's error texts and HTTP statuses) for the methods the bot uses: long-polled
-``getUpdates``, text, photos, documents, albums, edits, chat actions, commands and file
-downloads, and it enforces Telegram's limits:
+``getUpdates`` or a webhook, text, photos, documents, albums, edits, chat actions, commands and
+file downloads, and it enforces Telegram's limits:
 
 ==============================  =================================================================
 limit                           answer
@@ -21,8 +21,14 @@ request body over 50 MiB        413 ``Request Entity Too Large``
 
 Characters are counted in UTF-16 code units after HTML tags are removed (``parse_mode=HTML``);
 Markdown is counted as sent. Tests play the users (``send_text``, ``send_photo``, ``send_album``,
-``send_document``), watch the bot (``sent``, ``wait_for``, ``messages_in``, ``chat_actions``,
-``commands``) and inject faults (``flood``, ``fail``).
+``send_document``, ``send_from_users``), watch the bot (``sent``, ``wait_for``, ``messages_in``,
+``chat_actions``, ``commands``, ``deliveries``) and inject faults (``flood``, ``fail``) or forged
+webhook posts (``post_to_webhook``).
+
+Once ``setWebhook`` stored a URL, updates are POSTed there as Telegram does: JSON, with the
+secret in ``X-Telegram-Bot-Api-Secret-Token``, at most ``max_connections`` at once, and an update
+answered other than 2xx is sent again after ``retry_seconds``; ``getUpdates`` then answers 409
+until ``deleteWebhook``.
 
 Photos keep the uploaded bytes: every size of a photo downloads the original, and the smaller
 sizes report a file size in proportion to their area.
@@ -45,8 +51,9 @@ from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import PurePosixPath
 from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
-from aiohttp import BodyPartReader, hdrs, web
+from aiohttp import BodyPartReader, ClientError, ClientSession, ClientTimeout, hdrs, web
 from PIL import Image
 
 DEFAULT_TOKEN = "123456789:AAFakeTelegramTokenForImagebotTests"
@@ -60,6 +67,8 @@ PHOTO_MAX_SIDES = 10_000  # width + height
 PHOTO_MAX_RATIO = 20
 UPLOAD_MAX_BYTES = 50 * 2**20
 DOWNLOAD_MAX_BYTES = 20 * 2**20
+SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
+WEBHOOK_TIMEOUT_SECONDS = 10.0
 
 _THUMBNAIL_SIDES = (90, 320, 800)
 _CHAT_ACTIONS = frozenset(
@@ -95,7 +104,15 @@ _JSON_PARAMS = frozenset(
     }
 )
 _INT_PARAMS = frozenset(
-    {"chat_id", "limit", "message_id", "message_thread_id", "offset", "reply_to_message_id"}
+    {
+        "chat_id",
+        "limit",
+        "max_connections",
+        "message_id",
+        "message_thread_id",
+        "offset",
+        "reply_to_message_id",
+    }
 )
 _COMMAND = re.compile(r"/[A-Za-z0-9_]{1,32}(?:@[A-Za-z0-9_]{3,32})?")
 _COMMAND_NAME = re.compile(r"[a-z0-9_]{1,32}")
@@ -104,6 +121,13 @@ _CONFLICT = (
     "Conflict: terminated by other getUpdates request; "
     "make sure that only one bot instance is running"
 )
+_WEBHOOK_ACTIVE = (
+    "Conflict: can't use getUpdates method while webhook is active; "
+    "use deleteWebhook to delete the webhook first"
+)
+_SECRET_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+_HTTPS_WANTED = "An HTTPS URL must be provided for webhook"
 _MEDIA_NOT_FOUND = "can't parse InputMedia: media not found"
 _NOT_MODIFIED = (
     "Bad Request: message is not modified: specified new message content and reply markup are "
@@ -215,6 +239,32 @@ class _ApiError(Exception):
 
 
 @dataclass(frozen=True)
+class Webhook:
+    """What ``setWebhook`` stored."""
+
+    url: str
+    secret_token: str | None
+    max_connections: int
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One POST of an update to the webhook and the bot's answer."""
+
+    update_id: int
+    chat_id: int
+    message_id: int
+    secret_token: str | None  # the header sent; None when there was none
+    status: int | None  # None: no HTTP answer (connection refused, timeout)
+    at: float  # time.monotonic() when the POST began
+    seconds: float  # until the answer
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
+
+
+@dataclass(frozen=True)
 class _StoredFile:
     data: bytes
     size: int  # what Telegram reports, which may differ from len(data)
@@ -290,12 +340,24 @@ class FakeTelegram:
         self.polls_waiting = 0  # getUpdates calls held open right now (long polls)
         self._faults: dict[str, deque[_ApiError]] = {}
         self._commands: dict[tuple[str, str], list[dict[str, str]]] = {}
+        self.webhook: Webhook | None = None
+        self.deliveries: list[Delivery] = []
+        self.retry_seconds = 0.2  # Telegram waits longer before sending a refused update again
+        self._last_webhook_error: tuple[int, str] | None = None
+        self._connections = asyncio.Semaphore(1)
+        self._delivering: set[int] = set()  # update ids on their way to the webhook
+        self._deliveries: set[asyncio.Task[None]] = set()
+        self._delivered = asyncio.Event()
+        self._client: ClientSession | None = None
+        self._user_ids = itertools.count(700_001)
         self._methods: dict[str, tuple[str, _Handler]] = {
             name.lower(): (name, handler)
             for name, handler in {
                 "getMe": self._get_me,
                 "getUpdates": self._get_updates,
+                "setWebhook": self._set_webhook,
                 "deleteWebhook": self._delete_webhook,
+                "getWebhookInfo": self._get_webhook_info,
                 "setMyCommands": self._set_my_commands,
                 "getMyCommands": self._get_my_commands,
                 "sendMessage": self._send_message,
@@ -328,10 +390,17 @@ class FakeTelegram:
         self.url = f"http://{host}:{self._runner.addresses[0][1]}"
         self.base_url = f"{self.url}/bot"
         self.base_file_url = f"{self.url}/file/bot"
+        self._client = ClientSession(timeout=ClientTimeout(total=WEBHOOK_TIMEOUT_SECONDS))
 
     async def close(self) -> None:
         self._closing = True
         self._wake_polls()
+        for task in self._deliveries:
+            task.cancel()
+        await asyncio.gather(*self._deliveries, return_exceptions=True)
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -426,6 +495,29 @@ class FakeTelegram:
             content |= {"caption": caption, **_command_entity("caption_entities", caption)}
         return self._incoming(chat, user, content, reply_to=reply_to, thread_id=thread_id)
 
+    def send_from_users(self, count: int, text: str) -> list[dict[str, Any]]:
+        """``count`` new users each send ``text`` in their private chat: one update each."""
+        messages = []
+        for _ in range(count):
+            user_id = next(self._user_ids)
+            chat = self.private_chat(user_id, f"User {user_id}", f"user{user_id}")
+            assert chat.user is not None
+            messages.append(self.send_text(chat, chat.user, text))
+        return messages
+
+    async def post_to_webhook(
+        self, chat: Chat, user: User, text: str, *, secret_token: str | None
+    ) -> Delivery:
+        """POST a text message to the webhook as anyone who learnt its URL could, with this
+        ``secret_token`` header (None: no header). It is never queued nor sent again."""
+        if self.webhook is None:
+            raise ValueError("no webhook is set")
+        content = {"text": text, **_command_entity("entities", text)}
+        message = self._message(self._chats[chat.id], user.to_json(), content, None, None)
+        self._last_update_id += 1
+        update = {"update_id": self._last_update_id, "message": message}
+        return await self._post(self.webhook.url, update, secret_token)
+
     def register_file(self, data: bytes, size_override: int | None = None) -> str:
         """Store a file and return its file_id; ``size_override`` is the size Telegram reports."""
         return self._store(data, "documents", size=size_override)["file_id"]
@@ -490,12 +582,33 @@ class FakeTelegram:
 
     def handed_at(self, message: dict[str, Any]) -> float | None:
         """When the update carrying ``message`` (as ``send_text`` returns it) first went to the
-        bot in a getUpdates answer, in ``time.monotonic()``; None until it has."""
+        bot in a getUpdates answer or a webhook POST it accepted, in ``time.monotonic()``; None
+        until it has."""
         return self._handed_out.get((message["chat"]["id"], message["message_id"]))
+
+    def deliveries_of(self, message: dict[str, Any]) -> list[Delivery]:
+        """Every webhook POST of the update carrying ``message``, in order."""
+        key = (message["chat"]["id"], message["message_id"])
+        return [d for d in self.deliveries if (d.chat_id, d.message_id) == key]
+
+    async def wait_delivered(
+        self,
+        messages: list[dict[str, Any]],
+        timeout: float = 10.0,  # noqa: ASYNC109 (a deadline, as tests read it)
+    ) -> None:
+        """Wait until the webhook accepted (2xx) the update of each of ``messages``."""
+
+        def accepted(message: dict[str, Any]) -> bool:
+            return any(delivery.ok for delivery in self.deliveries_of(message))
+
+        async with asyncio.timeout(timeout):
+            while not all(accepted(message) for message in messages):
+                await self._delivered.wait()
 
     @property
     def pending_updates(self) -> list[dict[str, Any]]:
-        """Updates waiting for the bot: not yet confirmed by a getUpdates offset."""
+        """Updates waiting for the bot: not yet confirmed by a getUpdates offset nor accepted by
+        the webhook."""
         return list(self._updates)
 
     # Faults
@@ -569,6 +682,8 @@ class FakeTelegram:
         }
 
     async def _get_updates(self, params: dict[str, Any], files: dict[str, Upload]) -> Any:
+        if self.webhook is not None:
+            raise _ApiError(409, _WEBHOOK_ACTIVE)
         offset = _int_param(params, "offset", 0)
         limit = min(max(_int_param(params, "limit", 100), 1), 100)
         timeout = float(params.get("timeout") or 0)
@@ -607,10 +722,47 @@ class FakeTelegram:
                 self._handed_out.setdefault((message["chat"]["id"], message["message_id"]), now)
         return updates
 
+    async def _set_webhook(self, params: dict[str, Any], files: dict[str, Upload]) -> Any:
+        url = str(params.get("url") or "")
+        if not url:
+            return await self._delete_webhook(params, files)  # as Telegram: "" removes it
+        where = urlsplit(url)
+        if where.scheme != "https" and not (where.scheme == "http" and where.hostname in _LOOPBACK):
+            # Telegram wants HTTPS; the fake also takes plain http to loopback, where tests listen.
+            raise _ApiError(400, f"Bad Request: bad webhook: {_HTTPS_WANTED}")
+        secret = params.get("secret_token")
+        if secret is not None and not _SECRET_TOKEN.fullmatch(str(secret)):
+            raise _ApiError(400, "Bad Request: secret token contains unallowed characters")
+        allowed = params.get("allowed_updates")
+        if isinstance(allowed, list):
+            self._allowed_updates = frozenset(map(str, allowed))
+        if _is_true(params.get("drop_pending_updates")):
+            self._updates.clear()
+        connections = min(max(_int_param(params, "max_connections", 40), 1), 100)
+        self.webhook = Webhook(url, None if secret is None else str(secret), connections)
+        self._connections = asyncio.Semaphore(connections)
+        self._deliver_pending()
+        return True
+
     async def _delete_webhook(self, params: dict[str, Any], files: dict[str, Upload]) -> Any:
+        self.webhook = None
         if _is_true(params.get("drop_pending_updates")):
             self._updates.clear()
         return True
+
+    async def _get_webhook_info(self, params: dict[str, Any], files: dict[str, Upload]) -> Any:
+        info: dict[str, Any] = {
+            "url": self.webhook.url if self.webhook else "",
+            "has_custom_certificate": False,
+            "pending_update_count": len(self._updates),
+        }
+        if self.webhook is not None:
+            info["max_connections"] = self.webhook.max_connections
+            if self._allowed_updates:
+                info["allowed_updates"] = sorted(self._allowed_updates)
+        if self._last_webhook_error is not None:
+            info["last_error_date"], info["last_error_message"] = self._last_webhook_error
+        return info
 
     async def _set_my_commands(self, params: dict[str, Any], files: dict[str, Upload]) -> Any:
         commands = params.get("commands")
@@ -851,6 +1003,61 @@ class FakeTelegram:
         self._last_update_id += 1
         self._updates.append({"update_id": self._last_update_id, kind: payload})
         self._wake_polls()
+        self._deliver_pending()
+
+    def _deliver_pending(self) -> None:
+        """POST every pending update not yet on its way, if a webhook is set."""
+        if self.webhook is None or self._closing:
+            return
+        for update in self._updates:
+            if update["update_id"] not in self._delivering:
+                self._delivering.add(update["update_id"])
+                task = asyncio.create_task(self._deliver(update))
+                self._deliveries.add(task)
+                task.add_done_callback(self._deliveries.discard)
+
+    async def _deliver(self, update: dict[str, Any]) -> None:
+        """POST ``update`` until the webhook accepts it (or is deleted), as Telegram does."""
+        try:
+            while (webhook := self.webhook) is not None:
+                async with self._connections:
+                    delivery = await self._post(webhook.url, update, webhook.secret_token)
+                if delivery.ok:
+                    with contextlib.suppress(ValueError):  # dropped meanwhile
+                        self._updates.remove(update)
+                    key = (delivery.chat_id, delivery.message_id)
+                    self._handed_out.setdefault(key, delivery.at)
+                    return
+                await asyncio.sleep(self.retry_seconds)
+        finally:
+            self._delivering.discard(update["update_id"])
+
+    async def _post(self, url: str, update: dict[str, Any], secret_token: str | None) -> Delivery:
+        assert self._client is not None, "start() the fake first"
+        headers = {} if secret_token is None else {SECRET_HEADER: secret_token}
+        started = time.monotonic()
+        try:
+            async with self._client.post(url, json=update, headers=headers) as answer:
+                status: int | None = answer.status
+                error = f"Wrong response from the webhook: {answer.status} {answer.reason}"
+        except (ClientError, TimeoutError) as exc:
+            status, error = None, f"Connection failed: {type(exc).__name__}"
+        message = update["message"]
+        delivery = Delivery(
+            update["update_id"],
+            message["chat"]["id"],
+            message["message_id"],
+            secret_token,
+            status,
+            started,
+            time.monotonic() - started,
+        )
+        self.deliveries.append(delivery)
+        if not delivery.ok:
+            self._last_webhook_error = (int(time.time()), error)
+        self._delivered.set()
+        self._delivered = asyncio.Event()
+        return delivery
 
     def _wake_polls(self) -> None:
         self._update_arrived.set()

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from eth_account import Account
@@ -39,3 +43,22 @@ def cli_env(image_api_url: str, database: Path, **extra: str) -> dict[str, str]:
         "WALLET_PRIVATE_KEY": Account.create().key.hex(),
         **extra,
     }
+
+
+@asynccontextmanager
+async def imagebot_run(env: dict[str, str], log: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``imagebot run`` in its own process, working in the log file's folder, its stderr in that
+    file; SIGTERM at the end if it is still alive, as a service manager does."""
+    stderr = await asyncio.to_thread(os.open, log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "imagebot.cli", "run", cwd=log.parent, env=env, stderr=stderr
+        )
+    finally:
+        os.close(stderr)
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), 90)

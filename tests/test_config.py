@@ -31,7 +31,15 @@ VARIABLES = [
     "ALLOWED_CHATS",
     "DATABASE_PATH",
     "LOG_LEVEL",
+    "PAYMENT_NETWORK",
+    "DATABASE_URL",
+    "TELEGRAM_WEBHOOK_URL",
+    "TELEGRAM_WEBHOOK_LISTEN",
+    "TELEGRAM_WEBHOOK_SECRET",
+    "DISCORD_SHARD_COUNT",
+    "DISCORD_SHARD_IDS",
 ]
+ROOT = Path(__file__).parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -72,6 +80,12 @@ def test_every_variable_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
         "ALLOWED_CHATS": "telegram:-1001234,discord:42",
         "DATABASE_PATH": "/tmp/ledger.sqlite3",
         "LOG_LEVEL": "debug",
+        "DATABASE_URL": "postgresql://bot:pw@db:5432/imagebot",
+        "TELEGRAM_WEBHOOK_URL": "https://bot.example.org/telegram",
+        "TELEGRAM_WEBHOOK_LISTEN": "127.0.0.1:8443",
+        "TELEGRAM_WEBHOOK_SECRET": "s3cret_-token-0123456",
+        "DISCORD_SHARD_COUNT": "4",
+        "DISCORD_SHARD_IDS": "3, 1",
     }
     for name, value in values.items():
         monkeypatch.setenv(name, value)
@@ -89,6 +103,20 @@ def test_every_variable_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.database_path == Path("/tmp/ledger.sqlite3")
     assert settings.log_level == "DEBUG"
     assert settings.is_admin("discord:67890") and not settings.is_admin("telegram:1")
+    assert settings.database_url is not None
+    assert settings.database_url.get_secret_value() == values["DATABASE_URL"]
+    assert settings.telegram_webhook_url == values["TELEGRAM_WEBHOOK_URL"]
+    assert settings.telegram_webhook_listen == "127.0.0.1:8443"
+    assert settings.telegram_webhook_secret is not None
+    assert (settings.discord_shard_count, settings.discord_shard_ids) == (4, (1, 3))
+
+
+def test_every_variable_is_in_env_example_and_the_readme() -> None:
+    example = (ROOT / ".env.example").read_text()
+    readme = (ROOT / "README.md").read_text()
+    for name in set(VARIABLES) - {"BLOCKRUN_WALLET_KEY"}:  # an alias, named in the comments
+        assert f"{name}=" in example, name
+        assert f"`{name}`" in readme, name
 
 
 def test_blockrun_wallet_key_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -122,6 +150,13 @@ def test_dotenv_in_the_working_directory_is_read(tmp_path: Path) -> None:
         ("IMAGE_API_URL", "ftp://example.org", "http"),
         ("TELEGRAM_API_URL", "api.telegram.org", "http"),
         ("LOG_LEVEL", "loud", "DEBUG"),
+        ("DATABASE_URL", "mysql://root:pw@db/imagebot", "postgresql://"),
+        ("TELEGRAM_WEBHOOK_URL", "http://bot.example.org/hook", "https://"),
+        ("TELEGRAM_WEBHOOK_LISTEN", "8080", "host:port"),
+        ("TELEGRAM_WEBHOOK_SECRET", "has spaces", "A-Z"),
+        ("DISCORD_SHARD_COUNT", "0", "1 or more"),
+        ("DISCORD_SHARD_IDS", "one", "shard numbers"),
+        ("DISCORD_SHARD_IDS", ",", "shard numbers"),
     ],
 )
 def test_bad_value_names_the_variable_and_the_problem(
@@ -135,8 +170,32 @@ def test_bad_value_names_the_variable_and_the_problem(
     assert message.startswith(f"{shown}: ")
     assert problem in message
     assert len(message.splitlines()) == 1
-    if "KEY" in variable:
-        assert value not in message
+    if "KEY" in variable or variable == "DATABASE_URL":
+        assert value not in message and "pw" not in message
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"TELEGRAM_WEBHOOK_URL": "https://bot.example.org/hook"},
+            "TELEGRAM_WEBHOOK_SECRET: required with TELEGRAM_WEBHOOK_URL",
+        ),
+        ({"DISCORD_SHARD_IDS": "0"}, "DISCORD_SHARD_IDS: needs DISCORD_SHARD_COUNT"),
+        (
+            {"DISCORD_SHARD_COUNT": "2", "DISCORD_SHARD_IDS": "0,2"},
+            "DISCORD_SHARD_IDS: shard ids run from 0 to 1",
+        ),
+    ],
+)
+def test_settings_that_go_together_are_checked_together(
+    monkeypatch: pytest.MonkeyPatch, values: dict[str, str], message: str
+) -> None:
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert caught.value.user_message == message
 
 
 def test_the_key_never_shows_in_repr_or_str(monkeypatch: pytest.MonkeyPatch) -> None:

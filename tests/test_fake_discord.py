@@ -24,9 +24,16 @@ from adapters.discord import follow_gateway
 class Bot(discord.Client):
     """A test client that takes its gateway address from ``GET /gateway/bot``."""
 
-    def __init__(self, intents: discord.Intents | None = None) -> None:
+    def __init__(
+        self, intents: discord.Intents | None = None, shard: tuple[int, int] | None = None
+    ) -> None:
         # on_ready waits guild_ready_timeout after the last GUILD_CREATE (2 s by default).
-        super().__init__(intents=intents or discord.Intents.default(), guild_ready_timeout=0.05)
+        super().__init__(
+            intents=intents or discord.Intents.default(),
+            guild_ready_timeout=0.05,
+            shard_id=None if shard is None else shard[0],
+            shard_count=None if shard is None else shard[1],
+        )
         self.tree = app_commands.CommandTree(self)
         self.ready = asyncio.Event()
         self.resumed = asyncio.Event()
@@ -525,6 +532,34 @@ async def test_an_auto_sharded_client_follows_gateway_bot_by_itself(fake: FakeDi
 
     assert "get_gateway_bot" in [call.name for call in fake.sent]
     assert session.shard == [0, 1]
+
+
+async def test_each_shard_gets_its_own_guilds_and_the_dms_go_to_shard_0(
+    fake: FakeDiscord,
+) -> None:
+    left = fake.guild("Left", shard=(0, 2)).channel("general")
+    right = fake.guild("Right", shard=(1, 2)).channel("general")
+    alice = fake.user("alice")
+    first = Bot(with_message_content(), shard=(0, 2))
+    second = Bot(with_message_content(), shard=(1, 2))
+
+    async with running(first, fake), running(second, fake):
+        assert [guild.name for guild in first.guilds] == ["Left"]
+        assert [guild.name for guild in second.guilds] == ["Right"]
+        fake.send_message(right, alice, "to the right")
+        fake.send_message(left, alice, "to the left")
+        fake.send_message(fake.dm(alice), alice, "in private")
+        assert (await next_message(second)).content == "to the right"
+        assert (await next_message(first)).content == "to the left"
+        assert (await next_message(first)).content == "in private"
+
+    assert [frame.data["shard"] for frame in fake.received if frame.op == 2] == [[0, 2], [1, 2]]
+    assert [(shard, data["content"]) for shard, data in fake.delivered("MESSAGE_CREATE")] == [
+        ([0, 2], "to the left"),
+        ([0, 2], "in private"),
+        ([1, 2], "to the right"),
+    ]
+    assert second.inbox.empty()
 
 
 async def test_errors_and_headers_have_discords_wire_format(fake: FakeDiscord) -> None:

@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-from fake_telegram import FakeTelegram
+from aiohttp import web
+from fake_telegram import SECRET_HEADER, FakeTelegram
 from pictures import png
 from telegram import (
     Bot,
@@ -371,3 +372,116 @@ async def test_an_application_answers_commands_over_long_polling(fake: FakeTeleg
     assert seen == [1, 2, 3]
     assert fake.pending_updates == []  # the last poll confirmed every update
     assert [call.method for call in fake.sent[:2]] == ["getMe", "deleteWebhook"]
+
+
+class Receiver:
+    """A webhook endpoint on loopback that answers each POST with the next of ``statuses``."""
+
+    def __init__(self, *statuses: int) -> None:
+        self.statuses = list(statuses)
+        self.received: list[tuple[str | None, str]] = []  # (secret header, message text)
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.add_routes([web.post("/hook", self._take)])
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}/hook"
+        return self.url
+
+    async def close(self) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+    async def _take(self, request: web.Request) -> web.Response:
+        assert request.content_type == "application/json"
+        update = await request.json()
+        self.received.append((request.headers.get(SECRET_HEADER), update["message"]["text"]))
+        return web.Response(status=self.statuses.pop(0) if self.statuses else 200)
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    receiver = Receiver()
+    await receiver.start()
+    yield receiver
+    await receiver.close()
+
+
+async def test_a_webhook_gets_updates_with_the_secret_and_getupdates_conflicts(
+    fake: FakeTelegram, bot: Bot, receiver: Receiver
+) -> None:
+    alice = fake.private_chat(1001, "Alice")
+    assert alice.user is not None
+    waiting = fake.send_text(alice, alice.user, "/start before the webhook")
+
+    assert await bot.set_webhook(receiver.url, secret_token="s3cret-token", max_connections=5)
+    fresh = fake.send_text(alice, alice.user, "/start after")
+    await fake.wait_delivered([waiting, fresh])
+
+    assert sorted(text for _, text in receiver.received) == [
+        "/start after",
+        "/start before the webhook",
+    ]
+    assert {header for header, _ in receiver.received} == {"s3cret-token"}
+    assert [d.status for d in fake.deliveries_of(fresh)] == [200]
+    assert fake.handed_at(fresh) is not None
+    info = await bot.get_webhook_info()
+    assert (info.url, info.pending_update_count, info.max_connections) == (receiver.url, 0, 5)
+    with pytest.raises(Conflict, match="webhook is active"):
+        await bot.get_updates(timeout=0)
+
+    assert await bot.delete_webhook()
+    fake.send_text(alice, alice.user, "/start polled")
+    [update] = await bot.get_updates(timeout=5)
+    assert update.message is not None and update.message.text == "/start polled"
+    assert (await bot.get_webhook_info()).url == ""
+    assert [call.method for call in fake.sent[-4:]] == [
+        "setWebhook",
+        "getWebhookInfo",
+        "deleteWebhook",
+        "getWebhookInfo",
+    ]
+
+
+async def test_a_refused_update_is_sent_again(fake: FakeTelegram, bot: Bot) -> None:
+    receiver = Receiver(500, 403)
+    await receiver.start()
+    fake.retry_seconds = 0.05
+    try:
+        await bot.set_webhook(receiver.url, secret_token="token")
+        [message] = fake.send_from_users(1, "/start")
+        await fake.wait_delivered([message])
+        info = await bot.get_webhook_info()
+    finally:
+        await receiver.close()
+
+    assert [d.status for d in fake.deliveries_of(message)] == [500, 403, 200]
+    assert len(receiver.received) == 3
+    assert info.last_error_message == "Wrong response from the webhook: 403 Forbidden"
+
+
+async def test_setwebhook_wants_https_and_a_plain_secret(fake: FakeTelegram, bot: Bot) -> None:
+    with pytest.raises(BadRequest, match="an https url must be provided"):
+        await bot.set_webhook("http://bot.example.org/hook")
+    with pytest.raises(BadRequest, match="unallowed characters"):
+        await bot.set_webhook("https://bot.example.org/hook", secret_token="no spaces")
+    assert fake.webhook is None
+
+
+async def test_post_to_webhook_forges_an_update_with_any_header(
+    fake: FakeTelegram, bot: Bot, receiver: Receiver
+) -> None:
+    alice = fake.private_chat(1001, "Alice")
+    assert alice.user is not None
+    await bot.set_webhook(receiver.url, secret_token="right")
+
+    forged = await fake.post_to_webhook(alice, alice.user, "/start", secret_token=None)
+    wrong = await fake.post_to_webhook(alice, alice.user, "/start", secret_token="wrong")
+
+    assert [header for header, _ in receiver.received] == [None, "wrong"]
+    assert (forged.status, wrong.status) == (200, 200)  # this receiver checks nothing
+    assert fake.pending_updates == []  # forged updates are never queued

@@ -2,7 +2,9 @@
 exactly-once resolution, recovery, reports and the totals against the rows.
 
 Each test of the money API takes ``ledger_backend`` (or ``ledger``, opened on it), so a backend
-added to ``BACKENDS`` runs this whole suite; SQLite-only tests are in test_ledger_sqlite.py.
+added to ``BACKENDS`` runs this whole suite; SQLite-only tests are in test_ledger_sqlite.py,
+PostgreSQL-only ones in test_ledger_postgres.py (this suite's PostgreSQL half needs the server
+that ``postgres_url`` names, and is skipped without it).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import aiosqlite
+import asyncpg
 import pytest
 
 from bot.ledger import (
@@ -26,6 +29,7 @@ from bot.ledger import (
     Budget,
     BudgetExceeded,
     Ledger,
+    PostgresLedger,
     Report,
     SqliteLedger,
     Status,
@@ -45,6 +49,7 @@ USER_REFUSAL = (
 GLOBAL_REFUSAL = (
     "This bot has reached its daily spending limit; it resets at 00:00 UTC. Nothing was charged."
 )
+IN_FLIGHT_REFUSAL = "Wait for your previous image to finish first."
 
 
 @dataclass
@@ -102,6 +107,7 @@ class Backend(Protocol):
     """A fresh, empty store of one backend; picklable, so spawned processes can open it too."""
 
     integrity_error: type[Exception]  # what the store raises for a row its constraints refuse
+    dead_after_seconds: float  # how long a killed process's run still counts as alive
 
     async def open(self, clock: Callable[[], datetime] = utc_now) -> Ledger:
         """A new ``Ledger`` (a new run) on this store."""
@@ -116,6 +122,7 @@ class SqliteBackend:
 
     path: Path
     integrity_error: ClassVar[type[Exception]] = sqlite3.IntegrityError
+    dead_after_seconds: ClassVar[float] = 0.0  # its lock file's flock goes with the process
 
     async def open(self, clock: Callable[[], datetime] = utc_now) -> Ledger:
         return await SqliteLedger.open(self.path, clock=clock)
@@ -124,15 +131,38 @@ class SqliteBackend:
         return await rows_of(self.path)
 
 
-BACKENDS: dict[str, Callable[[Path], Backend]] = {
-    "sqlite": lambda folder: SqliteBackend(folder / "data" / "ledger.sqlite3"),
+@dataclass(frozen=True)
+class PostgresBackend:
+    """A database of the test's own on the test server, with short leases."""
+
+    url: str
+    # A duplicate nonce is a UniqueViolationError, a fractional amount a CheckViolationError.
+    integrity_error: ClassVar[type[Exception]] = asyncpg.IntegrityConstraintViolationError
+    dead_after_seconds: ClassVar[float] = 2.0  # the lease
+
+    async def open(self, clock: Callable[[], datetime] = utc_now) -> Ledger:
+        return await PostgresLedger.open(
+            self.url, clock=clock, lease_seconds=self.dead_after_seconds
+        )
+
+    async def rows(self) -> list[dict[str, Any]]:
+        db = await asyncpg.connect(self.url)
+        try:
+            return [dict(row) for row in await db.fetch("SELECT * FROM attempts ORDER BY id")]
+        finally:
+            await db.close()
+
+
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], Backend]] = {
+    "postgresql": lambda request, _: PostgresBackend(request.getfixturevalue("postgres_url")),
+    "sqlite": lambda _, folder: SqliteBackend(folder / "data" / "ledger.sqlite3"),
 }
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def ledger_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     """Each backend in turn, on an empty store of this test's own."""
-    return BACKENDS[request.param](tmp_path)
+    return BACKENDS[request.param](request, tmp_path)
 
 
 @pytest.fixture
@@ -309,6 +339,56 @@ async def test_a_late_receipt_settles_an_unknown_row(ledger: Ledger) -> None:
     assert (report.total_micro, report.pending_micro) == (PRICE, 0)
 
 
+# Requests in flight (Budget.max_pending)
+
+
+async def test_a_user_with_max_pending_requests_in_flight_is_refused(ledger: Ledger) -> None:
+    budget = Budget(10**9, 10**9, exempt=False, max_pending=2)
+    first = await ledger.reserve(attempt(), PRICE, budget)
+    second = await ledger.reserve(attempt(), PRICE, budget)
+    with pytest.raises(BudgetExceeded) as refused:
+        await ledger.reserve(attempt(), PRICE, budget)
+    assert (refused.value.scope, refused.value.user_message) == ("pending", IN_FLIGHT_REFUSAL)
+    admin = Budget(0, 10**9, exempt=True, max_pending=2)
+    with pytest.raises(BudgetExceeded) as refused:
+        await ledger.reserve(attempt(), PRICE, admin)
+    assert refused.value.scope == "pending"
+    await ledger.reserve(attempt("222"), PRICE, budget)  # another user's requests are their own
+
+    await ledger.settle(first, PRICE, "0xtx")
+    third = await ledger.reserve(attempt(), PRICE, budget)
+    await ledger.mark_unknown(second, "lost")  # an unknown row is no longer in flight
+    await ledger.reserve(attempt(), PRICE, budget)
+    with pytest.raises(BudgetExceeded):
+        await ledger.reserve(attempt(), PRICE, budget)
+    await ledger.fail(third, "refused")
+    await ledger.reserve(attempt(), PRICE, budget)
+    uncapped = Budget(10**9, 10**9, exempt=False)
+    await ledger.reserve(attempt(), PRICE, uncapped)
+
+
+async def test_100_concurrent_reserves_stop_at_max_pending(ledger: Ledger) -> None:
+    budget = Budget(10**9, 10**9, exempt=False, max_pending=3)
+    outcomes = await asyncio.gather(
+        *(ledger.reserve(attempt(), PRICE, budget) for _ in range(100)), return_exceptions=True
+    )
+    rows, refusals = split(outcomes)
+    assert len(rows) == 3
+    assert {(r.scope, r.user_message) for r in refusals} == {("pending", IN_FLIGHT_REFUSAL)}
+
+
+async def test_a_user_over_the_cap_and_in_flight_is_told_to_wait(ledger: Ledger) -> None:
+    budget = Budget(PRICE, 10**9, exempt=False, max_pending=1)
+    row = await ledger.reserve(attempt(), PRICE, budget)
+    with pytest.raises(BudgetExceeded) as refused:
+        await ledger.reserve(attempt(), PRICE, budget)
+    assert refused.value.scope == "pending"
+    await ledger.settle(row, PRICE, "0xtx")
+    with pytest.raises(BudgetExceeded) as refused:
+        await ledger.reserve(attempt(), PRICE, budget)
+    assert refused.value.scope == "user"
+
+
 # price()
 
 
@@ -388,6 +468,7 @@ async def test_recover_resolves_only_the_rows_of_dead_processes(ledger_backend: 
         assert await asyncio.to_thread(ready.get, timeout=60) == "ready"
         doomed.kill()
         await asyncio.to_thread(doomed.join, 10)
+        await asyncio.sleep(ledger_backend.dead_after_seconds)
 
         assert await recovering.recover() == (1, 1)
         assert await recovering.recover() == (0, 0)
@@ -477,6 +558,45 @@ async def test_payments_lists_rows_newest_first_with_what_the_chain_needs(ledger
     assert (await ledger.payment(settled)).tx_hash == "0xtx"
     with pytest.raises(KeyError):
         await ledger.payment(999)
+
+
+# Albums: gathered across every run sharing the ledger
+
+ALBUM = "telegram:chat-1:album-7"
+
+
+async def test_an_album_split_across_replicas_is_taken_whole_by_exactly_one(
+    ledger_backend: Backend, clock: Clock
+) -> None:
+    async with (
+        await ledger_backend.open(clock=clock) as one,
+        await ledger_backend.open(clock=clock) as two,
+    ):
+        await one.add_album_part(ALBUM, '{"part": 1}')
+        clock.at += timedelta(seconds=0.5)
+        await two.add_album_part(ALBUM, '{"part": 2}')
+        await two.add_album_part("telegram:chat-1:album-8", "other")
+        clock.at += timedelta(seconds=0.5)
+        assert await one.take_album(ALBUM, 0.8) is None  # the newest part came 0.5 s ago
+        clock.at += timedelta(seconds=0.5)
+        taken = await asyncio.gather(*(ledger.take_album(ALBUM, 0.8) for ledger in [one, two] * 3))
+        assert sorted(taken, key=len) == [[]] * 5 + [['{"part": 1}', '{"part": 2}']]
+        assert await two.take_album(ALBUM, 0.8) == []
+        assert await one.take_album("telegram:chat-1:album-8", 0.8) == ["other"]
+
+
+async def test_an_album_keeps_ten_parts_for_an_hour(ledger: Ledger, clock: Clock) -> None:
+    for number in range(12):
+        await ledger.add_album_part(ALBUM, str(number))
+    clock.at += timedelta(seconds=1)
+    assert await ledger.take_album(ALBUM, 0.8) == [str(number) for number in range(10)]
+    await ledger.add_album_part(ALBUM, "kept")
+    clock.at += timedelta(minutes=59)
+    await ledger.add_album_part("telegram:chat-1:album-8", "forgotten")  # adding prunes
+    assert await ledger.take_album(ALBUM, 0.8) == ["kept"]
+    clock.at += timedelta(minutes=61)
+    await ledger.add_album_part("telegram:chat-1:album-9", "new")
+    assert await ledger.take_album("telegram:chat-1:album-8", 0.8) == []
 
 
 # Reports

@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
-import os
 import signal
 import sqlite3
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -24,29 +22,11 @@ from typing import Any
 import aiosqlite
 from fake_discord import FakeDiscord
 from fake_telegram import FakeTelegram
-from imagebot_cli import cli_env, imagebot
+from imagebot_cli import cli_env, imagebot, imagebot_run
 
 from sandbox import Sandbox
 
 JOB_SECONDS = 6.0  # long enough to kill the bot while the gateway is still drawing
-
-
-@asynccontextmanager
-async def imagebot_run(env: dict[str, str], log: Path) -> AsyncIterator[asyncio.subprocess.Process]:
-    """``imagebot run`` in its own process, its log in a file; SIGTERM at the end if alive."""
-    stderr = await asyncio.to_thread(os.open, log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    try:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "imagebot.cli", "run", cwd=log.parent, env=env, stderr=stderr
-        )
-    finally:
-        os.close(stderr)
-    try:
-        yield process
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(process.wait(), 90)
 
 
 async def rows(database: Path, where: str) -> int:

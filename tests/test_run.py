@@ -4,39 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fake_discord import FakeDiscord
 from fake_telegram import FakeTelegram
-from imagebot_cli import ROOT, cli_env
+from imagebot_cli import ROOT, cli_env, imagebot_run
 
 from sandbox import Sandbox
 
 ADMIN_ID = 999
-
-
-@asynccontextmanager
-async def imagebot_run(env: dict[str, str], cwd: Path) -> AsyncIterator[asyncio.subprocess.Process]:
-    """``imagebot run`` in its own process; stopped with SIGTERM, as a service manager does."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "imagebot.cli",
-        "run",
-        cwd=cwd,
-        env=env,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        yield process
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(process.wait(), 30)
 
 
 async def test_one_process_serves_both_platforms_on_one_ledger(tmp_path: Path) -> None:
@@ -54,7 +31,7 @@ async def test_one_process_serves_both_platforms_on_one_ledger(tmp_path: Path) -
         ADMIN_IDS=f"telegram:{ADMIN_ID}",
     )
     try:
-        async with imagebot_run(env, tmp_path) as process:
+        async with imagebot_run(env, tmp_path / "run.log") as process:
             await telegram.wait_for("setMyCommands", timeout=30)
             await discord.wait_for("bulk_overwrite_global_commands", timeout=30)
             await discord.wait_ready(timeout=30)
@@ -98,8 +75,9 @@ async def test_a_refused_discord_intent_stops_start_up_with_exit_2(tmp_path: Pat
         DISCORD_API_URL=discord.api_url,
     )
     try:
-        async with imagebot_run(env, tmp_path) as process:
-            _, err = await asyncio.wait_for(process.communicate(), 30)
+        async with imagebot_run(env, tmp_path / "run.log") as process:
+            await asyncio.wait_for(process.wait(), 30)
+        err = (tmp_path / "run.log").read_bytes()
     finally:
         await discord.close()
         await telegram.close()

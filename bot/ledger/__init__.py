@@ -1,12 +1,15 @@
 """The money ledger: one row per paid attempt, atomic daily budgets and spend reports.
 
-``api`` is the interface every backend implements; ``sqlite`` is the backend in use.
+``api`` is the interface every backend implements: ``sqlite`` (one file, the default) and
+``postgres`` (a server that replicas share).
 """
 
 from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlsplit
 
 from bot.errors import ConfigError
 from bot.ledger.api import (
@@ -21,8 +24,12 @@ from bot.ledger.api import (
     UserSpend,
     UserTotal,
 )
-from bot.ledger.schema import DAY_SECONDS
+from bot.ledger.common import DAY_SECONDS
+from bot.ledger.postgres import DATABASE_ERRORS, PostgresLedger
 from bot.ledger.sqlite import SqliteLedger
+
+if TYPE_CHECKING:
+    from bot.config import Settings
 
 __all__ = [
     "DAY_SECONDS",
@@ -32,6 +39,7 @@ __all__ = [
     "Ledger",
     "OpenJob",
     "Payment",
+    "PostgresLedger",
     "Report",
     "SqliteLedger",
     "Status",
@@ -41,12 +49,38 @@ __all__ = [
 ]
 
 
-async def open_ledger(path: Path) -> Ledger:
-    """The ledger at ``path``, its schema brought up to date; close it when done.
+async def open_ledger(settings: Settings | Path) -> Ledger:
+    """The ledger the settings name, its schema brought up to date; close it when done.
 
-    ``ConfigError`` naming DATABASE_PATH when it cannot be created, opened or written.
+    PostgreSQL at ``DATABASE_URL`` when it is set, else the SQLite file at ``DATABASE_PATH`` (or
+    at the path given). ``ConfigError`` naming the variable when it cannot be opened, created or
+    written; never with the URL's password.
     """
+    if isinstance(settings, Path):
+        return await _open_sqlite(settings)
+    if settings.database_url is None:
+        return await _open_sqlite(settings.database_path)
+    url = settings.database_url.get_secret_value()
+    try:
+        return await PostgresLedger.open(url)
+    except (*DATABASE_ERRORS, ValueError) as error:
+        reason = _without_password(f"{type(error).__name__}: {error}", url)
+        raise ConfigError(f"DATABASE_URL: cannot open the PostgreSQL ledger ({reason})") from None
+
+
+async def _open_sqlite(path: Path) -> Ledger:
     try:
         return await SqliteLedger.open(path)
     except (OSError, sqlite3.Error) as error:
         raise ConfigError(f"DATABASE_PATH: cannot open a ledger at {path} ({error})") from None
+
+
+def _without_password(text: str, url: str) -> str:
+    """``text`` with the URL's password, as written and decoded, blotted out."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return text
+    for secret in {password, unquote(password)} if password else ():
+        text = text.replace(secret, "***")
+    return text

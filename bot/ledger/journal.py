@@ -1,9 +1,10 @@
 """Settlements the ledger could not take yet, kept beside it and retried until they land.
 
-A paid picture is delivered even when the ledger cannot be written (another process holds the
-write lock, the disk is full): the charge goes to memory and to a JSON-lines file next to the
-database, and is written to the ledger as soon as it accepts it, in this run or at the next
-start. Settling is idempotent here: a row already settled is not settled twice.
+A paid picture is delivered even when the ledger cannot be written (another process holds
+SQLite's write lock, the disk is full, the PostgreSQL server is unreachable, slow or refusing):
+the charge goes to memory and to a JSON-lines file next to ``DATABASE_PATH`` (one per machine,
+whichever backend), and is written to the ledger as soon as it accepts it, in this run or at the
+next start. Settling is idempotent here: a row already settled is not settled twice.
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ class SettlementJournal:
         if not self._owed:
             self._path.unlink(missing_ok=True)
             return
+        self._path.parent.mkdir(parents=True, exist_ok=True)  # a PostgreSQL ledger makes none
         fresh = self._path.with_name(self._path.name + ".new")
         lines = "".join(
             json.dumps({"row": row, "micro": micro, "tx": tx}) + "\n"

@@ -9,8 +9,7 @@ from __future__ import annotations
 import aiosqlite
 
 from bot.errors import ConfigError
-
-DAY_SECONDS = 86_400  # the tables' day number is ``created_at / DAY_SECONDS``, a UTC day
+from bot.ledger.common import DAY_SECONDS
 
 
 # What one row adds to the totals, as SQL over the row alias ``r``.
@@ -186,8 +185,29 @@ _V4_USERNAMES = (
     "CREATE INDEX attempts_by_username ON attempts (lower(username))",
 )
 
+# Chat albums gathered across every run sharing the file, and a user's requests in flight
+# counted from an index (``Budget.max_pending``).
+_V5_ALBUMS = (
+    """CREATE TABLE album_parts (
+        id INTEGER PRIMARY KEY,
+        album TEXT NOT NULL,
+        part TEXT NOT NULL,
+        added_at REAL NOT NULL
+    ) STRICT""",
+    "CREATE INDEX album_parts_by_album ON album_parts (album, added_at)",
+    "CREATE INDEX album_parts_by_time ON album_parts (added_at)",
+    "CREATE INDEX attempts_pending_by_user ON attempts (platform, user_id)"
+    " WHERE status = 'pending'",
+)
+
 # Applied in order from the file's PRAGMA user_version; never edit a released step, add one.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1_ATTEMPTS, _V2_TOTALS, _V3_JOBS, _V4_USERNAMES)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    _V1_ATTEMPTS,
+    _V2_TOTALS,
+    _V3_JOBS,
+    _V4_USERNAMES,
+    _V5_ALBUMS,
+)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Collection
-from datetime import UTC, date, datetime, timedelta
+from datetime import date
 from pathlib import Path
 from typing import Any, Self
 
@@ -25,25 +25,42 @@ from bot.ledger.api import (
     Report,
     Status,
     UserSpend,
-    UserTotal,
+)
+from bot.ledger.common import (
+    ALBUM_KEEP_SECONDS,
+    ALBUM_MAX_PARTS,
+    DAY_SECONDS,
+    PAYMENT_COLUMNS,
+    day_number,
+    month_days,
+    payment_of,
+    report_of,
+    split_user,
+    user_spend_of,
+    utc_now,
 )
 from bot.ledger.recovery import RunLock, runs_folder
-from bot.ledger.schema import DAY_SECONDS, migrate, report_sums
+from bot.ledger.schema import migrate, report_sums
 
 BUSY_TIMEOUT_SECONDS = 10.0
-_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 
 _USER_TODAY = (
     "SELECT counted_micro FROM user_days"
     " WHERE platform = :platform AND user_id = :user_id AND day = :day"
 )
 _GLOBAL_TODAY = "SELECT counted_micro FROM day_totals WHERE day = :day"
+# Without statistics SQLite would rather count the user's rows of all time in attempts_by_user.
+_USER_PENDING = (
+    "SELECT count(*) FROM attempts INDEXED BY attempts_pending_by_user"
+    " WHERE platform = :platform AND user_id = :user_id AND status = 'pending'"
+)
 
 _RESERVE = f"""INSERT INTO attempts (run_id, platform, user_id, display_name, username, chat_id,
         command, model, size, n, quoted_micro, status, created_at, updated_at)
     SELECT :run_id, :platform, :user_id, :display_name, :username, :chat_id, :command, :model,
         :size, :n, :amount, 'pending', :now, :now
-    WHERE (:exempt OR coalesce(({_USER_TODAY}), 0) + :amount <= :user_cap)
+    WHERE (:max_pending IS NULL OR ({_USER_PENDING}) < :max_pending)
+        AND (:exempt OR coalesce(({_USER_TODAY}), 0) + :amount <= :user_cap)
         AND coalesce(({_GLOBAL_TODAY}), 0) + :amount <= :global_cap
     RETURNING id"""
 
@@ -62,9 +79,15 @@ _PRICE = f"""UPDATE attempts SET quoted_micro = :amount, network = :network, pay
 
 _REPORT_ORDER = "ORDER BY micro DESC, platform || ':' || user_id"
 
+# One statement, so concurrent adders never keep more than ALBUM_MAX_PARTS.
+_ADD_ALBUM_PART = """INSERT INTO album_parts (album, part, added_at)
+    SELECT :album, :part, :now
+    WHERE (SELECT count(*) FROM album_parts WHERE album = :album) < :max_parts"""
 
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
+# One statement, so exactly one caller gets the parts.
+_TAKE_ALBUM = """DELETE FROM album_parts WHERE album = :album
+        AND (SELECT max(added_at) FROM album_parts WHERE album = :album) <= :quiet_since
+    RETURNING id, part"""
 
 
 class SqliteLedger:
@@ -76,7 +99,7 @@ class SqliteLedger:
         self._clock = clock
 
     @classmethod
-    async def open(cls, path: str | Path, *, clock: Clock = _utc_now) -> SqliteLedger:
+    async def open(cls, path: str | Path, *, clock: Clock = utc_now) -> SqliteLedger:
         """Open or create the file (and its folder) and bring its schema up to date."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,7 +130,8 @@ class SqliteLedger:
         await self.close()
 
     async def reserve(self, attempt: Attempt, amount_micro: int, budget: Budget) -> int:
-        """Record a pending attempt if it fits today's budgets, else raise BudgetExceeded."""
+        """Record a pending attempt if it fits today's budgets and the user's ``max_pending``,
+        else raise BudgetExceeded."""
         now = self._now()
         params = {
             "run_id": self._lock.run_id,
@@ -128,10 +152,10 @@ class SqliteLedger:
         rows = await self._db.execute_fetchall(_RESERVE, params)
         if rows:
             return rows[0][0]
-        user_counted = await self._user_counted(
+        user_counted, user_pending = await self._user_today(
             attempt.platform, attempt.user_id, now // DAY_SECONDS
         )
-        raise BudgetExceeded.refusing(amount_micro, budget, user_counted)
+        raise BudgetExceeded.refusing(amount_micro, budget, user_counted, user_pending)
 
     async def price(
         self,
@@ -167,7 +191,7 @@ class SqliteLedger:
         if not rows:
             raise ValueError(f"attempt {row_id} is not pending and unpriced")
         platform, user_id, created_at, quoted = rows[0]
-        user_counted = await self._user_counted(platform, user_id, created_at // DAY_SECONDS)
+        user_counted, _ = await self._user_today(platform, user_id, created_at // DAY_SECONDS)
         raise BudgetExceeded.refusing(amount_micro, budget, user_counted - quoted)
 
     async def settle(self, row_id: int, charged_micro: int, tx_hash: str | None) -> None:
@@ -229,27 +253,25 @@ class SqliteLedger:
         """As ``Ledger.payments``."""
         where = "WHERE status = ?" if status else ""
         rows = await self._db.execute_fetchall(
-            f"SELECT {_PAYMENT_COLUMNS} FROM attempts {where} ORDER BY id DESC LIMIT ?",
+            f"SELECT {PAYMENT_COLUMNS} FROM attempts {where} ORDER BY id DESC LIMIT ?",
             (status, limit) if status else (limit,),
         )
-        return [_payment(row) for row in rows]
+        return [payment_of(row) for row in rows]
 
     async def payment(self, row_id: int) -> Payment:
         """As ``Ledger.payment``."""
         rows = await self._db.execute_fetchall(
-            f"SELECT {_PAYMENT_COLUMNS} FROM attempts WHERE id = ?", (row_id,)
+            f"SELECT {PAYMENT_COLUMNS} FROM attempts WHERE id = ?", (row_id,)
         )
         if not rows:
             raise KeyError(row_id)
-        return _payment(rows[0])
+        return payment_of(rows[0])
 
     async def user_spend(self, user: str, budget: Budget) -> UserSpend:
         """One user's settled spend today, this UTC month and in all, and today's headroom."""
-        platform, user_id = _split_user(user)
-        now = self._now()
-        today = now // DAY_SECONDS
-        month = date.fromordinal(_EPOCH_ORDINAL + today).replace(day=1)
-        next_month = (month + timedelta(days=31)).replace(day=1)
+        platform, user_id = split_user(user)
+        today = self._now() // DAY_SECONDS
+        month, next_month = month_days(today)
         rows = await self._db.execute_fetchall(
             f"""SELECT coalesce(t.display_name, ''), coalesce(t.requests, 0),
                 coalesce(t.images, 0), coalesce(t.settled_micro, 0), coalesce(t.pending_micro, 0),
@@ -264,50 +286,18 @@ class SqliteLedger:
                 "platform": platform,
                 "user_id": user_id,
                 "day": today,
-                "month": month.toordinal() - _EPOCH_ORDINAL,
-                "next_month": next_month.toordinal() - _EPOCH_ORDINAL,
+                "month": month,
+                "next_month": next_month,
             },
         )
-        (
-            name,
-            requests,
-            images,
-            total,
-            unknown,
-            last_at,
-            user_counted,
-            global_counted,
-            today_micro,
-            month_micro,
-        ) = rows[0]
-        left = None
-        if not budget.exempt:
-            left = max(
-                0,
-                min(
-                    budget.user_daily_micro - user_counted,
-                    budget.global_daily_micro - global_counted,
-                ),
-            )
-        return UserSpend(
-            user=f"{platform}:{user_id}",
-            display_name=name,
-            today_micro=today_micro,
-            month_micro=month_micro,
-            total_micro=total,
-            images=images,
-            requests=requests,
-            unknown_micro=unknown,
-            left_today_micro=left,
-            last_at=None if last_at is None else _datetime(last_at),
-        )
+        return user_spend_of(f"{platform}:{user_id}", budget, rows[0])
 
     async def report(self, *, since: date | None = None, user: str | None = None) -> Report:
         """Per-user totals from the totals table, or from the rows created on or after ``since``."""
         where, params, index = "", [], "attempts_by_time"
         if user is not None:
             where, index = "AND platform = ? AND user_id = ?", "attempts_by_user"
-            params.extend(_split_user(user))
+            params.extend(split_user(user))
         if since is None:
             sql = f"""SELECT platform, user_id, display_name, requests, images,
                     settled_micro AS micro, pending_micro, last_at
@@ -322,17 +312,8 @@ class SqliteLedger:
                     WHERE status != 'failed' AND created_at >= ? {where}
                     GROUP BY platform, user_id
                 ) {_REPORT_ORDER}"""
-            params.insert(0, (since.toordinal() - _EPOCH_ORDINAL) * DAY_SECONDS)
-        rows = await self._db.execute_fetchall(sql, params)
-        users = [
-            UserTotal(f"{p}:{u}", name, requests, images, micro, pending, _datetime(last_at))
-            for p, u, name, requests, images, micro, pending, last_at in rows
-        ]
-        return Report(
-            total_micro=sum(line.micro for line in users),
-            pending_micro=sum(line.pending_micro for line in users),
-            users=users,
-        )
+            params.insert(0, day_number(since) * DAY_SECONDS)
+        return report_of(await self._db.execute_fetchall(sql, params))
 
     async def find_user(self, name: str) -> str | None:
         """As ``Ledger.find_user``: the username column only (SQLite's lower() is ASCII-only)."""
@@ -346,6 +327,30 @@ class SqliteLedger:
         )
         return f"{rows[0][0]}:{rows[0][1]}" if rows else None
 
+    async def add_album_part(self, album: str, part: str) -> None:
+        """As ``Ledger.add_album_part``; the ledger's clock dates parts."""
+        now = self._clock().timestamp()
+        await self._db.execute(
+            "DELETE FROM album_parts WHERE added_at < ?", (now - ALBUM_KEEP_SECONDS,)
+        )
+        await self._db.execute(
+            _ADD_ALBUM_PART,
+            {"album": album, "part": part, "now": now, "max_parts": ALBUM_MAX_PARTS},
+        )
+
+    async def take_album(self, album: str, quiet_seconds: float) -> list[str] | None:
+        """As ``Ledger.take_album``: one DELETE ... RETURNING takes every part or none."""
+        quiet_since = self._clock().timestamp() - quiet_seconds
+        taken = await self._db.execute_fetchall(
+            _TAKE_ALBUM, {"album": album, "quiet_since": quiet_since}
+        )
+        if taken:
+            return [part for _, part in sorted(taken)]
+        left = await self._db.execute_fetchall(
+            "SELECT 1 FROM album_parts WHERE album = ? LIMIT 1", (album,)
+        )
+        return None if left else []
+
     async def _dead_runs(self, rows: str) -> list[str]:
         """The dead runs among those that wrote the rows matching the SQL condition ``rows``."""
         found = await self._db.execute_fetchall(
@@ -356,11 +361,13 @@ class SqliteLedger:
     def _now(self) -> int:
         return int(self._clock().timestamp())
 
-    async def _user_counted(self, platform: str, user_id: str, day: int) -> int:
+    async def _user_today(self, platform: str, user_id: str, day: int) -> tuple[int, int]:
+        """What the user's rows of ``day`` count against the cap, and their pending rows."""
         rows = await self._db.execute_fetchall(
-            _USER_TODAY, {"platform": platform, "user_id": user_id, "day": day}
+            f"SELECT coalesce(({_USER_TODAY}), 0), ({_USER_PENDING})",
+            {"platform": platform, "user_id": user_id, "day": day},
         )
-        return rows[0][0] if rows else 0
+        return rows[0][0], rows[0][1]
 
     async def _resolve(
         self, row_id: int, assignments: str, values: tuple[Any, ...], from_states: tuple[str, ...]
@@ -374,31 +381,10 @@ class SqliteLedger:
             raise ValueError(f"attempt {row_id} is not {' or '.join(from_states)}")
 
 
-_PAYMENT_COLUMNS = (
-    "id, created_at, platform || ':' || user_id, command, model, status, quoted_micro,"
-    " charged_micro, network, payer, nonce, valid_before, tx_hash, error, reply_to"
-)
-
-
-def _payment(row: Any) -> Payment:
-    row_id, created_at, user, command, model, status, *rest = row
-    return Payment(row_id, _datetime(created_at), user, command, model, Status(status), *rest)
-
-
-def _caps(budget: Budget) -> dict[str, int]:
+def _caps(budget: Budget) -> dict[str, int | None]:
     return {
         "exempt": int(budget.exempt),
         "user_cap": budget.user_daily_micro,
         "global_cap": budget.global_daily_micro,
+        "max_pending": budget.max_pending,
     }
-
-
-def _split_user(user: str) -> tuple[str, str]:
-    platform, colon, user_id = user.partition(":")
-    if not colon:
-        raise ValueError(f"{user!r} is not platform:id")
-    return platform, user_id
-
-
-def _datetime(seconds: int) -> datetime:
-    return datetime.fromtimestamp(seconds, UTC)

@@ -1,0 +1,110 @@
+"""What both ledger backends compute alike: UTC day numbers, user keys and the rows they return.
+
+The SQL differs per backend; the columns a payment, a user's spend or a report line is read from,
+and what is made of them, do not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from bot.ledger.api import Budget, Payment, Report, Status, UserSpend, UserTotal
+
+DAY_SECONDS = 86_400  # the tables' day number is ``created_at / DAY_SECONDS``, a UTC day
+ALBUM_MAX_PARTS = 10  # Telegram's largest album
+ALBUM_KEEP_SECONDS = 3600.0  # parts never taken are deleted after this long
+_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
+
+PAYMENT_COLUMNS = (
+    "id, created_at, platform || ':' || user_id, command, model, status, quoted_micro,"
+    " charged_micro, network, payer, nonce, valid_before, tx_hash, error, reply_to"
+)
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def day_number(day: date) -> int:
+    """The UTC day ``day`` as the tables number it."""
+    return day.toordinal() - _EPOCH_ORDINAL
+
+
+def month_days(today: int) -> tuple[int, int]:
+    """The first day of ``today``'s UTC month and of the next one, as day numbers."""
+    month = date.fromordinal(_EPOCH_ORDINAL + today).replace(day=1)
+    next_month = (month + timedelta(days=31)).replace(day=1)
+    return day_number(month), day_number(next_month)
+
+
+def split_user(user: str) -> tuple[str, str]:
+    """``platform:id`` as (platform, id); ValueError if it is not one."""
+    platform, colon, user_id = user.partition(":")
+    if not colon:
+        raise ValueError(f"{user!r} is not platform:id")
+    return platform, user_id
+
+
+def utc_datetime(seconds: int) -> datetime:
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+def payment_of(row: Sequence[Any]) -> Payment:
+    """A payment from the ``PAYMENT_COLUMNS`` of a row."""
+    row_id, created_at, user, command, model, status, *rest = row
+    return Payment(row_id, utc_datetime(created_at), user, command, model, Status(status), *rest)
+
+
+def user_spend_of(user: str, budget: Budget, row: Sequence[Any]) -> UserSpend:
+    """A user's spend from one row of (display name, requests, images, settled, unresolved,
+    last_at, user's counted today, everyone's counted today, settled today, settled this month).
+    """
+    (
+        name,
+        requests,
+        images,
+        total,
+        unknown,
+        last_at,
+        user_counted,
+        global_counted,
+        today_micro,
+        month_micro,
+    ) = row
+    left = None
+    if not budget.exempt:
+        left = max(
+            0,
+            min(
+                budget.user_daily_micro - user_counted,
+                budget.global_daily_micro - global_counted,
+            ),
+        )
+    return UserSpend(
+        user=user,
+        display_name=name,
+        today_micro=today_micro,
+        month_micro=month_micro,
+        total_micro=total,
+        images=images,
+        requests=requests,
+        unknown_micro=unknown,
+        left_today_micro=left,
+        last_at=None if last_at is None else utc_datetime(last_at),
+    )
+
+
+def report_of(rows: Iterable[Sequence[Any]]) -> Report:
+    """A report from its lines, in order: (platform, user id, display name, requests, images,
+    settled micro, unresolved micro, last_at)."""
+    users = [
+        UserTotal(f"{p}:{u}", name, requests, images, micro, pending, utc_datetime(last_at))
+        for p, u, name, requests, images, micro, pending, last_at in rows
+    ]
+    return Report(
+        total_micro=sum(line.micro for line in users),
+        pending_micro=sum(line.pending_micro for line in users),
+        users=users,
+    )

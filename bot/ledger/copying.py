@@ -1,0 +1,163 @@
+"""``imagebot migrate``: copy a SQLite ledger into an empty PostgreSQL database, and prove it.
+
+Everything happens in one PostgreSQL transaction: the schema, the rows (ids kept), the totals
+tables rebuilt from the rows, then every total compared with the SQLite ledger's own (per user,
+per user and day, per day, and per status: overall, pending, unknown). Any difference, or a target
+that already holds payments, rolls it all back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiosqlite
+import asyncpg
+
+from bot.ledger.common import DAY_SECONDS
+from bot.ledger.postgres_schema import migrate
+from bot.ledger.sqlite import SqliteLedger
+
+BATCH_ROWS = 10_000  # rows read from SQLite and copied at a time: memory stays flat
+CONNECT_SECONDS = 10.0
+
+COLUMNS = (
+    "id", "run_id", "platform", "user_id", "display_name", "chat_id", "command", "model", "size",
+    "n", "quoted_micro", "charged_micro", "status", "tx_hash", "network", "payer", "nonce", "error",
+    "created_at", "updated_at", "valid_before", "job", "reply_to", "username",
+)  # fmt: skip
+
+_BY_STATUS = "per status (overall, pending, unknown)"
+
+# The same SQL reads both stores: each totals table without its all-zero rows, and the rows by
+# status. Sorted, so two stores with the same totals give equal lists.
+_TOTALS = {
+    "per user": "SELECT platform, user_id, requests, images, settled_micro, pending_micro"
+    " FROM user_totals WHERE requests <> 0 OR pending_micro <> 0 ORDER BY 1, 2",
+    "per user and day": "SELECT platform, user_id, day, counted_micro, settled_micro"
+    " FROM user_days WHERE counted_micro <> 0 OR settled_micro <> 0 ORDER BY 1, 2, 3",
+    "per day": "SELECT day, counted_micro FROM day_totals WHERE counted_micro <> 0 ORDER BY 1",
+    _BY_STATUS: "SELECT status, count(*),"
+    " sum(quoted_micro), sum(coalesce(charged_micro, 0)) FROM attempts GROUP BY 1 ORDER BY 1",
+}
+
+_SETTLED = "CASE WHEN status = 'settled' THEN charged_micro ELSE 0 END"
+_PENDING = "CASE WHEN status IN ('pending', 'unknown') THEN quoted_micro ELSE 0 END"
+_REBUILD_TOTALS = (
+    f"""INSERT INTO user_totals
+        SELECT g.platform, g.user_id, coalesce(named.display_name, ''), g.requests, g.images,
+            g.settled, g.pending, g.last_at
+        FROM (
+            SELECT platform, user_id,
+                count(*) FILTER (WHERE status = 'settled') AS requests,
+                coalesce(sum(n) FILTER (WHERE status = 'settled'), 0) AS images,
+                sum({_SETTLED}) AS settled, sum({_PENDING}) AS pending,
+                max(created_at) FILTER (WHERE status <> 'failed') AS last_at,
+                max(id) FILTER (WHERE display_name <> '') AS name_id
+            FROM attempts GROUP BY platform, user_id
+        ) AS g LEFT JOIN attempts AS named ON named.id = g.name_id""",
+    f"""INSERT INTO user_days
+        SELECT platform, user_id, created_at / {DAY_SECONDS}, sum({_SETTLED} + {_PENDING}),
+            sum({_SETTLED})
+        FROM attempts GROUP BY platform, user_id, created_at / {DAY_SECONDS}""",
+    f"""INSERT INTO day_totals
+        SELECT created_at / {DAY_SECONDS}, sum({_SETTLED} + {_PENDING})
+        FROM attempts GROUP BY created_at / {DAY_SECONDS}""",
+    "SELECT setval(pg_get_serial_sequence('attempts', 'id'), coalesce(max(id), 0) + 1, false)"
+    " FROM attempts",
+)
+
+
+class TargetNotEmpty(Exception):
+    """The PostgreSQL database already holds payments; nothing was changed."""
+
+    def __init__(self, payments: int) -> None:
+        super().__init__(f"it already holds a ledger ({payments} payments)")
+        self.payments = payments
+
+
+class TotalsDiffer(Exception):
+    """The copy's totals are not the SQLite ledger's; nothing was changed."""
+
+    def __init__(self, differing: Sequence[str]) -> None:
+        super().__init__(", ".join(differing))
+        self.differing = list(differing)
+
+
+@dataclass(frozen=True)
+class Copied:
+    """What was copied, as the comparison found it on both sides."""
+
+    payments: int
+    users: int
+    days: int
+    settled_micro: int
+    pending_micro: int  # pending rows at their quote
+    unknown_micro: int  # unknown rows at their quote
+
+
+class _Reader(Protocol):
+    async def __call__(self, sql: str) -> list[tuple[Any, ...]]: ...
+
+
+async def copy_ledger(source: Path, target_url: str) -> Copied:
+    """Copy the SQLite ledger at ``source`` into the empty database at ``target_url``.
+
+    Raises TargetNotEmpty or TotalsDiffer (the target unchanged), or asyncpg's and OSError's
+    errors when the database cannot be reached or written.
+    """
+    await (await SqliteLedger.open(source)).close()  # its schema brought up to date
+    target = await asyncpg.connect(target_url, timeout=CONNECT_SECONDS)
+    try:
+        async with (
+            aiosqlite.connect(f"file:{source}?mode=ro", uri=True) as sqlite,
+            target.transaction(),
+        ):
+            await migrate(target)
+            if present := await target.fetchval("SELECT count(*) FROM attempts"):
+                raise TargetNotEmpty(present)
+            await _copy_rows(sqlite, target)
+            return await _compare(sqlite.execute_fetchall, _reader(target))
+    finally:
+        await target.close()
+
+
+async def _copy_rows(sqlite: aiosqlite.Connection, target: asyncpg.Connection) -> None:
+    """Every row, ids kept, with the totals triggers off and the totals rebuilt after."""
+    await target.execute("ALTER TABLE attempts DISABLE TRIGGER USER")
+    async with sqlite.execute(f"SELECT {', '.join(COLUMNS)} FROM attempts ORDER BY id") as rows:
+        while batch := await rows.fetchmany(BATCH_ROWS):
+            await target.copy_records_to_table("attempts", records=batch, columns=COLUMNS)
+    await target.execute("ALTER TABLE attempts ENABLE TRIGGER USER")
+    for statement in _REBUILD_TOTALS:
+        await target.execute(statement)
+
+
+async def _compare(source: _Reader, target: _Reader) -> Copied:
+    differing = []
+    found: dict[str, list[tuple[Any, ...]]] = {}
+    for name, sql in _TOTALS.items():
+        found[name] = [tuple(row) for row in await source(sql)]
+        if found[name] != [tuple(row) for row in await target(sql)]:
+            differing.append(name)
+    if differing:
+        raise TotalsDiffer(differing)
+    by_status = {row[0]: row[1:] for row in found[_BY_STATUS]}  # rows, quoted, charged
+    nothing = (0, 0, 0)
+    return Copied(
+        payments=sum(rows for rows, _, _ in by_status.values()),
+        users=len({(platform, user) for platform, user, *_ in found["per user"]}),
+        days=len(found["per day"]),
+        settled_micro=by_status.get("settled", nothing)[2],
+        pending_micro=by_status.get("pending", nothing)[1],
+        unknown_micro=by_status.get("unknown", nothing)[1],
+    )
+
+
+def _reader(connection: asyncpg.Connection) -> _Reader:
+    async def read(sql: str) -> list[tuple[Any, ...]]:
+        return [tuple(record) for record in await connection.fetch(sql)]
+
+    return read

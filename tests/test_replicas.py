@@ -1,0 +1,101 @@
+"""Two ``imagebot run`` replicas behind one load balancer share one PostgreSQL ledger.
+
+Telegram pushes updates by webhook through a round-robin proxy; each replica works what it is
+given, every command is answered once, and the shared ledger agrees with what the gateway
+settled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from decimal import Decimal
+from pathlib import Path
+
+from fake_telegram import FakeTelegram
+from imagebot_cli import cli_env, imagebot, imagebot_run
+from round_robin import RoundRobin
+from test_restarts import until
+
+from sandbox import Sandbox
+
+SECRET = "replicas_share-this-secret"
+USERS = 50
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def answered(telegram: FakeTelegram, message: dict[str, object]) -> int:
+    """How many pictures the bot sent in the chat of ``message``."""
+    chat = message["chat"]
+    assert isinstance(chat, dict)
+    return sum("photo" in sent for sent in telegram.messages_in(int(chat["id"])))
+
+
+async def test_two_webhook_replicas_answer_50_users_once_and_share_one_ledger(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    gateway, telegram = Sandbox(), FakeTelegram()
+    await gateway.start()
+    await telegram.start()
+    ports = [free_port(), free_port()]
+    balancer = RoundRobin([f"http://127.0.0.1:{port}" for port in ports])
+    await balancer.start()
+
+    def env(port: int) -> dict[str, str]:
+        return cli_env(
+            gateway.url,
+            tmp_path / f"journal-{port}" / "ledger.sqlite3",
+            TELEGRAM_BOT_TOKEN=telegram.token,
+            TELEGRAM_API_URL=telegram.url,
+            DATABASE_URL=postgres_url,
+            TELEGRAM_WEBHOOK_URL=f"{balancer.url}/telegram/updates",
+            TELEGRAM_WEBHOOK_LISTEN=f"127.0.0.1:{port}",
+            TELEGRAM_WEBHOOK_SECRET=SECRET,
+        )
+
+    logs = [tmp_path / f"replica-{number}.log" for number in (1, 2)]
+    try:
+        async with (
+            imagebot_run(env(ports[0]), logs[0]) as first,
+            imagebot_run(env(ports[1]), logs[1]) as second,
+        ):
+            await until(lambda: len(telegram.calls("setWebhook")) == 2)
+            messages = telegram.send_from_users(USERS, "/imagegen a fox in the snow")
+            await until(lambda: all(answered(telegram, m) for m in messages), seconds=120)
+            chat = telegram.private_chat(4242, "Mallory")
+            assert chat.user is not None
+            without = await telegram.post_to_webhook(
+                chat, chat.user, "/imagegen x", secret_token=None
+            )
+            wrong = await telegram.post_to_webhook(
+                chat, chat.user, "/imagegen x", secret_token="not-the-secret"
+            )
+            await asyncio.sleep(1)  # what a forged update would have started
+            assert telegram.calls("deleteWebhook") == []  # no replica removed the webhook
+        code, out = await imagebot("spend", "--json", env=env(ports[0]), cwd=tmp_path)
+    finally:
+        await balancer.close()
+        await telegram.close()
+        await gateway.close()
+
+    assert (first.returncode, second.returncode) == (0, 0)
+    assert [answered(telegram, m) for m in messages] == [1] * USERS  # each command once
+    assert (without.status, wrong.status) == (403, 403)
+    assert [call for call in telegram.sent if call.chat_id == chat.id] == []  # not processed
+    assert all(count >= USERS // 4 for count in balancer.forwarded.values())
+    assert len(balancer.forwarded) == 2  # both replicas worked updates
+    settled = sum(settlement.amount_micro for settlement in gateway.settlements)
+    assert len(gateway.settlements) == USERS
+    assert code == 0
+    report = json.loads(out)
+    assert Decimal(report["total_usd"]) * 1_000_000 == settled
+    assert len(report["users"]) == USERS
+    for log in logs:
+        text = log.read_text()
+        assert SECRET not in text and telegram.token not in text
