@@ -18,14 +18,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import asyncpg
-
 from bot.chain import ChainResolver, Resolved
 from bot.chains import CHAINS
 from bot.config import POSTGRES_URL, Settings, load_settings
 from bot.errors import ConfigError
 from bot.http import gateway_client
 from bot.ledger import Payment, Report, Status, open_ledger
+from bot.ledger.postgres import DATABASE_ERRORS
 from bot.money import usd_string
 from bot.principals import parse_principal
 from bot.service import Chat
@@ -378,7 +377,7 @@ def _migrate(args: argparse.Namespace) -> int:
         )
         print(f"imagebot: {why}. Nothing was changed in PostgreSQL.", file=sys.stderr)
         return 1
-    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+    except DATABASE_ERRORS as error:
         print(
             f"imagebot: cannot migrate into PostgreSQL ({type(error).__name__}); "
             "check the address, the password and that the database exists. Nothing was changed.",

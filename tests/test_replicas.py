@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
 from decimal import Decimal
+from functools import partial
 from pathlib import Path
 
+import asyncpg
 from fake_telegram import FakeTelegram
 from imagebot_cli import cli_env, imagebot, imagebot_run
 from round_robin import RoundRobin
@@ -28,6 +31,28 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def replica_env(
+    gateway: Sandbox,
+    telegram: FakeTelegram,
+    balancer: RoundRobin,
+    postgres_url: str,
+    folder: Path,
+    port: int,
+) -> dict[str, str]:
+    """A replica in webhook mode behind ``balancer``, listening on ``port``, on the shared ledger
+    (its SQLite path holds only the settlement journal)."""
+    return cli_env(
+        gateway.url,
+        folder / f"journal-{port}" / "ledger.sqlite3",
+        TELEGRAM_BOT_TOKEN=telegram.token,
+        TELEGRAM_API_URL=telegram.url,
+        DATABASE_URL=postgres_url,
+        TELEGRAM_WEBHOOK_URL=f"{balancer.url}/telegram/updates",
+        TELEGRAM_WEBHOOK_LISTEN=f"127.0.0.1:{port}",
+        TELEGRAM_WEBHOOK_SECRET=SECRET,
+    )
 
 
 def answered(telegram: FakeTelegram, message: dict[str, object]) -> int:
@@ -47,17 +72,7 @@ async def test_two_webhook_replicas_answer_50_users_once_and_share_one_ledger(
     balancer = RoundRobin([f"http://127.0.0.1:{port}" for port in ports])
     await balancer.start()
 
-    def env(port: int) -> dict[str, str]:
-        return cli_env(
-            gateway.url,
-            tmp_path / f"journal-{port}" / "ledger.sqlite3",
-            TELEGRAM_BOT_TOKEN=telegram.token,
-            TELEGRAM_API_URL=telegram.url,
-            DATABASE_URL=postgres_url,
-            TELEGRAM_WEBHOOK_URL=f"{balancer.url}/telegram/updates",
-            TELEGRAM_WEBHOOK_LISTEN=f"127.0.0.1:{port}",
-            TELEGRAM_WEBHOOK_SECRET=SECRET,
-        )
+    env = partial(replica_env, gateway, telegram, balancer, postgres_url, tmp_path)
 
     logs = [tmp_path / f"replica-{number}.log" for number in (1, 2)]
     try:
@@ -99,3 +114,61 @@ async def test_two_webhook_replicas_answer_50_users_once_and_share_one_ledger(
     for log in logs:
         text = log.read_text()
         assert SECRET not in text and telegram.token not in text
+
+
+async def open_jobs(url: str) -> int:
+    """Slow jobs the shared ledger keeps (0 while the first replica creates the tables)."""
+    connection = await asyncpg.connect(url)
+    try:
+        return (
+            await connection.fetchval(
+                "SELECT count(*) FROM attempts WHERE job IS NOT NULL AND status = 'pending'"
+            )
+            if await connection.fetchval("SELECT to_regclass('attempts') IS NOT NULL")
+            else 0
+        )
+    finally:
+        await connection.close()
+
+
+async def test_a_replica_killed_mid_job_leaves_it_to_the_other_which_delivers_it_once(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    gateway, telegram = Sandbox(job_seconds=4.0), FakeTelegram()
+    await gateway.start()
+    await telegram.start()
+    ports = [free_port(), free_port()]
+    balancer = RoundRobin([f"http://127.0.0.1:{port}" for port in ports])
+    await balancer.start()
+    alice = telegram.private_chat(111, "Alice", "alice")
+    assert alice.user is not None
+
+    env = partial(replica_env, gateway, telegram, balancer, postgres_url, tmp_path)
+
+    try:
+        async with imagebot_run(env(ports[0]), tmp_path / "killed.log") as killed:
+            await until(lambda: len(telegram.calls("setWebhook")) == 1)
+            asked = telegram.send_text(alice, alice.user, "/imagegen a harbour at dawn #slow")
+            await until(lambda: open_jobs(postgres_url), seconds=30)  # the 202 job is kept
+            async with imagebot_run(env(ports[1]), tmp_path / "survivor.log") as survivor:
+                await until(lambda: len(telegram.calls("setWebhook")) == 2)
+                killed.kill()  # SIGKILL mid-job: its lease is left to run out
+                await killed.wait()
+                assert gateway.payments_received == 1
+                photo = await telegram.wait_for(
+                    lambda call: call.method == "sendPhoto" and call.chat_id == alice.id,
+                    timeout=90,  # the 30 s lease runs out, then the next 15 s look finds it
+                )
+                await asyncio.sleep(1)  # a second delivery would come now
+    finally:
+        await balancer.close()
+        await telegram.close()
+        await gateway.close()
+
+    assert killed.returncode == -signal.SIGKILL
+    assert survivor.returncode == 0
+    assert (photo.result or {}).get("reply_to_message", {}).get("message_id") == asked["message_id"]
+    assert len(telegram.calls("sendPhoto")) == 1  # delivered once
+    assert gateway.payments_received == 1  # nothing new was signed
+    assert len(gateway.settlements) == 1  # settled once
+    assert await open_jobs(postgres_url) == 0
