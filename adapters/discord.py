@@ -28,7 +28,7 @@ from PIL import Image
 
 from adapters.base import RemoteFile, StartupError, StatusChat, download, split_text
 from bot.catalog import choices, sizes_of
-from bot.commands import MENU, Command, Help, Models, spend_query
+from bot.commands import MENU, CancelJobs, Command, Help, Models, spend_query
 from bot.config import Settings
 from bot.errors import InputUnavailable
 from bot.images import Picture
@@ -497,6 +497,10 @@ def _add_slash_commands(tree: app_commands.CommandTree[Any], bot: ImageBot) -> N
     @app_commands.describe(who="admins: all, discord:ID or @name")
     async def spend(interaction: discord.Interaction[Any], who: str | None = None) -> None:
         await _slash(bot, interaction, partial(spend_query, who or ""), ())
+
+    @tree.command(name="cancel", description=describe["cancel"])
+    async def cancel(interaction: discord.Interaction[Any]) -> None:
+        await _slash(bot, interaction, CancelJobs, ())
 
     @tree.command(name="help", description=describe["help"])
     async def help_(interaction: discord.Interaction[Any]) -> None:

@@ -31,6 +31,7 @@ class MenuEntry:
 MENU = (
     MenuEntry("imagegen", "Make a picture from text"),
     MenuEntry("img2img", "Edit or fuse the attached or replied-to images"),
+    MenuEntry("cancel", "Stop your pictures waiting in line or still being drawn"),
     MenuEntry("models", "Models, prices and sizes"),
     MenuEntry("spend", "What you have spent and what is left today"),
     MenuEntry("help", "Usage with examples"),
@@ -54,7 +55,12 @@ class Models:
     """``/models``."""
 
 
-Command = ImageCommand | SpendQuery | Help | Models
+@dataclass(frozen=True)
+class CancelJobs:
+    """``/cancel``: stop the caller's own jobs that can still be stopped."""
+
+
+Command = ImageCommand | SpendQuery | Help | Models | CancelJobs
 
 USAGE: dict[Kind, str] = {
     "imagegen": "/imagegen [--model NAME] [--size WxH] [--n N] PROMPT",
@@ -77,6 +83,8 @@ def parse(text: str, *, bot_username: str | None = None) -> Command | None:
         return Models()
     if name == "spend":
         return spend_query(rest)
+    if name == "cancel":
+        return CancelJobs()
     if name == "imagegen" or name == "img2img":
         return _image_command(name, rest)
     return None

@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     max_micro_per_request: int = Field(500_000, validation_alias="MAX_USD_PER_REQUEST")
     user_daily_micro: int = Field(1_000_000, validation_alias="USER_DAILY_LIMIT_USD")
     global_daily_micro: int = Field(20_000_000, validation_alias="GLOBAL_DAILY_LIMIT_USD")
+    max_concurrent_jobs: int = 4
     admin_ids: Principals = frozenset()
     allowed_users: Principals = frozenset()
     allowed_chats: Principals = frozenset()
@@ -167,9 +168,9 @@ class Settings(BaseSettings):
             raise ValueError("use 16 to 256 characters of A-Z, a-z, 0-9, _ and -")
         return value
 
-    @field_validator("discord_shard_count")
+    @field_validator("discord_shard_count", "max_concurrent_jobs")
     @classmethod
-    def _check_shard_count(cls, value: int | None) -> int | None:
+    def _check_at_least_one(cls, value: int | None) -> int | None:
         if value is not None and value < 1:
             raise ValueError("must be 1 or more")
         return value

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import io
 import json
 import logging
@@ -103,6 +104,10 @@ class JobAbandoned(GatewayError):
     """A slow job did not finish in time or failed: charged only if the gateway settled early."""
 
 
+class JobCancelled(GatewayError):
+    """A slow job's polling was stopped as asked, between polls, before it was charged."""
+
+
 class BadReply(GatewayError):
     """The gateway's answer could not be used."""
 
@@ -161,10 +166,12 @@ class ImageService:
         on_wait: WaitHook | None = None,
         on_result: ResultHook | None = None,
         on_job: JobHook | None = None,
+        stop: asyncio.Event | None = None,
     ) -> ImageResult:
         """Generate; ``on_result`` gets the pictures while they hold one of the in-hand slots.
 
-        ``on_job`` is told of a 202 job before it is polled, so it can be resumed after a restart.
+        ``on_job`` is told of a 202 job before it is polled, so it can be resumed after a restart;
+        ``stop`` cancels such a job as ``finish_job`` says.
         """
         body: dict[str, Any] = {
             "model": request.model.id,
@@ -174,7 +181,7 @@ class ImageService:
         }
         if request.quality:
             body["quality"] = request.quality
-        hooks = _Hooks(on_payment, on_wait, on_result, on_job)
+        hooks = _Hooks(on_payment, on_wait, on_result, on_job, stop)
         return await self._call("/v1/images/generations", body, request.estimate_micro, hooks)
 
     async def edit(
@@ -184,6 +191,7 @@ class ImageService:
         on_wait: WaitHook | None = None,
         on_result: ResultHook | None = None,
         on_job: JobHook | None = None,
+        stop: asyncio.Event | None = None,
     ) -> ImageResult:
         """Edit or fuse ``request.images``; the hooks are as for ``generate``."""
         images = await _to_thread_if_big(
@@ -200,7 +208,7 @@ class ImageService:
             body["mask"] = _data_uris((request.mask,))[0]
         if request.quality:
             body["quality"] = request.quality
-        hooks = _Hooks(on_payment, on_wait, on_result, on_job)
+        hooks = _Hooks(on_payment, on_wait, on_result, on_job, stop)
         return await self._call("/v1/images/image2image", body, request.estimate_micro, hooks)
 
     async def _call(
@@ -222,17 +230,24 @@ class ImageService:
         )
         if hooks.on_job is not None:
             await hooks.on_job(job)
-        return await self.finish_job(job, hooks.on_wait, hooks.on_result)
+        return await self.finish_job(job, hooks.on_wait, hooks.on_result, hooks.stop)
 
     async def finish_job(
-        self, job: SlowJob, on_wait: WaitHook | None = None, on_result: ResultHook | None = None
+        self,
+        job: SlowJob,
+        on_wait: WaitHook | None = None,
+        on_result: ResultHook | None = None,
+        stop: asyncio.Event | None = None,
     ) -> ImageResult:
         """Poll a 202 job to its end and hand over its pictures; also resumes one after a restart.
 
-        Polling holds no in-hand slot; nothing is signed.
+        Polling holds no in-hand slot; nothing is signed. Once ``stop`` is set, polling ends
+        before the next poll with JobCancelled (BlockRun charges on the first poll that sees the
+        job completed: one in flight is let finish, and a completed one is delivered); a job
+        already charged (a receipt seen) is polled on, to deliver what was paid for.
         """
         polling = _Polling(job)
-        reply = await self._wait_for_job(polling, on_wait)
+        reply = await self._wait_for_job(polling, on_wait, stop)
         async with self._in_hand:
             return await self._finish(job.charged_micro, polling.receipt, reply, job.n, on_result)
 
@@ -298,13 +313,19 @@ class ImageService:
             raise _bad_reply(charged_micro, "started a job without a usable poll address")
         return resolved
 
-    async def _wait_for_job(self, job: _Polling, on_wait: WaitHook | None) -> dict[str, Any]:
-        """Poll every ``poll_interval`` until the job completes, fails or runs out of time."""
+    async def _wait_for_job(
+        self, job: _Polling, on_wait: WaitHook | None, stop: asyncio.Event | None
+    ) -> dict[str, Any]:
+        """Poll every ``poll_interval`` until the job completes, fails, runs out of time or is
+        stopped (between polls, and only while nothing was charged)."""
         started = time.monotonic()
         deadline = started + self._job_deadline
         try:
             while time.monotonic() < deadline:
-                await asyncio.sleep(self._poll_interval)
+                stoppable = stop if job.receipt is None else None
+                await _pause(self._poll_interval, stoppable)
+                if stoppable is not None and stoppable.is_set():
+                    raise JobCancelled(f"Stopped waiting for the picture as asked. {_NOTHING}")
                 reply = await self._poll_once(job)
                 status = reply.get("status")
                 if status == "completed":
@@ -464,6 +485,17 @@ class _Hooks:
     on_wait: WaitHook | None
     on_result: ResultHook | None
     on_job: JobHook | None
+    stop: asyncio.Event | None
+
+
+async def _pause(seconds: float, stop: asyncio.Event | None) -> None:
+    """Sleep ``seconds``, or less once ``stop`` is set."""
+    if stop is None:
+        await asyncio.sleep(seconds)
+        return
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await stop.wait()
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:

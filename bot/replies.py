@@ -26,6 +26,7 @@ def help_text() -> str:
             "/img2img PROMPT: attach images (or reply to one) and say what to change",
             "  /img2img make it winter",
             "  /img2img --mask replace the sky (picture, then mask: white = edit)",
+            "/cancel: stop your pictures still waiting in line or being drawn; nothing is charged",
             "/models: models, prices and sizes",
             "/spend: what you have spent and what is left today",
             "",

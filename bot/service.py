@@ -9,21 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from functools import partial
 from typing import Any, Protocol
 
 from bot.catalog import find_model
-from bot.commands import Command, Help, Models, SpendQuery, parse
+from bot.commands import CancelJobs, Command, Help, Models, SpendQuery, parse
 from bot.config import Settings
 from bot.errors import ImagebotError
-from bot.images import ImageResult, ImageService, Picture, SlowJob
+from bot.images import ImageResult, ImageService, JobCancelled, Picture, SlowJob
 from bot.ledger import Attempt, Budget, BudgetExceeded, Ledger, OpenJob, Payment
 from bot.ledger.journal import SettlementJournal
+from bot.line import Line, Ticket, Withdrawn
 from bot.money import format_usd
 from bot.principals import principal
 from bot.replies import help_text, models_text, report_text, spend_text
@@ -39,6 +41,8 @@ RECOVER_SECONDS = 15.0  # how often a run looks for the rows and slow jobs of ru
 ALBUM_QUIET_SECONDS = 0.8  # an album's messages arrive together; gather once none came this long
 ALBUM_WAIT_SECONDS = 30.0  # an album still growing after this long is taken as it is
 _RESTARTING = "The bot is restarting; send that again in a minute. Nothing was charged."
+_CANCELLED = "Cancelled as you asked. Nothing was charged."
+_BY_REQUESTER = "cancelled by the requester"
 _ADMIN = "An admin can check /spend."
 _MAYBE_CHARGED = f"It may have been charged. {_ADMIN}"
 _CHAIN_DECIDES = "the gateway said nothing was charged; waiting for the chain"
@@ -51,6 +55,15 @@ class Outcome(Enum):
     DONE = "done"  # answered as asked (pictures delivered, text sent)
     REFUSED = "refused"  # answered with why not: bad input, a budget, a failed payment
     IGNORED = "ignored"  # not for this bot here: said nothing
+
+
+class Cancellation(Enum):
+    """What became of one job its requester asked to stop."""
+
+    CANCELLED = "cancelled"  # withdrawn from the line or stopped polling: nothing was charged
+    TOO_LATE = "too late"  # its payment has left: the picture comes and is charged
+    NOT_YOURS = "not yours"  # only the job's requester may stop it
+    GONE = "gone"  # no such job in flight: it ended (and said how), or never was
 
 
 InputSource = Callable[[], Awaitable[Sequence[ImageInput]]]
@@ -132,6 +145,7 @@ class ImageBot:
         self._ledger = ledger
         self._journal = journal
         self._jobs: Counter[str] = Counter()  # image jobs in flight per user
+        self._line = Line(settings.max_concurrent_jobs)
         self._draws: dict[asyncio.Task[Any], _Draw] = {}
         self._draining = False
         self._decoding = asyncio.Semaphore(MAX_DECODING)
@@ -140,10 +154,12 @@ class ImageBot:
     async def drain(self, seconds: float = DRAIN_SECONDS) -> None:
         """Stop taking image commands; let paid requests in flight finish, up to ``seconds``.
 
-        Slow jobs kept in the ledger are stopped at once and left to the next start (their
-        users are told); what is still running at the deadline is stopped as interrupted.
+        Jobs waiting in line are withdrawn (nothing was signed; their users are told); slow jobs
+        kept in the ledger are stopped at once and left to the next start (their users are
+        told); what is still running at the deadline is stopped as interrupted.
         """
         self._draining = True
+        self._line.close()
         deadline = time.monotonic() + seconds
         while busy := [task for task, draw in self._draws.items() if not draw.resumable]:
             left = deadline - time.monotonic()
@@ -182,12 +198,18 @@ class ImageBot:
         jobs = await self._ledger.claim_jobs(platforms)
         if jobs:
             log.info("resuming %d slow job(s) of a stopped run", len(jobs))
-        for job in jobs:
-            chat = await chat_for(job.platform, job.reply_to)
-            draw = _Draw(job.row_id, resumable=True)
-            task = asyncio.create_task(self._resume(job, chat, draw))
+        for open_job in jobs:  # already paid for: they take no place in the line
+            try:
+                job = SlowJob.from_json(open_job.job)
+            except (ValueError, KeyError, TypeError):
+                log.error("slow job %d is unreadable; it stays pending", open_job.row_id)
+                continue
+            chat = await chat_for(open_job.platform, open_job.reply_to)
+            user = principal(open_job.platform, open_job.user_id)
+            draw = _Draw(open_job.row_id, user, job=job, resumable=True)
+            task = asyncio.create_task(self._resume(open_job, job, chat, draw))
             self._draws[task] = draw
-            task.add_done_callback(self._draws.pop)
+            task.add_done_callback(self._forget)
 
     async def keep_resuming(
         self, chat_for: ChatFinder, platforms: Collection[str], every: float = RECOVER_SECONDS
@@ -206,14 +228,11 @@ class ImageBot:
                 log.warning("could not look for the work of stopped runs: %s", error)
             await asyncio.sleep(every)
 
-    async def _resume(self, open_job: OpenJob, chat: Chat | None, draw: _Draw) -> None:
+    async def _resume(
+        self, open_job: OpenJob, job: SlowJob, chat: Chat | None, draw: _Draw
+    ) -> None:
         model = find_model(open_job.model)
         name = model.name if model else open_job.model
-        try:
-            job = SlowJob.from_json(open_job.job)
-        except (ValueError, KeyError, TypeError):
-            log.error("slow job %d is unreadable; it stays pending", open_job.row_id)
-            return
 
         async def deliver(result: ImageResult) -> None:
             draw.settled = True
@@ -221,7 +240,9 @@ class ImageBot:
             await self._hand_over(open_job.row_id, result, caption, chat)
 
         try:
-            await self._images.finish_job(job, on_result=deliver)
+            await self._images.finish_job(job, on_result=deliver, stop=draw.stop)
+        except JobCancelled:
+            await self._cancelled(draw, chat, open_job.network)
         except ImagebotError as error:
             log.info("resumed job %d failed: %s", open_job.row_id, error.user_message)
             if chat is not None:
@@ -284,6 +305,9 @@ class ImageBot:
             return Outcome.DONE
         if isinstance(command, SpendQuery):
             return await self._spend(command, sender, chat)
+        if isinstance(command, CancelJobs):
+            await chat.send_text(cancel_text(await self.cancel_jobs(sender.principal)))
+            return Outcome.DONE
         try:
             command.check()  # refuse what can be refused before anything is downloaded
             if not self._user_allowed(sender):
@@ -334,21 +358,23 @@ class ImageBot:
             return Outcome.REFUSED
         reply_to = chat.reply_address()
         payment = LedgerPayment(self._ledger, row_id, budget, reply_to)
+        price = request.price_line(request.estimate_micro)
         verb = "Drawing" if isinstance(request, GenerateRequest) else "Editing"
-        status = f"{verb} with {request.price_line(request.estimate_micro)}…"
-        await chat.show_progress(status)
-        draw = _Draw(row_id)
+        status = f"{verb} with {price}…"
+        ticket = self._line.join(sender.principal)  # after the reservation: budgets come first
+        draw = _Draw(row_id, sender.principal, ticket=ticket)
         task = asyncio.current_task()
         assert task is not None
         self._draws[task] = draw
 
+        async def in_line(ahead: int) -> None:
+            await _progress(chat, _waiting(ahead, price))
+
         async def still_working(seconds: float) -> None:
-            try:
-                await chat.show_progress(f"{status} {seconds:.0f} s")
-            except Exception:  # a status line must never cost a paid job
-                log.debug("progress update failed", exc_info=True)
+            await _progress(chat, f"{status} {seconds:.0f} s")
 
         async def remember_job(job: SlowJob) -> None:
+            draw.job = job
             try:
                 await self._ledger.start_job(row_id, job.to_json(), reply_to)
             except Exception as error:  # polling goes on; only a restart could lose it
@@ -361,11 +387,16 @@ class ImageBot:
             await self._hand_over(row_id, result, _caption(request, result), chat)
 
         try:
+            await ticket.turn(in_line)
+            await chat.show_progress(status)
             hooks = {"on_wait": still_working, "on_result": deliver, "on_job": remember_job}
             if isinstance(request, GenerateRequest):
-                await self._images.generate(request, payment, **hooks)
+                await self._images.generate(request, payment, stop=draw.stop, **hooks)
             else:
-                await self._images.edit(request, payment, **hooks)
+                await self._images.edit(request, payment, stop=draw.stop, **hooks)
+        except (Withdrawn, JobCancelled):
+            await self._cancelled(draw, chat, payment.network)
+            return Outcome.REFUSED
         except ImagebotError as error:
             log.info("request failed: %s", error.user_message)
             await chat.send_text(error.user_message)
@@ -380,8 +411,62 @@ class ImageBot:
             await self._broke(draw, payment, chat)
             return Outcome.REFUSED
         finally:
-            del self._draws[task]
+            ticket.leave()
+            self._forget(task)
         return Outcome.DONE
+
+    def job_ids(self, principal: str) -> list[str]:
+        """The ids of ``principal``'s image jobs in flight: unguessable, for ``cancel_job``."""
+        return [draw.id for draw in self._draws.values() if draw.principal == principal]
+
+    async def cancel_job(self, principal: str, job_id: str) -> Cancellation:
+        """Stop one job if ``principal`` asked for it and it can still be stopped for free."""
+        draw = next((draw for draw in self._draws.values() if draw.id == job_id), None)
+        if draw is None:
+            return Cancellation.GONE
+        if draw.principal != principal:
+            return Cancellation.NOT_YOURS
+        return await self._cancel(draw)
+
+    async def cancel_jobs(self, principal: str) -> list[Cancellation]:
+        """Stop every job of ``principal``'s that can still be stopped; one outcome per job."""
+        own = [draw for draw in self._draws.values() if draw.principal == principal]
+        return list(await asyncio.gather(*(self._cancel(draw) for draw in own)))
+
+    async def _cancel(self, draw: _Draw) -> Cancellation:
+        """Withdraw a waiting job, or stop a 202 job between polls; returns once it ended.
+
+        A job whose payment has left on the 200 path (or is being sent) cannot be stopped; nor
+        can a 202 job the gateway already charged, nor one whose poll in flight finds it done.
+        """
+        waiting = draw.ticket is not None and draw.ticket.waiting
+        polling = draw.job is not None and draw.job.receipt_tx is None and not draw.settled
+        if not (waiting or polling or draw.stop.is_set()):  # set: a cancel is under way
+            return Cancellation.TOO_LATE
+        draw.stop.set()  # first: the job reads it to tell a cancel from a shutdown
+        if draw.ticket is not None:
+            draw.ticket.withdraw()
+        await draw.ended.wait()
+        if draw.cancelled:
+            return Cancellation.CANCELLED
+        return Cancellation.TOO_LATE if draw.settled else Cancellation.GONE
+
+    async def _cancelled(self, draw: _Draw, chat: Chat | None, network: str | None) -> None:
+        """Withdrawn from the line or stopped polling: nothing was charged; the row says why."""
+        if not draw.stop.is_set():  # withdrawn because the bot is stopping
+            if chat is not None:
+                await _said(chat, _RESTARTING)
+            await _logged(self._ledger.fail(draw.row_id, "the bot stopped before signing"))
+            return
+        draw.cancelled = True
+        log.info("request %d cancelled by its requester", draw.row_id)
+        if chat is not None:
+            await _said(chat, _CANCELLED)
+        await _logged(self._close_uncharged(draw.row_id, _BY_REQUESTER, network))
+
+    def _forget(self, task: asyncio.Task[Any]) -> None:
+        """A draw is over: out of the registry, and whoever waits for its end is told."""
+        self._draws.pop(task).ended.set()
 
     async def _hand_over(
         self, row_id: int, result: ImageResult, caption: str, chat: Chat | None
@@ -402,11 +487,16 @@ class ImageBot:
             await self._ledger.mark_unknown(row_id, error.user_message)
         elif error.charged:
             await self._journal.settle(row_id, charged_micro, None)
-        elif network is not None and self._settings.rpc_url_for(network):
-            # The signed authorization stays valid until its validBefore: the chain decides.
-            await self._ledger.mark_unknown(row_id, f"{_CHAIN_DECIDES}: {error.user_message}")
         else:
-            await self._ledger.fail(row_id, error.user_message)
+            await self._close_uncharged(row_id, error.user_message, network)
+
+    async def _close_uncharged(self, row_id: int, reason: str, network: str | None) -> None:
+        """The gateway charged nothing; a payment signed on a network the bot can read is left
+        to the chain (the authorization stays valid until its validBefore)."""
+        if network is not None and self._settings.rpc_url_for(network):
+            await self._ledger.mark_unknown(row_id, f"{_CHAIN_DECIDES}: {reason}")
+        else:
+            await self._ledger.fail(row_id, reason)
 
     async def tell_settled(self, payment: Payment) -> None:
         """The chain shows a payment went through that its user was not sent pictures for.
@@ -494,11 +584,18 @@ class ImageBot:
 
 @dataclass
 class _Draw:
-    """A paid request in flight: its row, and how far it got."""
+    """A paid request in flight: its row, whose it is, and how far it got."""
 
     row_id: int
+    principal: str  # its requester, the only one who may cancel it
+    ticket: Ticket | None = None  # its place in the line, then its slot (none when resumed)
+    job: SlowJob | None = None  # the 202 job being polled
     resumable: bool = False  # a 202 job kept in the ledger: the next start can finish it
     settled: bool = False  # the gateway took the payment and the pictures are in hand
+    cancelled: bool = False  # stopped at its requester's word; nothing was charged
+    id: str = field(default_factory=lambda: secrets.token_urlsafe(16))
+    stop: asyncio.Event = field(default_factory=asyncio.Event)  # its requester asked to stop it
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 ChatFinder = Callable[[str, str], Awaitable["Chat | None"]]
@@ -507,6 +604,43 @@ ChatFinder = Callable[[str, str], Awaitable["Chat | None"]]
 
 async def _no_chat(platform: str, address: str) -> Chat | None:
     return None
+
+
+def cancel_text(outcomes: Sequence[Cancellation]) -> str:
+    """The one-line answer to ``/cancel`` (or a Cancel button): what was stopped, what was not."""
+    if Cancellation.NOT_YOURS in outcomes:
+        return "Only the person who asked for that picture can cancel it."
+    cancelled = outcomes.count(Cancellation.CANCELLED)
+    late = outcomes.count(Cancellation.TOO_LATE)
+    parts = []
+    if cancelled:
+        parts.append(f"Cancelled {_jobs(cancelled)}; nothing was charged.")
+    if late:
+        other = "other " if cancelled else ""
+        parts.append(
+            f"Your {other}picture is already paid for and on its way; it can't be cancelled."
+            if late == 1
+            else f"Your {other}pictures are already paid for and on their way; they can't be "
+            "cancelled."
+        )
+    return " ".join(parts) or "Nothing to cancel: you have no picture waiting or being drawn."
+
+
+def _waiting(ahead: int, price: str) -> str:
+    """A job's status while it waits in line."""
+    place = f"{_jobs(ahead)} ahead of yours" if ahead else "yours is next"
+    return f"Waiting in line for {price}: {place}… (/cancel to stop it)"
+
+
+def _jobs(count: int) -> str:
+    return "1 job" if count == 1 else f"{count} jobs"
+
+
+async def _progress(chat: Chat, status: str) -> None:
+    try:
+        await chat.show_progress(status)
+    except Exception:  # a status line must never cost a paid job
+        log.debug("progress update failed", exc_info=True)
 
 
 async def _said(chat: Chat, text: str) -> None:

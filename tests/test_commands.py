@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from adapters.console import take_image_paths
 from bot.catalog import MODELS, find_model
-from bot.commands import MENU, Command, Help, Models, SpendQuery
+from bot.commands import MENU, CancelJobs, Command, Help, Models, SpendQuery
 from bot.commands import parse as parse_command
 from bot.errors import UsageError
 from bot.requests import (
@@ -213,6 +213,11 @@ def test_models() -> None:
     assert parse("/models") == Models()
 
 
+@pytest.mark.parametrize("text", ["/cancel", "/Cancel", "/cancel@ImageBot", "/cancel now"])
+def test_cancel(text: str) -> None:
+    assert parse(text, bot_username="ImageBot") == CancelJobs()
+
+
 @pytest.mark.parametrize(
     ("text", "who"),
     [
@@ -386,7 +391,8 @@ def test_check_refuses_bad_options_before_any_picture_is_fetched() -> None:
 
 
 def test_the_menu_lists_every_command_once() -> None:
-    assert [entry.name for entry in MENU] == ["imagegen", "img2img", "models", "spend", "help"]
+    names = [entry.name for entry in MENU]
+    assert names == ["imagegen", "img2img", "cancel", "models", "spend", "help"]
 
 
 # --- console-only image paths -----------------------------------------------------------

@@ -24,6 +24,7 @@ VARIABLES = [
     "MAX_USD_PER_REQUEST",
     "USER_DAILY_LIMIT_USD",
     "GLOBAL_DAILY_LIMIT_USD",
+    "MAX_CONCURRENT_JOBS",
     "ADMIN_IDS",
     "BASE_RPC_URL",
     "BASE_SEPOLIA_RPC_URL",
@@ -59,6 +60,7 @@ def test_defaults_are_the_documented_ones() -> None:
     assert settings.max_micro_per_request == 500_000
     assert settings.user_daily_micro == 1_000_000
     assert settings.global_daily_micro == 20_000_000
+    assert settings.max_concurrent_jobs == 4
     assert settings.admin_ids == settings.allowed_users == settings.allowed_chats == frozenset()
     assert settings.database_path == Path("data/imagebot.sqlite3")
     assert settings.log_level == "INFO"
@@ -75,6 +77,7 @@ def test_every_variable_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
         "MAX_USD_PER_REQUEST": "0.25",
         "USER_DAILY_LIMIT_USD": "0",
         "GLOBAL_DAILY_LIMIT_USD": "5.123456",
+        "MAX_CONCURRENT_JOBS": "9",
         "ADMIN_IDS": "telegram:12345, discord:67890",
         "ALLOWED_USERS": "telegram:1",
         "ALLOWED_CHATS": "telegram:-1001234,discord:42",
@@ -98,6 +101,7 @@ def test_every_variable_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.max_micro_per_request == 250_000
     assert settings.user_daily_micro == 0
     assert settings.global_daily_micro == 5_123_456
+    assert settings.max_concurrent_jobs == 9
     assert settings.admin_ids == {"telegram:12345", "discord:67890"}
     assert settings.allowed_chats == {"telegram:-1001234", "discord:42"}
     assert settings.database_path == Path("/tmp/ledger.sqlite3")
@@ -143,6 +147,8 @@ def test_dotenv_in_the_working_directory_is_read(tmp_path: Path) -> None:
         ("USER_DAILY_LIMIT_USD", "0.0000001", "6 decimal"),
         ("GLOBAL_DAILY_LIMIT_USD", "nan", "dollar amount"),
         ("GLOBAL_DAILY_LIMIT_USD", "inf", "dollar amount"),
+        ("MAX_CONCURRENT_JOBS", "0", "1 or more"),
+        ("MAX_CONCURRENT_JOBS", "many", "valid integer"),
         ("ADMIN_IDS", "slack:1", "unknown platform"),
         ("ADMIN_IDS", "telegram:abc", "platform:id"),
         ("ALLOWED_USERS", "12345", "unknown platform"),

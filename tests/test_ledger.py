@@ -1,5 +1,5 @@
 """Every ledger backend against the same promises: atomic budgets in one and two processes,
-exactly-once resolution, recovery, reports and the totals against the rows.
+exactly-once resolution, recovery, reports, the totals against the rows, and kept results.
 
 Each test of the money API takes ``ledger_backend`` (or ``ledger``, opened on it), so a backend
 added to ``BACKENDS`` runs this whole suite; SQLite-only tests are in test_ledger_sqlite.py,
@@ -13,9 +13,10 @@ import asyncio
 import contextlib
 import multiprocessing
 import random
+import re
 import sqlite3
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -25,9 +26,11 @@ import asyncpg
 import pytest
 
 from bot.ledger import (
+    RESULT_KEEP_DAYS,
     Attempt,
     Budget,
     BudgetExceeded,
+    KeptResult,
     Ledger,
     PostgresLedger,
     Report,
@@ -36,6 +39,7 @@ from bot.ledger import (
     UserSpend,
     UserTotal,
 )
+from bot.ledger.common import RESULT_DELETE_BATCH
 
 NOW = datetime(2026, 11, 21, 4, 38, 35, tzinfo=UTC)
 PRICE = 21_000
@@ -115,6 +119,9 @@ class Backend(Protocol):
     async def rows(self) -> list[dict[str, Any]]:
         """The attempts table's rows by id, read past the ledger."""
 
+    async def kept_tokens(self) -> set[str]:
+        """The results table's tokens, read past the ledger."""
+
 
 @dataclass(frozen=True)
 class SqliteBackend:
@@ -129,6 +136,10 @@ class SqliteBackend:
 
     async def rows(self) -> list[dict[str, Any]]:
         return await rows_of(self.path)
+
+    async def kept_tokens(self) -> set[str]:
+        async with aiosqlite.connect(self.path) as db:
+            return {token for (token,) in await db.execute_fetchall("SELECT token FROM results")}
 
 
 @dataclass(frozen=True)
@@ -149,6 +160,13 @@ class PostgresBackend:
         db = await asyncpg.connect(self.url)
         try:
             return [dict(row) for row in await db.fetch("SELECT * FROM attempts ORDER BY id")]
+        finally:
+            await db.close()
+
+    async def kept_tokens(self) -> set[str]:
+        db = await asyncpg.connect(self.url)
+        try:
+            return {token for (token,) in await db.fetch("SELECT token FROM results")}
         finally:
             await db.close()
 
@@ -597,6 +615,104 @@ async def test_an_album_keeps_ten_parts_for_an_hour(ledger: Ledger, clock: Clock
     clock.at += timedelta(minutes=61)
     await ledger.add_album_part("telegram:chat-1:album-9", "new")
     assert await ledger.take_album("telegram:chat-1:album-8", 0.8) == []
+
+
+# Kept results: the requests behind a result's buttons, under unguessable tokens
+
+# Long, astral, joined, combining, right-to-left, multi-line: what a prompt may hold.
+PROMPT = "a 🦊 fox, 👩‍🚀 astronaut, 雪の中の狐, e\u0301te\u0301, «שלום»\n\tnext line " + "ж" * 3_000
+TOKEN = re.compile(r"[A-Za-z0-9_-]{22}")
+
+
+def kept(prompt: str = PROMPT, quality: str | None = None, user_id: str = "111") -> KeptResult:
+    return KeptResult(
+        "telegram", user_id, "img2img", prompt, "openai/gpt-image-1", "1024x1024", 2, quality,
+        '[{"file_id": "AgAC-in"}]', '[{"file_id": "AgAC-out-1"}, {"file_id": "AgAC-out-2"}]', NOW,
+    )  # fmt: skip
+
+
+async def test_a_kept_result_comes_back_exactly_dated_by_the_ledger_clock(
+    ledger: Ledger, clock: Clock
+) -> None:
+    clock.at += timedelta(seconds=5)
+    token = await ledger.keep_result(kept())
+    hd = await ledger.keep_result(replace(kept("plain"), command="imagegen", quality="hd"))
+    assert await ledger.kept_result(token) == replace(kept(), created_at=clock.at)
+    assert await ledger.kept_result(hd) == replace(
+        kept("plain"), command="imagegen", quality="hd", created_at=clock.at
+    )
+    with pytest.raises(ValueError, match="U\\+0000"):  # PostgreSQL's text cannot hold it
+        await ledger.keep_result(kept("a\x00b"))
+
+
+async def test_tokens_are_22_url_safe_characters_and_never_collide(ledger: Ledger) -> None:
+    results = [kept(f"prompt {number}") for number in range(50)]
+    tokens = await asyncio.gather(*(ledger.keep_result(result) for result in results))
+    assert all(TOKEN.fullmatch(token) for token in tokens)
+    assert len(set(tokens)) == len(tokens)
+    assert await asyncio.gather(*(ledger.kept_result(token) for token in tokens)) == results
+
+
+async def test_replicas_see_each_others_results(ledger_backend: Backend, clock: Clock) -> None:
+    async with (
+        await ledger_backend.open(clock=clock) as one,
+        await ledger_backend.open(clock=clock) as two,
+    ):
+        from_one = await one.keep_result(kept("one"))
+        from_two = await two.keep_result(kept("two", user_id="222"))
+        assert await two.kept_result(from_one) == kept("one")
+        assert await one.kept_result(from_two) == kept("two", user_id="222")
+
+
+async def test_unknown_forged_and_malformed_tokens_find_nothing(ledger_backend: Backend) -> None:
+    async with await ledger_backend.open() as ledger:
+        token = await ledger.keep_result(kept())
+        forged = [token.swapcase(), token[:-1] + ("B" if token[-1] == "A" else "A"), "A" * 22]
+        malformed = [
+            "", token[:-1], token + "A", token + "=", token + "\n", " " + token[1:], "é" * 22,
+            token[:-1] + "+", token[:-1] + "/", token[:11] + "\x00" + token[12:],
+        ]  # fmt: skip
+        for other in forged + malformed:
+            assert await ledger.kept_result(other) is None, other
+    for other in malformed:  # refused without a query: the store is closed
+        assert await ledger.kept_result(other) is None, other
+    with pytest.raises((ValueError, asyncpg.InterfaceError)):  # what a closed store raises
+        await ledger.kept_result(token)
+
+
+async def test_a_result_expires_after_keep_days_and_a_later_keep_deletes_it(
+    ledger: Ledger, ledger_backend: Backend, clock: Clock
+) -> None:
+    old = await ledger.keep_result(kept("old"))
+    clock.at += timedelta(days=RESULT_KEEP_DAYS)
+    assert await ledger.kept_result(old) == kept("old")
+    clock.at += timedelta(seconds=1)
+    assert await ledger.kept_result(old) is None
+    assert await ledger_backend.kept_tokens() == {old}  # until a keep deletes it
+    new = await ledger.keep_result(kept("new"))
+    assert await ledger_backend.kept_tokens() == {new}
+
+
+async def test_a_keep_deletes_a_bounded_batch_of_expired_results(
+    ledger: Ledger, ledger_backend: Backend, clock: Clock
+) -> None:
+    for number in range(RESULT_DELETE_BATCH + 3):
+        await ledger.keep_result(kept(f"old {number}"))
+    clock.at += timedelta(days=RESULT_KEEP_DAYS, seconds=1)
+    first = await ledger.keep_result(kept("new 1"))
+    assert len(await ledger_backend.kept_tokens() - {first}) == 3
+    second = await ledger.keep_result(kept("new 2"))
+    assert await ledger_backend.kept_tokens() == {first, second}
+
+
+async def test_a_result_kept_before_a_restart_is_found_after_it(
+    ledger_backend: Backend, clock: Clock
+) -> None:
+    async with await ledger_backend.open(clock=clock) as before:
+        token = await before.keep_result(kept())
+    clock.at += timedelta(days=1)
+    async with await ledger_backend.open(clock=clock) as after:
+        assert await after.kept_result(token) == kept()
 
 
 # Reports

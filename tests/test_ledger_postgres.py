@@ -1,5 +1,6 @@
 """The PostgreSQL ledger alone: its schema versions, leases instead of lock files, races among
-processes, and the journal while the server is away. Every test takes ``postgres_url``."""
+processes, the journal while the server is away, and kept results copied by ``imagebot migrate``.
+Every test takes ``postgres_url``."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from test_ledger import PRICE, ROOMY, THREE_FIT, attempt, price
+from test_ledger import NOW, PRICE, ROOMY, THREE_FIT, Clock, attempt, kept, price
 
 from bot.config import load_settings
 from bot.errors import ConfigError
@@ -25,8 +26,9 @@ from bot.ledger import (
     Status,
     open_ledger,
 )
+from bot.ledger.copying import TotalsDiffer, copy_ledger
 from bot.ledger.journal import SettlementJournal
-from bot.ledger.postgres_schema import SCHEMA_VERSION
+from bot.ledger.postgres_schema import MIGRATIONS, SCHEMA_VERSION
 
 PASSWORD = "s3cret-Pa55"
 
@@ -86,6 +88,35 @@ async def test_a_database_from_a_newer_imagebot_is_refused(postgres_url: str) ->
     with pytest.raises(ConfigError, match="DATABASE_URL: the ledger has schema version") as error:
         await open_ledger(settings)
     assert PASSWORD not in str(error.value)
+
+
+async def test_a_v1_database_gains_kept_results_in_place(postgres_url: str) -> None:
+    db = await asyncpg.connect(postgres_url)
+    try:
+        async with db.transaction():  # as a v1 imagebot left it, with a settled payment
+            await db.execute("CREATE TABLE schema_version (version integer NOT NULL)")
+            await db.execute("INSERT INTO schema_version VALUES (1)")
+            for statement in MIGRATIONS[0]:
+                await db.execute(statement)
+            await db.execute(
+                "INSERT INTO attempts (run_id, platform, user_id, display_name, chat_id, command,"
+                " model, size, n, quoted_micro, charged_micro, status, created_at, updated_at)"
+                " VALUES ('gone', 'telegram', '1', '@ann', 'c', 'imagegen', 'm', '1024x1024', 1,"
+                " 21000, 20000, 'settled', $1, $1)",
+                int(NOW.timestamp()),
+            )
+    finally:
+        await db.close()
+    async with await PostgresLedger.open(postgres_url, clock=Clock(NOW)) as ledger:
+        assert [(p.user, p.charged_micro) for p in await ledger.payments()] == [
+            ("telegram:1", 20_000)
+        ]
+        assert (await ledger.report()).total_micro == 20_000
+        token = await ledger.keep_result(kept())
+        assert await ledger.kept_result(token) == kept()
+    assert await query(postgres_url, "SELECT array_agg(version) FROM schema_version") == [
+        SCHEMA_VERSION
+    ]
 
 
 @pytest.mark.parametrize(
@@ -262,3 +293,33 @@ async def test_the_journal_keeps_a_settlement_while_the_server_refuses_the_ledge
     assert "could not renew this run's ledger lease" in caplog.text
     assert "the ledger refused settlement of row" in caplog.text
     assert server not in caplog.text
+
+
+# imagebot migrate: the kept results go along, counted on both sides
+
+
+async def a_ledger_keeping(path: Path, *prompts: str) -> list[str]:
+    """A SQLite ledger at ``path`` with results kept at NOW; their tokens."""
+    async with await SqliteLedger.open(path, clock=Clock(NOW)) as ledger:
+        return [await ledger.keep_result(kept(prompt)) for prompt in prompts]
+
+
+async def test_migrate_copies_the_kept_results(postgres_url: str, tmp_path: Path) -> None:
+    tokens = await a_ledger_keeping(tmp_path / "ledger.sqlite3", "one", "two", "three")
+    copied = await copy_ledger(tmp_path / "ledger.sqlite3", postgres_url)
+    assert (copied.payments, copied.results) == (0, 3)
+    async with await PostgresLedger.open(postgres_url, clock=Clock(NOW)) as ledger:
+        for token, prompt in zip(tokens, ["one", "two", "three"], strict=True):
+            assert await ledger.kept_result(token) == kept(prompt)
+
+
+async def test_kept_results_that_differ_fail_the_check_and_change_nothing(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    async with await PostgresLedger.open(postgres_url) as target:
+        already = await target.keep_result(kept("already there"))
+    await a_ledger_keeping(tmp_path / "ledger.sqlite3", "one")
+    with pytest.raises(TotalsDiffer) as error:
+        await copy_ledger(tmp_path / "ledger.sqlite3", postgres_url)
+    assert error.value.differing == ["kept results"]
+    assert await query(postgres_url, "SELECT array_agg(token) FROM results") == [already]

@@ -11,11 +11,11 @@ from typing import Any
 
 import aiosqlite
 import pytest
-from test_ledger import NOW, PRICE, ROOMY, Clock, attempt, expected_report, rows_of
+from test_ledger import NOW, PRICE, ROOMY, Clock, attempt, expected_report, kept, rows_of
 
 from bot.errors import ConfigError
 from bot.ledger import Budget, BudgetExceeded, SqliteLedger, UserTotal
-from bot.ledger.schema import SCHEMA_VERSION
+from bot.ledger.schema import MIGRATIONS, SCHEMA_VERSION
 
 # Files and lock files
 
@@ -116,6 +116,33 @@ async def test_a_v1_ledger_is_upgraded_in_place(tmp_path: Path) -> None:
         assert await ledger.report() == expected_report(await rows_of(path))
     async with aiosqlite.connect(path) as db:
         assert await db.execute_fetchall("PRAGMA user_version") == [(SCHEMA_VERSION,)]
+
+
+def write_v5_ledger(path: Path, at: datetime) -> None:
+    """A schema-v5 file: the released v1 file and its rows, brought to v5 by the steps after it."""
+    write_v1_ledger(path, at)
+    with sqlite3.connect(path) as db:
+        for step in MIGRATIONS[1:5]:
+            for statement in step:
+                db.execute(statement)
+        db.execute("PRAGMA user_version = 5")
+
+
+async def test_a_v5_ledger_gains_kept_results_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    clock = Clock(NOW)
+    await asyncio.to_thread(write_v5_ledger, path, clock.at)
+    before = await rows_of(path)
+    async with await SqliteLedger.open(path, clock=clock) as ledger:
+        assert await rows_of(path) == before
+        assert await ledger.report() == expected_report(before)
+        token = await ledger.keep_result(kept())
+        assert await ledger.kept_result(token) == kept()
+    async with aiosqlite.connect(path) as db:
+        assert await db.execute_fetchall("PRAGMA user_version") == [(SCHEMA_VERSION,)]
+        assert await db.execute_fetchall(
+            "SELECT name FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'results'"
+        ) == [("sqlite_autoindex_results_1",), ("results_by_time",)]
 
 
 async def test_a_ledger_from_a_newer_imagebot_is_refused(tmp_path: Path) -> None:

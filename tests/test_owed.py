@@ -170,7 +170,7 @@ async def test_two_processes_restarting_on_one_ledger_resume_each_job_once(
     gateway.job_seconds = 4.0
     database = tmp_path / "ledger.sqlite3"
     env = cli_env(gateway.url, database)
-    starting = await script(START_JOBS, env)
+    starting = await script(START_JOBS, env | {"MAX_CONCURRENT_JOBS": "6"})  # all at once
 
     async def all_kept() -> bool:
         if not await asyncio.to_thread(database.exists):

@@ -16,6 +16,7 @@ from bot.ledger.api import (
     Attempt,
     Budget,
     BudgetExceeded,
+    KeptResult,
     Ledger,
     OpenJob,
     Payment,
@@ -24,7 +25,7 @@ from bot.ledger.api import (
     UserSpend,
     UserTotal,
 )
-from bot.ledger.common import DAY_SECONDS
+from bot.ledger.common import DAY_SECONDS, RESULT_KEEP_DAYS
 from bot.ledger.postgres import DATABASE_ERRORS, PostgresLedger
 from bot.ledger.sqlite import SqliteLedger
 
@@ -33,9 +34,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DAY_SECONDS",
+    "RESULT_KEEP_DAYS",
     "Attempt",
     "Budget",
     "BudgetExceeded",
+    "KeptResult",
     "Ledger",
     "OpenJob",
     "Payment",

@@ -157,6 +157,23 @@ class OpenJob:
 
 
 @dataclass(frozen=True, slots=True)
+class KeptResult:
+    """A delivered result's request, kept so its buttons can ask for it again after a restart."""
+
+    platform: str
+    user_id: str  # who asked for it
+    command: str  # "imagegen" or "img2img"
+    prompt: str
+    model: str
+    size: str
+    n: int
+    quality: str | None
+    inputs: str  # the adapter's JSON: the input pictures
+    outputs: str  # the adapter's JSON: the delivered pictures
+    created_at: datetime  # when it was kept, by the ledger's clock
+
+
+@dataclass(frozen=True, slots=True)
 class Payment:
     """One ledger row, as ``imagebot payments`` lists it and the chain check reads it."""
 
@@ -280,6 +297,20 @@ class Ledger(Protocol):
         """None while the album's newest part was added less than ``quiet_seconds`` ago; then
         its parts in the order they were added, removed in one atomic step, so exactly one
         caller gets them and every other caller gets ``[]``."""
+
+    async def keep_result(self, result: KeptResult) -> str:
+        """Keep a delivered result's request; returns the new token it is kept under, 22
+        url-safe characters (128 random bits) that every run sharing the ledger can look up.
+
+        The ledger's clock dates it (``result.created_at`` is not read). Results older than
+        ``RESULT_KEEP_DAYS`` are deleted on the way, at most ``RESULT_DELETE_BATCH`` a call.
+        ValueError if a text holds U+0000, which PostgreSQL cannot store.
+        """
+
+    async def kept_result(self, token: str) -> KeptResult | None:
+        """The result kept under exactly ``token``, or None when there is none or it is older
+        than ``RESULT_KEEP_DAYS``; a token ``keep_result`` could not have made is not looked up.
+        """
 
     async def close(self) -> None:
         """Close the store; from then on ``recover()`` elsewhere treats this run as dead."""

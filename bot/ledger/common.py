@@ -1,4 +1,5 @@
-"""What both ledger backends compute alike: UTC day numbers, user keys and the rows they return.
+"""What both ledger backends compute alike: UTC day numbers, user keys, result tokens and the rows
+they return.
 
 The SQL differs per backend; the columns a payment, a user's spend or a report line is read from,
 and what is made of them, do not.
@@ -6,20 +7,30 @@ and what is made of them, do not.
 
 from __future__ import annotations
 
+import re
+import secrets
 from collections.abc import Iterable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from bot.ledger.api import Budget, Payment, Report, Status, UserSpend, UserTotal
+from bot.ledger.api import Budget, KeptResult, Payment, Report, Status, UserSpend, UserTotal
 
 DAY_SECONDS = 86_400  # the tables' day number is ``created_at / DAY_SECONDS``, a UTC day
 ALBUM_MAX_PARTS = 10  # Telegram's largest album
 ALBUM_KEEP_SECONDS = 3600.0  # parts never taken are deleted after this long
+RESULT_KEEP_DAYS = 30  # a result's buttons work this long
+RESULT_KEEP_SECONDS = RESULT_KEEP_DAYS * DAY_SECONDS
+# Expired results deleted by one keep: bounded, and more than one, so a backlog drains.
+RESULT_DELETE_BATCH = 100
 _EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
+_RESULT_TOKEN = re.compile(r"[A-Za-z0-9_-]{22}")  # secrets.token_urlsafe(16)
 
 PAYMENT_COLUMNS = (
     "id, created_at, platform || ':' || user_id, command, model, status, quoted_micro,"
     " charged_micro, network, payer, nonce, valid_before, tx_hash, error, reply_to"
+)
+RESULT_COLUMNS = (
+    "platform, user_id, command, prompt, model, size, n, quality, inputs, outputs, created_at"
 )
 
 
@@ -108,3 +119,32 @@ def report_of(rows: Iterable[Sequence[Any]]) -> Report:
         pending_micro=sum(line.pending_micro for line in users),
         users=users,
     )
+
+
+def new_result_token() -> str:
+    """An unguessable token for a kept result: 128 random bits as 22 url-safe characters."""
+    return secrets.token_urlsafe(16)
+
+
+def is_result_token(token: str) -> bool:
+    """Whether ``token`` has the form of one ``new_result_token`` makes."""
+    return _RESULT_TOKEN.fullmatch(token) is not None
+
+
+def result_row(token: str, result: KeptResult, created_at: int) -> tuple[Any, ...]:
+    """A results row: the token, then the ``RESULT_COLUMNS``; ValueError if a text holds U+0000
+    (PostgreSQL's text cannot, so neither may SQLite's, or ``imagebot migrate`` could not copy it).
+    """
+    row = (
+        token, result.platform, result.user_id, result.command, result.prompt, result.model,
+        result.size, result.n, result.quality, result.inputs, result.outputs, created_at,
+    )  # fmt: skip
+    if any(isinstance(value, str) and "\x00" in value for value in row):
+        raise ValueError("a kept result's text cannot hold U+0000")
+    return row
+
+
+def kept_result_of(row: Sequence[Any]) -> KeptResult:
+    """A kept result from the ``RESULT_COLUMNS`` of a row."""
+    *values, created_at = row
+    return KeptResult(*values, created_at=utc_datetime(created_at))

@@ -1,9 +1,9 @@
 """``imagebot migrate``: copy a SQLite ledger into an empty PostgreSQL database, and prove it.
 
-Everything happens in one PostgreSQL transaction: the schema, the rows (ids kept), the totals
-tables rebuilt from the rows, then every total compared with the SQLite ledger's own (per user,
-per user and day, per day, and per status: overall, pending, unknown). Any difference, or a target
-that already holds payments, rolls it all back.
+Everything happens in one PostgreSQL transaction: the schema, the rows (ids kept) and the kept
+results, the totals tables rebuilt from the rows, then every total compared with the SQLite
+ledger's own (per user, per user and day, per day, per status: overall, pending, unknown, and the
+kept results). Any difference, or a target that already holds payments, rolls it all back.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import aiosqlite
 import asyncpg
 
-from bot.ledger.common import DAY_SECONDS
+from bot.ledger.common import DAY_SECONDS, RESULT_COLUMNS
 from bot.ledger.postgres_schema import migrate
 from bot.ledger.sqlite import SqliteLedger
 
@@ -28,6 +28,7 @@ COLUMNS = (
     "n", "quoted_micro", "charged_micro", "status", "tx_hash", "network", "payer", "nonce", "error",
     "created_at", "updated_at", "valid_before", "job", "reply_to", "username",
 )  # fmt: skip
+RESULT_ROW_COLUMNS = ("token", *RESULT_COLUMNS.split(", "))
 
 _BY_STATUS = "per status (overall, pending, unknown)"
 
@@ -41,6 +42,7 @@ _TOTALS = {
     "per day": "SELECT day, counted_micro FROM day_totals WHERE counted_micro <> 0 ORDER BY 1",
     _BY_STATUS: "SELECT status, count(*),"
     " sum(quoted_micro), sum(coalesce(charged_micro, 0)) FROM attempts GROUP BY 1 ORDER BY 1",
+    "kept results": "SELECT count(*) FROM results",
 }
 
 _SETTLED = "CASE WHEN status = 'settled' THEN charged_micro ELSE 0 END"
@@ -96,6 +98,7 @@ class Copied:
     settled_micro: int
     pending_micro: int  # pending rows at their quote
     unknown_micro: int  # unknown rows at their quote
+    results: int  # kept for their buttons
 
 
 class _Reader(Protocol):
@@ -125,14 +128,22 @@ async def copy_ledger(source: Path, target_url: str) -> Copied:
 
 
 async def _copy_rows(sqlite: aiosqlite.Connection, target: asyncpg.Connection) -> None:
-    """Every row, ids kept, with the totals triggers off and the totals rebuilt after."""
+    """Every row, ids kept, with the totals triggers off and the totals rebuilt after; then the
+    kept results."""
     await target.execute("ALTER TABLE attempts DISABLE TRIGGER USER")
-    async with sqlite.execute(f"SELECT {', '.join(COLUMNS)} FROM attempts ORDER BY id") as rows:
-        while batch := await rows.fetchmany(BATCH_ROWS):
-            await target.copy_records_to_table("attempts", records=batch, columns=COLUMNS)
+    await _copy_table(sqlite, target, "attempts", COLUMNS)
     await target.execute("ALTER TABLE attempts ENABLE TRIGGER USER")
     for statement in _REBUILD_TOTALS:
         await target.execute(statement)
+    await _copy_table(sqlite, target, "results", RESULT_ROW_COLUMNS)
+
+
+async def _copy_table(
+    sqlite: aiosqlite.Connection, target: asyncpg.Connection, table: str, columns: Sequence[str]
+) -> None:
+    async with sqlite.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY rowid") as rows:
+        while batch := await rows.fetchmany(BATCH_ROWS):
+            await target.copy_records_to_table(table, records=batch, columns=columns)
 
 
 async def _compare(source: _Reader, target: _Reader) -> Copied:
@@ -153,6 +164,7 @@ async def _compare(source: _Reader, target: _Reader) -> Copied:
         settled_micro=by_status.get("settled", nothing)[2],
         pending_micro=by_status.get("pending", nothing)[1],
         unknown_micro=by_status.get("unknown", nothing)[1],
+        results=found["kept results"][0][0],
     )
 
 

@@ -23,6 +23,7 @@ from bot.ledger.api import (
     Budget,
     BudgetExceeded,
     Clock,
+    KeptResult,
     OpenJob,
     Payment,
     Report,
@@ -34,10 +35,17 @@ from bot.ledger.common import (
     ALBUM_MAX_PARTS,
     DAY_SECONDS,
     PAYMENT_COLUMNS,
+    RESULT_COLUMNS,
+    RESULT_DELETE_BATCH,
+    RESULT_KEEP_SECONDS,
     day_number,
+    is_result_token,
+    kept_result_of,
     month_days,
+    new_result_token,
     payment_of,
     report_of,
+    result_row,
     split_user,
     user_spend_of,
     utc_now,
@@ -99,6 +107,16 @@ _REPORT_ORDER = "ORDER BY micro DESC, (platform || ':' || user_id) COLLATE \"C\"
 _TAKE_ALBUM = """DELETE FROM album_parts WHERE album = $1
         AND (SELECT max(added_at) FROM album_parts WHERE album = $1) <= $2
     RETURNING id, part"""
+
+# ARRAY(...) is computed first, so the delete looks its rows up by key: a plan made without
+# the LIMIT's value could otherwise join against a scan of the whole table. Rows another run is
+# deleting are skipped, not waited for.
+_DELETE_EXPIRED_RESULTS = """DELETE FROM results WHERE token = ANY(ARRAY(
+    SELECT token FROM results WHERE created_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED))"""
+_KEEP_RESULT = (
+    f"INSERT INTO results (token, {RESULT_COLUMNS})"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+)
 
 
 class PostgresLedger:
@@ -354,6 +372,27 @@ class PostgresLedger:
             "SELECT EXISTS (SELECT 1 FROM album_parts WHERE album = $1)", album
         )
         return None if left else []
+
+    async def keep_result(self, result: KeptResult) -> str:
+        """As ``Ledger.keep_result``."""
+        now = self._now()
+        row = result_row(new_result_token(), result, now)
+        await self._pool.execute(
+            _DELETE_EXPIRED_RESULTS, now - RESULT_KEEP_SECONDS, RESULT_DELETE_BATCH
+        )
+        await self._pool.execute(_KEEP_RESULT, *row)
+        return row[0]
+
+    async def kept_result(self, token: str) -> KeptResult | None:
+        """As ``Ledger.kept_result``."""
+        if not is_result_token(token):
+            return None
+        row = await self._pool.fetchrow(
+            f"SELECT {RESULT_COLUMNS} FROM results WHERE token = $1 AND created_at >= $2",
+            token,
+            self._now() - RESULT_KEEP_SECONDS,
+        )
+        return None if row is None else kept_result_of(row)
 
     async def _renew_lease(self) -> None:
         """Push this run's lease on every third of it; a failure is logged and tried again."""

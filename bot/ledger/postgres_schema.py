@@ -289,8 +289,27 @@ _FUNCTIONS = (
 
 _V1 = (_WHOLE, *_TABLES, *_TRIGGERS, *_FUNCTIONS)
 
+# Delivered results' requests under unguessable tokens, for their buttons; deleted by age.
+_V2_RESULTS = (
+    """CREATE TABLE results (
+        token text PRIMARY KEY,
+        platform text NOT NULL,
+        user_id text NOT NULL,
+        command text NOT NULL,
+        prompt text NOT NULL,
+        model text NOT NULL,
+        size text NOT NULL,
+        n integer NOT NULL CHECK (n > 0),
+        quality text,
+        inputs text NOT NULL,
+        outputs text NOT NULL,
+        created_at bigint NOT NULL
+    )""",
+    "CREATE INDEX results_by_time ON results (created_at)",
+)
+
 # Applied in order from the version in schema_version; never edit a released step, add one.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2_RESULTS)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -200,6 +200,25 @@ _V5_ALBUMS = (
     " WHERE status = 'pending'",
 )
 
+# Delivered results' requests under unguessable tokens, for their buttons; deleted by age.
+_V6_RESULTS = (
+    """CREATE TABLE results (
+        token TEXT PRIMARY KEY,
+        platform TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        command TEXT NOT NULL,
+        prompt TEXT NOT NULL,
+        model TEXT NOT NULL,
+        size TEXT NOT NULL,
+        n INTEGER NOT NULL CHECK (n > 0),
+        quality TEXT,
+        inputs TEXT NOT NULL,
+        outputs TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    ) STRICT""",
+    "CREATE INDEX results_by_time ON results (created_at)",
+)
+
 # Applied in order from the file's PRAGMA user_version; never edit a released step, add one.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _V1_ATTEMPTS,
@@ -207,6 +226,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _V3_JOBS,
     _V4_USERNAMES,
     _V5_ALBUMS,
+    _V6_RESULTS,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -20,6 +20,7 @@ from bot.ledger.api import (
     Budget,
     BudgetExceeded,
     Clock,
+    KeptResult,
     OpenJob,
     Payment,
     Report,
@@ -31,10 +32,17 @@ from bot.ledger.common import (
     ALBUM_MAX_PARTS,
     DAY_SECONDS,
     PAYMENT_COLUMNS,
+    RESULT_COLUMNS,
+    RESULT_DELETE_BATCH,
+    RESULT_KEEP_SECONDS,
     day_number,
+    is_result_token,
+    kept_result_of,
     month_days,
+    new_result_token,
     payment_of,
     report_of,
+    result_row,
     split_user,
     user_spend_of,
     utc_now,
@@ -88,6 +96,13 @@ _ADD_ALBUM_PART = """INSERT INTO album_parts (album, part, added_at)
 _TAKE_ALBUM = """DELETE FROM album_parts WHERE album = :album
         AND (SELECT max(added_at) FROM album_parts WHERE album = :album) <= :quiet_since
     RETURNING id, part"""
+
+# DELETE ... LIMIT needs a compile-time option of SQLite's, hence the subquery.
+_DELETE_EXPIRED_RESULTS = """DELETE FROM results WHERE rowid IN (
+    SELECT rowid FROM results WHERE created_at < :expired_before LIMIT :batch)"""
+_KEEP_RESULT = (
+    f"INSERT INTO results (token, {RESULT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 
 
 class SqliteLedger:
@@ -350,6 +365,27 @@ class SqliteLedger:
             "SELECT 1 FROM album_parts WHERE album = ? LIMIT 1", (album,)
         )
         return None if left else []
+
+    async def keep_result(self, result: KeptResult) -> str:
+        """As ``Ledger.keep_result``."""
+        now = self._now()
+        row = result_row(new_result_token(), result, now)
+        await self._db.execute(
+            _DELETE_EXPIRED_RESULTS,
+            {"expired_before": now - RESULT_KEEP_SECONDS, "batch": RESULT_DELETE_BATCH},
+        )
+        await self._db.execute(_KEEP_RESULT, row)
+        return row[0]
+
+    async def kept_result(self, token: str) -> KeptResult | None:
+        """As ``Ledger.kept_result``."""
+        if not is_result_token(token):
+            return None
+        rows = await self._db.execute_fetchall(
+            f"SELECT {RESULT_COLUMNS} FROM results WHERE token = ? AND created_at >= ?",
+            (token, self._now() - RESULT_KEEP_SECONDS),
+        )
+        return kept_result_of(rows[0]) if rows else None
 
     async def _dead_runs(self, rows: str) -> list[str]:
         """The dead runs among those that wrote the rows matching the SQL condition ``rows``."""
