@@ -160,6 +160,20 @@ async def ask(bot: ImageBot, sender: Sender, text: str) -> list[str]:
     return chat.texts
 
 
+async def one_behind_another(
+    bot: ImageBot,
+    gate: Gate,
+    holding: tuple[Sender, RecordingChat],
+    waiting: tuple[Sender, RecordingChat],
+) -> tuple[asyncio.Task[Outcome], asyncio.Task[Outcome]]:
+    """A job held at the gateway in the one slot, and a second one waiting in line behind it."""
+    first = start(bot, *holding)
+    await until(lambda: gate.held == 1)
+    second = start(bot, *waiting)
+    await until(lambda: bool(waiting[1].progress))
+    return first, second
+
+
 def start(bot: ImageBot, sender: Sender, chat: RecordingChat) -> asyncio.Task[Outcome]:
     return asyncio.create_task(bot.handle(sender, chat, "/imagegen a fox"))
 
@@ -206,10 +220,7 @@ async def test_a_job_cancelled_while_it_waits_is_never_paid_and_its_row_says_why
     gate = Gate()
     holder, waiting = RecordingChat(), RecordingChat()
     async with running(tmp_path, gate, max_concurrent_jobs=1) as (bot, sandbox):
-        first = start(bot, ALICE, holder)
-        await until(lambda: gate.held == 1)
-        second = start(bot, BOB, waiting)
-        await until(lambda: bool(waiting.progress))
+        first, second = await one_behind_another(bot, gate, (ALICE, holder), (BOB, waiting))
         assert waiting.progress == [
             "Waiting in line for nano-banana · 1024x1024 · $0.0525: yours is next… "
             "(/cancel to stop it)"
@@ -288,10 +299,7 @@ async def test_only_the_requester_can_cancel_a_job(tmp_path: Path) -> None:
     gate = Gate()
     holder, waiting = RecordingChat(), RecordingChat()
     async with running(tmp_path, gate, max_concurrent_jobs=1) as (bot, sandbox):
-        first = start(bot, CAROL, holder)
-        await until(lambda: gate.held == 1)
-        second = start(bot, ALICE, waiting)
-        await until(lambda: bool(waiting.progress))
+        first, second = await one_behind_another(bot, gate, (CAROL, holder), (ALICE, waiting))
         (job_id,) = bot.job_ids(ALICE.principal)
         assert len(job_id) >= 20 and bot.job_ids(BOB.principal) == []
 
@@ -336,10 +344,7 @@ async def test_stopping_the_bot_withdraws_waiting_jobs_unpaid_and_tells_their_us
     gate = Gate()
     holder, waiting = RecordingChat(), RecordingChat()
     async with running(tmp_path, gate, max_concurrent_jobs=1) as (bot, sandbox):
-        first = start(bot, CAROL, holder)
-        await until(lambda: gate.held == 1)
-        second = start(bot, ALICE, waiting)
-        await until(lambda: bool(waiting.progress))
+        first, second = await one_behind_another(bot, gate, (CAROL, holder), (ALICE, waiting))
         draining = asyncio.create_task(bot.drain(seconds=10))
         assert await second is Outcome.REFUSED
         gate.opened.set()  # the paid request in flight still finishes
