@@ -11,13 +11,15 @@ import asyncio
 import json
 import signal
 import socket
+import sys
+from asyncio.subprocess import PIPE
 from decimal import Decimal
 from functools import partial
 from pathlib import Path
 
 import asyncpg
 from fake_telegram import FakeTelegram
-from imagebot_cli import cli_env, imagebot, imagebot_run
+from imagebot_cli import ROOT, cli_env, imagebot, imagebot_run
 from round_robin import RoundRobin
 from test_restarts import until
 
@@ -172,3 +174,76 @@ async def test_a_replica_killed_mid_job_leaves_it_to_the_other_which_delivers_it
     assert gateway.payments_received == 1  # nothing new was signed
     assert len(gateway.settlements) == 1  # settled once
     assert await open_jobs(postgres_url) == 0
+
+
+# Three bot processes on one PostgreSQL ledger race 40 paid requests each against one gateway.
+
+RACE = """
+import asyncio, sys
+from bot.config import load_settings
+from bot.service import Sender
+from imagebot.wiring import open_bot
+
+class Chat:
+    def reply_address(self): return "{}"
+    async def send_text(self, text): print("text", text.replace(chr(10), " "), flush=True)
+    async def show_progress(self, status): pass
+    async def send_pictures(self, pictures, caption): print("delivered", flush=True)
+
+async def main():
+    async with open_bot(load_settings(_env_file=None)) as bot:
+        users = [Sender("telegram", f"{sys.argv[1]}-{n}", "", ("1",), True) for n in range(40)]
+        print("ready", flush=True)
+        sys.stdin.readline()  # every process is up: go together
+        await asyncio.gather(*(bot.handle(user, Chat(), "/imagegen a fox") for user in users))
+
+asyncio.run(main())
+"""
+
+PRICE_MICRO = 52_500  # nano-banana 1024x1024, what the sandbox charges
+FITS_THREE = "0.160000"  # three requests fit (157,500 micro-USDC), a fourth does not
+
+
+async def test_three_processes_racing_40_paid_requests_each_settle_exactly_three(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """Against a global cap that fits 3. (One user's cap is raced in the ledger's own tests:
+    here the limit of 2 requests in flight per user would stop a single user first.)"""
+    gateway = Sandbox(latency=0.2)
+    await gateway.start()
+    env = cli_env(
+        gateway.url,
+        tmp_path / "journal" / "ledger.sqlite3",
+        DATABASE_URL=postgres_url,
+        MAX_CONCURRENT_JOBS="40",
+        GLOBAL_DAILY_LIMIT_USD=FITS_THREE,
+    )
+    racers = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-c", RACE, str(number), env=env, cwd=ROOT, stdin=PIPE, stdout=PIPE
+        )
+        for number in range(3)
+    ]
+    try:
+        for racer in racers:
+            assert racer.stdout is not None
+            assert await asyncio.wait_for(racer.stdout.readline(), 60) == b"ready\n"
+        for racer in racers:
+            assert racer.stdin is not None
+            racer.stdin.write(b"go\n")
+            await racer.stdin.drain()
+        outputs = [
+            (await asyncio.wait_for(racer.communicate(), 120))[0].decode() for racer in racers
+        ]
+        code, out = await imagebot("spend", "--json", env=env, cwd=tmp_path)
+    finally:
+        await gateway.close()
+
+    lines = [line for output in outputs for line in output.splitlines()]
+    assert [racer.returncode for racer in racers] == [0, 0, 0]
+    assert lines.count("delivered") == 3
+    assert len(lines) == 120  # every request answered: 3 pictures and 117 refusals
+    assert len(gateway.settlements) == 3
+    assert gateway.payments_received == 3  # nothing else was even signed
+    assert code == 0
+    assert Decimal(json.loads(out)["total_usd"]) * 1_000_000 == 3 * PRICE_MICRO
