@@ -386,7 +386,8 @@ def _migrate(args: argparse.Namespace) -> int:
         return 1
     print(
         f"Copied {copied.payments} payments of {copied.users} users over {copied.days} days "
-        f"from {settings.database_path} into PostgreSQL. Every total matches: settled "
+        f"and {copied.results} kept results from {settings.database_path} "
+        "into PostgreSQL. Every total matches: settled "
         f"{usd_string(copied.settled_micro)}, pending {usd_string(copied.pending_micro)}, "
         f"unknown {usd_string(copied.unknown_micro)} USD, per user, per day and per status.\n"
         "Set DATABASE_URL to that address and start the bot."

@@ -73,7 +73,7 @@ async def test_migrate_copies_every_row_and_total_then_refuses_a_second_copy(
 
     code, out = await imagebot("migrate", "--to", postgres_url, env=env, cwd=tmp_path)
     assert code == 0, out
-    assert "Copied 7 payments of 3 users over 1 days" in out
+    assert "Copied 7 payments of 3 users over 1 days and 0 kept results" in out
     assert "Every total matches: settled 0.060006, pending 0.042010, unknown 0.021003" in out
 
     on_postgres = {**env, "DATABASE_URL": postgres_url}
