@@ -10,9 +10,13 @@ REST answers in Discord's JSON shape (``{"message", "code"}``, form errors with 
 Requests are JSON or multipart (``payload_json`` + ``files[n]``). Routes: gateway/bot, users/@me,
 oauth2/applications/@me, command bulk overwrite (global and guild), channel messages (create, get,
 edit, delete, typing, reactions), DMs, interaction callbacks and the interaction webhooks
-(``@original`` and followups). The gateway speaks JSON, zlib-stream (or zstd-stream when a zstd
-module is importable): HELLO, IDENTIFY, READY, GUILD_CREATE, heartbeats, RESUME, RECONNECT and
-INVALID_SESSION, with sequence numbers and events buffered for a session while it is away.
+(``@original`` and followups). Messages carry components as Discord has them without the
+IS_COMPONENTS_V2 flag: action rows of buttons, each numbered with an ``id``. A button press is an
+interaction of type 3; its callback may also be 6 (DEFERRED_UPDATE_MESSAGE) or 7 (UPDATE_MESSAGE),
+which make the pressed message the interaction's ``@original``. The gateway speaks JSON,
+zlib-stream (or zstd-stream when a zstd module is importable): HELLO, IDENTIFY, READY,
+GUILD_CREATE, heartbeats, RESUME, RECONNECT and INVALID_SESSION, with sequence numbers and events
+buffered for a session while it is away.
 Sessions may be shards (IDENTIFY's ``shard``, ``[id, count]``): a guild's events go only to the
 shard ``(guild_id >> 22) % count``, DMs' to shard 0; ``GET /gateway/bot`` recommends
 ``recommended_shards``. Attachments live on a CDN route with signed, expiring URLs.
@@ -25,6 +29,15 @@ no content, file, embed, sticker or poll   400 50006 ``Cannot send an empty mess
 more than 10 files                         400 50035 ``BASE_TYPE_MAX_LENGTH`` on ``attachments``
 a file over 10 MiB, or a body over 25 MiB  413 40005 ``Request entity too large``
 more than 25 autocomplete choices          400 50035 ``BASE_TYPE_MAX_LENGTH`` on ``data.choices``
+more than 5 action rows                    400 50035 ``BASE_TYPE_MAX_LENGTH`` on ``components``
+an action row without 1 to 5 buttons       400 50035 ``BASE_TYPE_BAD_LENGTH`` on ``….components``
+a button label over 80 characters          400 50035 ``BASE_TYPE_MAX_LENGTH`` on ``….label``
+a button with no label and no emoji        400 50035 ``BASE_TYPE_REQUIRED`` on ``….label``
+a button without custom_id (not a link)    400 50035 ``BUTTON_COMPONENT_CUSTOM_ID_REQUIRED``
+a custom_id not 1 to 100 characters long   400 50035 ``BASE_TYPE_BAD_LENGTH`` on ``….custom_id``
+a custom_id twice in one message           400 50035 ``COMPONENT_CUSTOM_ID_DUPLICATED``
+a link button (style 5) with a custom_id   400 50035 ``…_CUSTOM_ID_URL_MUTUALLY_EXCLUSIVE``
+select menus, premium buttons              400 0, the fake does not model them
 callback later than 3 s after creation     404 10062 ``Unknown interaction`` (``ack_window``)
 callback on an acknowledged interaction    400 40060 ``Interaction has already been acknowledged.``
 webhook token older than 15 minutes        401 50027 ``Invalid Webhook Token`` (``token_ttl``)
@@ -35,7 +48,7 @@ privileged intent not enabled              gateway close 4014 ``Disallowed inten
 Without the MESSAGE_CONTENT intent a session gets guild messages with empty ``content``,
 ``attachments``, ``embeds`` and ``components`` unless they mention the bot or are its own.
 Tests play the users (``user``, ``guild``, ``dm``, ``send_message``, ``slash_command``,
-``autocomplete``, ``dispatch``), watch the bot (``sent``, ``wait_for``, ``calls``,
+``autocomplete``, ``press``, ``dispatch``), watch the bot (``sent``, ``wait_for``, ``calls``,
 ``command_syncs``, ``messages_in``, ``interactions``, ``received``, ``wait_ready``,
 ``delivered``) and inject faults (``flood``, ``fail``, ``request_reconnect``,
 ``invalidate_session``). Time is read from ``clock`` (a ``time.monotonic`` stand-in a test may
@@ -110,9 +123,34 @@ FLAG_EPHEMERAL = 1 << 6
 FLAG_LOADING = 1 << 7
 CALLBACK_MESSAGE = 4
 CALLBACK_DEFERRED = 5
+CALLBACK_DEFERRED_UPDATE = 6
+CALLBACK_UPDATE = 7
 CALLBACK_AUTOCOMPLETE = 8
+CALLBACK_MODAL = 9
 INTERACTION_COMMAND = 2
+INTERACTION_COMPONENT = 3
 INTERACTION_AUTOCOMPLETE = 4
+# The callback types Discord takes for each interaction type (6 and 7 only for components).
+CALLBACKS_FOR = {
+    INTERACTION_COMMAND: (CALLBACK_MESSAGE, CALLBACK_DEFERRED, CALLBACK_MODAL),
+    INTERACTION_COMPONENT: (
+        CALLBACK_MESSAGE,
+        CALLBACK_DEFERRED,
+        CALLBACK_DEFERRED_UPDATE,
+        CALLBACK_UPDATE,
+        CALLBACK_MODAL,
+    ),
+    INTERACTION_AUTOCOMPLETE: (CALLBACK_AUTOCOMPLETE,),
+}
+
+COMPONENT_ACTION_ROW = 1
+COMPONENT_BUTTON = 2
+BUTTON_STYLES = (1, 2, 3, 4, 5)  # primary, secondary, success, danger, link
+BUTTON_LINK = 5
+ACTION_ROWS_MAX = 5  # in a message without the IS_COMPONENTS_V2 flag
+ROW_BUTTONS_MAX = 5
+BUTTON_LABEL_MAX = 80
+CUSTOM_ID_MAX = 100
 
 # ADD_REACTIONS, VIEW_CHANNEL, SEND_MESSAGES, EMBED_LINKS, ATTACH_FILES, READ_MESSAGE_HISTORY,
 # USE_EXTERNAL_EMOJIS, USE_APPLICATION_COMMANDS, SEND_MESSAGES_IN_THREADS
@@ -280,7 +318,8 @@ class Call:
 
 @dataclass
 class Interaction:
-    """An INTERACTION_CREATE the fake sent, and how the bot answered it."""
+    """An INTERACTION_CREATE the fake sent (a command, autocomplete or button press), and how the
+    bot answered it: when (``acked_at``) and with which callback type (``response_type``)."""
 
     id: int
     token: str
@@ -291,7 +330,8 @@ class Interaction:
     acked_at: float | None = None
     response_type: int | None = None
     response: dict[str, Any] | None = None  # the callback's "data"
-    original: dict[str, Any] | None = None  # the @original message as it stands
+    # The @original message as it stands; after a callback 6 or 7, the pressed message.
+    original: dict[str, Any] | None = None
     followups: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -635,6 +675,25 @@ class FakeDiscord:
         """``user`` types into option ``focused`` of command ``name``: INTERACTION_CREATE type 4."""
         return self._command_interaction(
             INTERACTION_AUTOCOMPLETE, channel, user, name, options, focused, locale
+        )
+
+    def press(
+        self, message: dict[str, Any], user: User, custom_id: str, *, locale: str = "en-US"
+    ) -> Interaction:
+        """``user`` presses button ``custom_id`` on ``message``: INTERACTION_CREATE type 3.
+
+        The event carries the message as it stands now and goes to the shard of its guild (DMs:
+        shard 0). Any ``custom_id`` goes, even one the message does not show, as from a forged
+        client.
+        """
+        channel = self._channels.get(int(message["channel_id"]))
+        current = None if channel is None else self._message_at(channel, int(message["id"]))
+        if channel is None or current is None:
+            raise ValueError(f"no message {message['id']} to press a button on (deleted?)")
+        self._require_sessions("INTERACTION_CREATE", self.guild_of(channel))
+        data = {"custom_id": custom_id, "component_type": COMPONENT_BUTTON}
+        return self._interact(
+            self._snowflake(), INTERACTION_COMPONENT, channel, user, data, locale, message=current
         )
 
     def dispatch(self, event: str, data: dict[str, Any]) -> int:
@@ -1152,6 +1211,7 @@ class FakeDiscord:
             raise _DiscordError(403, 50005, "Cannot edit a message authored by another user")
         edited = self._edited(channel, old, _object(request.payload), request.files)
         self._messages[channel.id][int(old["id"])] = edited
+        self._reflect_edit(edited)
         self._dispatch_message("MESSAGE_UPDATE", channel, edited)
         return 200, edited
 
@@ -1174,6 +1234,11 @@ class FakeDiscord:
     # REST: interactions
 
     async def _callback(self, request: _Request) -> tuple[int, Any]:
+        """The one initial response, within ``ack_window`` of the interaction's creation.
+
+        A component's interaction may also answer 6 (acknowledge now, edit the message later)
+        or 7 (edit the message now); either makes that message the interaction's ``@original``.
+        """
         interaction = next(
             (i for i in self.interactions if i.id == request.params["interaction_id"]), None
         )
@@ -1186,13 +1251,9 @@ class FakeDiscord:
             raise _unknown("interaction", 10062)
         payload = _object(request.payload)
         kind = payload.get("type")
-        allowed = (
-            (CALLBACK_AUTOCOMPLETE,)
-            if interaction.type == INTERACTION_AUTOCOMPLETE
-            else (CALLBACK_MESSAGE, CALLBACK_DEFERRED, 9)
-        )
+        allowed = CALLBACKS_FOR[interaction.type]
         if kind not in allowed:
-            raise _form_error("type", "BASE_TYPE_CHOICES", f"Value must be one of {set(allowed)}.")
+            raise _form_error("type", "BASE_TYPE_CHOICES", f"Value must be one of {allowed}.")
         data = payload.get("data") or {}
         if not isinstance(data, dict):
             raise _form_error("data", "DICT_TYPE_CONVERT", "Only dictionaries may be used.")
@@ -1207,7 +1268,7 @@ class FakeDiscord:
                 )
         elif kind == CALLBACK_MESSAGE:
             interaction.original = self._bot_message(
-                interaction.channel, data, request.files, interaction=interaction
+                interaction.channel, data, request.files, interaction=interaction, errors_at="data."
             )
             resource["message"] = interaction.original
         elif kind == CALLBACK_DEFERRED:
@@ -1216,20 +1277,29 @@ class FakeDiscord:
                 interaction.channel, {"flags": flags}, [], interaction=interaction, loading=True
             )
             resource["message"] = interaction.original
+        elif kind in (CALLBACK_DEFERRED_UPDATE, CALLBACK_UPDATE):
+            channel = interaction.channel
+            pressed = self._message_at(channel, int(interaction.payload["message"]["id"]))
+            if pressed is None:
+                raise _unknown("Message", 10008)
+            if kind == CALLBACK_UPDATE:
+                pressed = self._edited(channel, pressed, data, request.files, errors_at="data.")
+                resource["message"] = pressed
+            interaction.original = pressed
         interaction.acked_at = now
         interaction.response_type = kind
         interaction.response = data
-        if interaction.original is not None:
-            self._post_interaction_message(interaction, interaction.original)
+        message = resource.get("message")
+        if message is not None:
+            self._post_interaction_message(interaction, message, update=kind == CALLBACK_UPDATE)
         if request.query.get("with_response", "").lower() not in ("1", "true"):
             return 204, None
-        original = interaction.original
         answer: dict[str, Any] = {"id": str(interaction.id), "type": interaction.type}
-        if original is not None:
+        if message is not None:
             answer |= {
-                "response_message_id": original["id"],
-                "response_message_loading": bool(original["flags"] & FLAG_LOADING),
-                "response_message_ephemeral": bool(original["flags"] & FLAG_EPHEMERAL),
+                "response_message_id": message["id"],
+                "response_message_loading": bool(message["flags"] & FLAG_LOADING),
+                "response_message_ephemeral": bool(message["flags"] & FLAG_EPHEMERAL),
             }
         return 200, {"interaction": answer, "resource": resource}
 
@@ -1258,7 +1328,6 @@ class FakeDiscord:
         edited = self._edited(
             interaction.channel, original, _object(request.payload), request.files
         )
-        interaction.original = edited
         self._post_interaction_message(interaction, edited, update=True)
         return 200, edited
 
@@ -1280,7 +1349,6 @@ class FakeDiscord:
             # keeping the deferral's ephemeral flag.
             payload = {**payload, "flags": original["flags"] & FLAG_EPHEMERAL}
             edited = self._edited(interaction.channel, original, payload, request.files)
-            interaction.original = edited
             self._post_interaction_message(interaction, edited, update=True)
             return 200, edited
         message = self._bot_message(
@@ -1304,10 +1372,6 @@ class FakeDiscord:
         interaction = self._webhook_interaction(request)
         old = self._followup_or_error(interaction, request.params["message_id"])
         edited = self._edited(interaction.channel, old, _object(request.payload), request.files)
-        if interaction.original is old:
-            interaction.original = edited
-        else:
-            interaction.followups = [edited if m is old else m for m in interaction.followups]
         self._post_interaction_message(interaction, edited, update=True)
         return 200, edited
 
@@ -1329,11 +1393,32 @@ class FakeDiscord:
         self, interaction: Interaction, message: dict[str, Any], *, update: bool = False
     ) -> None:
         """Keep a non-ephemeral interaction message in its channel and tell the gateway."""
+        if update:
+            self._reflect_edit(message)
         if message["flags"] & FLAG_EPHEMERAL:
             return
         self._messages[interaction.channel.id][int(message["id"])] = message
         event = "MESSAGE_UPDATE" if update else "MESSAGE_CREATE"
         self._dispatch_message(event, interaction.channel, message)
+
+    def _reflect_edit(self, message: dict[str, Any]) -> None:
+        """Every interaction holding ``message`` (as its response, a followup or the message its
+        button is on) now holds it as edited."""
+        for holder in self.interactions:
+            if holder.original is not None and holder.original["id"] == message["id"]:
+                holder.original = message
+            holder.followups = [
+                message if m["id"] == message["id"] else m for m in holder.followups
+            ]
+
+    def _message_at(self, channel: Channel, message_id: int) -> dict[str, Any] | None:
+        """A message as it stands: in the channel, or an ephemeral one an interaction holds."""
+        message = self._messages[channel.id].get(message_id)
+        if message is not None:
+            return message
+        held = (m for i in self.interactions for m in [i.original, *i.followups] if m is not None)
+        ephemeral = (m for m in held if m["flags"] & FLAG_EPHEMERAL)
+        return next((m for m in ephemeral if int(m["id"]) == message_id), None)
 
     # Messages
 
@@ -1409,18 +1494,23 @@ class FakeDiscord:
         *,
         interaction: Interaction | None = None,
         loading: bool = False,
+        errors_at: str = "",
     ) -> dict[str, Any]:
-        """A message the bot sends, checked as Discord checks it."""
-        content = _content(payload)
+        """A message the bot sends, checked as Discord checks it (form errors under ``errors_at``,
+        "data." for an interaction callback)."""
+        content = _content(payload, errors_at)
         attachments = self._uploaded(channel, payload, files, [])
         embeds = payload.get("embeds") or []
-        if not loading and not (
-            content or attachments or embeds or payload.get("sticker_ids") or payload.get("poll")
-        ):
+        components = _components(payload, f"{errors_at}components")
+        given = (content, attachments, embeds, components, payload.get("sticker_ids"))
+        if not loading and not (any(given) or payload.get("poll")):
             raise _DiscordError(400, 50006, "Cannot send an empty message")
         reference = None
         reference_request = payload.get("message_reference")
-        if isinstance(reference_request, dict) and interaction is None:
+        if interaction is not None and interaction.type == INTERACTION_COMPONENT:
+            # Discord: an answer to a component refers to the message the component is on.
+            reference = interaction.payload["message"]
+        elif isinstance(reference_request, dict) and interaction is None:
             reference = self._reference_target(channel, reference_request)
         flags = int(payload.get("flags") or 0)
         if interaction is None:
@@ -1429,36 +1519,40 @@ class FakeDiscord:
             flags &= FLAG_EPHEMERAL | FLAG_LOADING | 1 << 2 | 1 << 12
         message = self._new_message(channel, self.bot, content, attachments, reference, flags=flags)
         message["embeds"] = embeds
-        message["components"] = payload.get("components") or []
+        message["components"] = components
         message["tts"] = bool(payload.get("tts", False))
         if "nonce" in payload:
             message["nonce"] = payload["nonce"]
-        if reference is not None:
+        if reference is not None and interaction is None:
             allowed = payload.get("allowed_mentions")
             pings = not isinstance(allowed, dict) or allowed.get("replied_user", False)
             if pings and reference["author"]["id"] not in _ids(message["mentions"]):
                 message["mentions"].append(reference["author"])
         if interaction is not None:
-            message["type"] = 20
             message["application_id"] = str(self.application_id)
             message["webhook_id"] = str(self.application_id)
             user = interaction.payload.get("user") or interaction.payload["member"]["user"]
-            message["interaction_metadata"] = {
+            metadata = {
                 "id": str(interaction.id),
                 "type": interaction.type,
                 "user": user,
                 "authorizing_integration_owners": interaction.payload[
                     "authorizing_integration_owners"
                 ],
-                "name": interaction.payload["data"]["name"],
-                "command_type": 1,
             }
-            message["interaction"] = {
-                "id": str(interaction.id),
-                "type": interaction.type,
-                "name": interaction.payload["data"]["name"],
-                "user": user,
-            }
+            if interaction.type == INTERACTION_COMPONENT:
+                pressed_id = interaction.payload["message"]["id"]
+                message["interaction_metadata"] = metadata | {"interacted_message_id": pressed_id}
+            else:
+                name = interaction.payload["data"]["name"]
+                message["type"] = 20
+                message["interaction_metadata"] = metadata | {"name": name, "command_type": 1}
+                message["interaction"] = {
+                    "id": str(interaction.id),
+                    "type": interaction.type,
+                    "name": name,
+                    "user": user,
+                }
         return message
 
     def _reference_target(
@@ -1485,22 +1579,25 @@ class FakeDiscord:
         old: dict[str, Any],
         payload: dict[str, Any],
         files: list[Upload],
+        *,
+        errors_at: str = "",
     ) -> dict[str, Any]:
-        """``old`` with the edit applied, as Edit Message and the webhook edits do it."""
+        """``old`` with the edit applied, as Edit Message, the webhook edits and UPDATE_MESSAGE
+        do it."""
         edited = dict(old)
         if "content" in payload:
-            edited["content"] = _content(payload)
+            edited["content"] = _content(payload, errors_at)
         if "embeds" in payload:
             edited["embeds"] = payload["embeds"] or []
         if "components" in payload:
-            edited["components"] = payload["components"] or []
+            edited["components"] = _components(payload, f"{errors_at}components")
         if "attachments" in payload or files:
             edited["attachments"] = self._uploaded(channel, payload, files, old["attachments"])
         if "flags" in payload:
             keep = old["flags"] & FLAG_EPHEMERAL
             edited["flags"] = keep | (int(payload["flags"] or 0) & (1 << 2))
         edited["flags"] &= ~FLAG_LOADING
-        if not (edited["content"] or edited["attachments"] or edited["embeds"]):
+        if not any(edited[key] for key in ("content", "attachments", "embeds", "components")):
             raise _DiscordError(400, 50006, "Cannot send an empty message")
         if not old["flags"] & FLAG_LOADING:
             edited["edited_timestamp"] = _timestamp()
@@ -1648,6 +1745,21 @@ class FakeDiscord:
             data["options"] = built
         if resolved:
             data["resolved"] = resolved
+        return self._interact(interaction_id, kind, channel, user, data, locale)
+
+    def _interact(
+        self,
+        interaction_id: int,
+        kind: int,
+        channel: Channel,
+        user: User,
+        data: dict[str, Any],
+        locale: str,
+        *,
+        message: dict[str, Any] | None = None,
+    ) -> Interaction:
+        """Dispatch INTERACTION_CREATE for ``user`` in ``channel`` (``message``: a component's)."""
+        guild = self.guild_of(channel)
         token = "aW50ZXJhY3Rpb246" + secrets.token_urlsafe(120)
         payload: dict[str, Any] = {
             "id": str(interaction_id),
@@ -1663,6 +1775,8 @@ class FakeDiscord:
             "channel": channel.to_json(),
             "channel_id": str(channel.id),
         }
+        if message is not None:
+            payload["message"] = message
         if guild is not None:
             guild.members.setdefault(user.id, user)
             payload |= {
@@ -2108,7 +2222,7 @@ def _object(payload: Any) -> dict[str, Any]:
     return payload
 
 
-def _content(payload: dict[str, Any]) -> str:
+def _content(payload: dict[str, Any], errors_at: str = "") -> str:
     content = payload.get("content")
     if content is None:
         return ""
@@ -2116,9 +2230,101 @@ def _content(payload: dict[str, Any]) -> str:
         content = str(content)
     if len(content) > MESSAGE_MAX_CHARS:
         raise _form_error(
-            "content", "BASE_TYPE_MAX_LENGTH", f"Must be {MESSAGE_MAX_CHARS} or fewer in length."
+            f"{errors_at}content",
+            "BASE_TYPE_MAX_LENGTH",
+            f"Must be {MESSAGE_MAX_CHARS} or fewer in length.",
         )
     return content
+
+
+def _components(payload: dict[str, Any], path: str) -> list[dict[str, Any]]:
+    """The message's components, checked as Discord checks a message without IS_COMPONENTS_V2
+    (at most 5 action rows of 1 to 5 buttons), each numbered with an ``id`` if it has none."""
+    rows = payload.get("components") or []
+    if not isinstance(rows, list):
+        raise _form_error(path, "LIST_TYPE_CONVERT", "Only iterables may be used.")
+    if len(rows) > ACTION_ROWS_MAX:
+        raise _form_error(path, "BASE_TYPE_MAX_LENGTH", "Must be 5 or fewer in length.")
+    custom_ids: set[str] = set()
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise _form_error(
+                f"{path}.{index}", "DICT_TYPE_CONVERT", "Only dictionaries may be used."
+            )
+        if row.get("type") != COMPONENT_ACTION_ROW:
+            raise _form_error(
+                f"{path}.{index}",
+                "UNION_TYPE_CHOICES",
+                'Value of field "type" must be one of (1,).',
+            )
+        buttons = row.get("components")
+        if not isinstance(buttons, list) or not 1 <= len(buttons) <= ROW_BUTTONS_MAX:
+            raise _form_error(
+                f"{path}.{index}.components",
+                "BASE_TYPE_BAD_LENGTH",
+                f"Must be between 1 and {ROW_BUTTONS_MAX} in length.",
+            )
+        for position, button in enumerate(buttons):
+            _check_button(button, f"{path}.{index}.components.{position}", custom_ids)
+    return _numbered(rows)
+
+
+def _check_button(button: Any, path: str, custom_ids: set[str]) -> None:
+    """One button of an action row; its custom id joins ``custom_ids`` (unique in a message)."""
+
+    def refuse(field: str, code: str, message: str) -> _DiscordError:
+        return _form_error(f"{path}.{field}".rstrip("."), code, message)
+
+    if not isinstance(button, dict):
+        raise refuse("", "DICT_TYPE_CONVERT", "Only dictionaries may be used.")
+    kind, style = button.get("type"), button.get("style")
+    if kind in (3, 5, 6, 7, 8) or style == 6:  # select menus and premium buttons
+        raise _DiscordError(400, 0, "The fake models buttons of styles 1 to 5 only")
+    if kind != COMPONENT_BUTTON:
+        choices = 'Value of field "type" must be one of (2, 3, 5, 6, 7, 8).'
+        raise refuse("", "UNION_TYPE_CHOICES", choices)
+    if style not in BUTTON_STYLES:
+        raise refuse("style", "BASE_TYPE_CHOICES", "Value must be one of (1, 2, 3, 4, 5, 6).")
+    label, emoji = button.get("label"), button.get("emoji")
+    if label is not None and len(str(label)) > BUTTON_LABEL_MAX:
+        too_long = f"Must be {BUTTON_LABEL_MAX} or fewer in length."
+        raise refuse("label", "BASE_TYPE_MAX_LENGTH", too_long)
+    if emoji is not None and not (
+        isinstance(emoji, dict) and (emoji.get("name") or emoji.get("id"))
+    ):
+        raise refuse("emoji.name", "BUTTON_COMPONENT_INVALID_EMOJI", "Invalid emoji")
+    if not label and emoji is None:
+        raise refuse("label", "BASE_TYPE_REQUIRED", "This field is required")
+    custom_id = button.get("custom_id")
+    if style == BUTTON_LINK:
+        if not button.get("url"):
+            raise refuse("url", "BUTTON_COMPONENT_URL_REQUIRED", "A url is required")
+        if custom_id is not None:
+            both = "A custom id and url cannot both be specified"
+            raise refuse("custom_id", "BUTTON_COMPONENT_CUSTOM_ID_URL_MUTUALLY_EXCLUSIVE", both)
+        return
+    if custom_id is None:
+        raise refuse("custom_id", "BUTTON_COMPONENT_CUSTOM_ID_REQUIRED", "A custom id is required")
+    if not 1 <= len(str(custom_id)) <= CUSTOM_ID_MAX:
+        bad_length = f"Must be between 1 and {CUSTOM_ID_MAX} in length."
+        raise refuse("custom_id", "BASE_TYPE_BAD_LENGTH", bad_length)
+    if str(custom_id) in custom_ids:
+        again = "Component custom id was already specified"
+        raise refuse("custom_id", "COMPONENT_CUSTOM_ID_DUPLICATED", again)
+    custom_ids.add(str(custom_id))
+
+
+def _numbered(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows with an ``id`` on every component that has none (or 0), counting from 1 in order
+    and skipping the ids already taken, as Discord numbers them."""
+    taken = {c.get("id") for row in rows for c in [row, *row["components"]]}
+    fresh = (n for n in itertools.count(1) if n not in taken)
+    numbered = []
+    for row in rows:
+        row_id = row.get("id") or next(fresh)
+        buttons = [dict(button, id=button.get("id") or next(fresh)) for button in row["components"]]
+        numbered.append(dict(row, id=row_id, components=buttons))
+    return numbered
 
 
 def _path_params(raw: dict[str, str]) -> dict[str, Any]:

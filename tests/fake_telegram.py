@@ -4,7 +4,8 @@ Point PTB at it with ``base_url(fake.base_url)`` and ``base_file_url(fake.base_f
 It speaks the wire format of ``api.telegram.org`` (form or multipart requests, ``{"ok": ...}``
 answers with Telegram's error texts and HTTP statuses) for the methods the bot uses: long-polled
 ``getUpdates`` or a webhook, text, photos, documents, albums, edits, chat actions, commands and
-file downloads, and it enforces Telegram's limits:
+file downloads, inline keyboards and the callback queries of their buttons, and it enforces
+Telegram's limits:
 
 ==============================  =================================================================
 limit                           answer
@@ -17,13 +18,25 @@ bytes that are not an image     400 ``IMAGE_PROCESS_FAILED``
 album of 0, 1 or 11+ items      400 (Telegram's texts for 0 and 11+; 1 is the fake's own rule)
 request body over 50 MiB        413 ``Request Entity Too Large``
 ``getFile`` over 20 MiB         400 ``file is too big`` (the bot download limit)
+button without text or action   400 ``can't parse inline keyboard button: ...`` (Telegram's texts)
+callback_data over 64 bytes     400 ``BUTTON_DATA_INVALID``
+button URL not http(s)/tg/ton   400 ``inline keyboard button URL '...' is invalid: ...``
+row over 8, keyboard over 100   400 (undocumented limits: the fake's own texts)
+answer over 200 characters      400 ``MESSAGE_TOO_LONG``
+answer twice, late or unknown   400 ``query is too old and response timeout expired or ...``
 ==============================  =================================================================
 
 Characters are counted in UTF-16 code units after HTML tags are removed (``parse_mode=HTML``);
 Markdown is counted as sent. Tests play the users (``send_text``, ``send_photo``, ``send_album``,
-``send_document``, ``send_from_users``), watch the bot (``sent``, ``wait_for``, ``messages_in``,
-``chat_actions``, ``commands``, ``deliveries``) and inject faults (``flood``, ``fail``) or forged
-webhook posts (``post_to_webhook``).
+``send_document``, ``send_from_users``, ``press``), watch the bot (``sent``, ``wait_for``,
+``messages_in``, ``chat_actions``, ``commands``, ``deliveries``, ``answered``) and inject faults
+(``flood``, ``fail``) or forged webhook posts (``post_to_webhook``, ``press(forged=True)``).
+
+Inline keyboards are kept on the messages as Telegram keeps them: a button keeps its text and its
+first action only, a button with empty text and a row left empty are dropped, and
+``editMessageText`` without ``reply_markup`` removes the keyboard. Albums carry none (Telegram
+ignores ``reply_markup`` on ``sendMediaGroup``). Updates of kinds ``allowed_updates`` (of
+``getUpdates`` or ``setWebhook``) leaves out are never queued, as on Telegram.
 
 Once ``setWebhook`` stored a URL, updates are POSTed there as Telegram does: JSON, with the
 secret in ``X-Telegram-Bot-Api-Secret-Token``, at most ``max_connections`` at once, and an update
@@ -69,6 +82,16 @@ UPLOAD_MAX_BYTES = 50 * 2**20
 DOWNLOAD_MAX_BYTES = 20 * 2**20
 SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 WEBHOOK_TIMEOUT_SECONDS = 10.0
+# core.telegram.org/bots/api#inlinekeyboardbutton: "callback_data ... 1-64 bytes".
+CALLBACK_DATA_MAX_BYTES = 64
+# Undocumented (PTB's telegram.constants.InlineKeyboardMarkupLimit says so too; tginfo's
+# Telegram-Limits lists the same): at most 8 buttons in a row and 100 in a keyboard.
+INLINE_ROW_MAX_BUTTONS = 8
+INLINE_MAX_BUTTONS = 100
+# core.telegram.org/bots/api#answercallbackquery: "text ... 0-200 characters".
+ANSWER_TEXT_MAX_CHARS = 200
+# Undocumented too: a query not answered within about 15 s expires (QUERY_ID_INVALID).
+CALLBACK_ANSWER_SECONDS = 15.0
 
 _THUMBNAIL_SIDES = (90, 320, 800)
 _CHAT_ACTIONS = frozenset(
@@ -105,6 +128,7 @@ _JSON_PARAMS = frozenset(
 )
 _INT_PARAMS = frozenset(
     {
+        "cache_time",
         "chat_id",
         "limit",
         "max_connections",
@@ -133,6 +157,25 @@ _NOT_MODIFIED = (
     "Bad Request: message is not modified: specified new message content and reply markup are "
     "exactly the same as a current content and reply markup of the message"
 )
+_QUERY_INVALID = "Bad Request: query is too old and response timeout expired or query ID is invalid"
+_BUTTON_REFUSED = "Bad Request: can't parse inline keyboard button: "
+# A button's actions, in the order the Bot API server tries them (tdlib/telegram-bot-api,
+# Client::get_inline_keyboard_button): the first one set wins, so a button given two keeps the
+# first although the Bot API documentation asks for exactly one. url and callback_data count as
+# set only when not empty, the others whenever present.
+_BUTTON_ACTIONS = (
+    "url",
+    "callback_data",
+    "callback_game",
+    "pay",
+    "switch_inline_query",
+    "switch_inline_query_chosen_chat",
+    "switch_inline_query_current_chat",
+    "login_url",
+    "web_app",
+    "copy_text",
+)
+_STRING_ACTIONS = frozenset({"url", "callback_data"})
 
 
 @dataclass(frozen=True)
@@ -253,15 +296,27 @@ class Delivery:
 
     update_id: int
     chat_id: int
-    message_id: int
+    message_id: int  # the message sent, or the one whose button was pressed
     secret_token: str | None  # the header sent; None when there was none
     status: int | None  # None: no HTTP answer (connection refused, timeout)
     at: float  # time.monotonic() when the POST began
     seconds: float  # until the answer
+    callback_query_id: str | None = None  # set when the update is a button press
 
     @property
     def ok(self) -> bool:
         return self.status is not None and 200 <= self.status < 300
+
+
+@dataclass(frozen=True)
+class CallbackAnswer:
+    """What answerCallbackQuery said to a button press, and how long after the press."""
+
+    text: str | None
+    show_alert: bool
+    url: str | None
+    cache_time: int
+    seconds: float  # from press() to the answer
 
 
 @dataclass(frozen=True)
@@ -296,6 +351,8 @@ class _ChatState:
     last_message_id: int = 0
     # What each bot text message was sent as, to tell an edit that changes nothing.
     sources: dict[int, str] = field(default_factory=dict)
+    # The chat's identifier in callback queries: a signed 64-bit number, as a string.
+    chat_instance: str = field(default_factory=lambda: str(-secrets.randbits(63)))
 
 
 _Handler = Callable[[dict[str, Any], dict[str, Upload]], Awaitable[Any]]
@@ -348,6 +405,9 @@ class FakeTelegram:
         self._delivering: set[int] = set()  # update ids on their way to the webhook
         self._deliveries: set[asyncio.Task[None]] = set()
         self._delivered = asyncio.Event()
+        self.answer_window = CALLBACK_ANSWER_SECONDS  # a test may shorten it
+        self._pressed: dict[str, float] = {}  # callback query id -> time.monotonic() of press()
+        self._answers: dict[str, CallbackAnswer] = {}
         self._client: ClientSession | None = None
         self._user_ids = itertools.count(700_001)
         self._methods: dict[str, tuple[str, _Handler]] = {
@@ -362,6 +422,8 @@ class FakeTelegram:
                 "getMyCommands": self._get_my_commands,
                 "sendMessage": self._send_message,
                 "editMessageText": self._edit_message_text,
+                "editMessageReplyMarkup": self._edit_message_reply_markup,
+                "answerCallbackQuery": self._answer_callback_query,
                 "deleteMessage": self._delete_message,
                 "sendChatAction": self._send_chat_action,
                 "sendPhoto": self._send_photo,
@@ -518,6 +580,37 @@ class FakeTelegram:
         update = {"update_id": self._last_update_id, "message": message}
         return await self._post(self.webhook.url, update, secret_token)
 
+    def press(
+        self, message: dict[str, Any], user: User, callback_data: str, *, forged: bool = False
+    ) -> dict[str, Any]:
+        """``user`` presses the button with ``callback_data`` under ``message``: deliver the
+        callback query (the message as it stands now) and return it.
+
+        The data must be on the message's keyboard unless ``forged``: then anything is sent, as a
+        modified client could, for tests that show the bot refuses it.
+        """
+        state = self._chats[message["chat"]["id"]]
+        current = state.messages.get(message["message_id"])
+        if current is None:
+            raise ValueError(f"no message {message['message_id']} to press a button of")
+        offered = [
+            button.get("callback_data")
+            for row in current.get("reply_markup", {}).get("inline_keyboard", [])
+            for button in row
+        ]
+        if not forged and callback_data not in offered:
+            raise ValueError(f"no button {callback_data!r} on that message (forged=True sends it)")
+        query = {
+            "id": str(4 * 10**18 + next(self._serial)),
+            "from": user.to_json(),
+            "message": current,
+            "chat_instance": state.chat_instance,
+            "data": callback_data,
+        }
+        self._pressed[query["id"]] = time.monotonic()
+        self._push_update("callback_query", query)
+        return query
+
     def register_file(self, data: bytes, size_override: int | None = None) -> str:
         """Store a file and return its file_id; ``size_override`` is the size Telegram reports."""
         return self._store(data, "documents", size=size_override)["file_id"]
@@ -580,23 +673,28 @@ class FakeTelegram:
     ) -> list[dict[str, str]]:
         return self._commands.get((_scope_key(scope), language_code), [])
 
+    def answered(self, callback_query: dict[str, Any]) -> CallbackAnswer | None:
+        """How the bot answered ``callback_query`` (as ``press`` returns it); None until it did."""
+        return self._answers.get(callback_query["id"])
+
     def handed_at(self, message: dict[str, Any]) -> float | None:
-        """When the update carrying ``message`` (as ``send_text`` returns it) first went to the
-        bot in a getUpdates answer or a webhook POST it accepted, in ``time.monotonic()``; None
-        until it has."""
-        return self._handed_out.get((message["chat"]["id"], message["message_id"]))
+        """When the update carrying ``message`` (as ``send_text`` returns it, or a callback query
+        as ``press`` does) first went to the bot in a getUpdates answer or a webhook POST it
+        accepted, in ``time.monotonic()``; None until it has."""
+        return self._handed_out.get(_subject(message))
 
     def deliveries_of(self, message: dict[str, Any]) -> list[Delivery]:
-        """Every webhook POST of the update carrying ``message``, in order."""
-        key = (message["chat"]["id"], message["message_id"])
-        return [d for d in self.deliveries if (d.chat_id, d.message_id) == key]
+        """Every webhook POST of the update carrying ``message`` (or callback query), in order."""
+        key = _subject(message)
+        return [d for d in self.deliveries if (d.chat_id, d.message_id, d.callback_query_id) == key]
 
     async def wait_delivered(
         self,
         messages: list[dict[str, Any]],
         timeout: float = 10.0,  # noqa: ASYNC109 (a deadline, as tests read it)
     ) -> None:
-        """Wait until the webhook accepted (2xx) the update of each of ``messages``."""
+        """Wait until the webhook accepted (2xx) the update of each of ``messages`` (or callback
+        queries)."""
 
         def accepted(message: dict[str, Any]) -> bool:
             return any(delivery.ok for delivery in self.deliveries_of(message))
@@ -717,9 +815,7 @@ class FakeTelegram:
         updates = list(itertools.islice(self._updates, limit))
         now = time.monotonic()
         for update in updates:
-            message = update.get("message")
-            if isinstance(message, dict):
-                self._handed_out.setdefault((message["chat"]["id"], message["message_id"]), now)
+            self._handed_out.setdefault(_update_subject(update), now)
         return updates
 
     async def _set_webhook(self, params: dict[str, Any], files: dict[str, Upload]) -> Any:
@@ -785,33 +881,66 @@ class FakeTelegram:
     async def _send_message(self, params: dict[str, Any], files: dict[str, Upload]) -> Any:
         state = self._chat_state(params)
         content = _text_content(params, "Bad Request: message is too long")
-        message = self._outgoing(state, params, content)
+        message = self._outgoing(state, params, content | _inline_markup(params))
         state.sources[message["message_id"]] = _source(params)
         return message
 
     async def _edit_message_text(self, params: dict[str, Any], files: dict[str, Upload]) -> Any:
+        """Replace the text, and the keyboard with ``reply_markup``: without one (as on
+        Telegram) the message is left with none."""
         state = self._chat_state(params)
-        message_id = params.get("message_id")
-        old = state.messages.get(message_id) if isinstance(message_id, int) else None
-        if old is None:
-            raise _ApiError(400, "Bad Request: message to edit not found")
-        if old["from"]["id"] != self.bot_id:
-            raise _ApiError(400, "Bad Request: message can't be edited")
+        markup = _inline_markup(params)
+        old = self._editable(state, params)
         if "text" not in old:
             raise _ApiError(400, "Bad Request: there is no text in the message to edit")
         content = _text_content(params, "Bad Request: MESSAGE_TOO_LONG")
         source = _source(params)
-        if state.sources.get(old["message_id"]) == source:
+        if state.sources.get(old["message_id"]) == source and _same_markup(old, markup):
             raise _ApiError(400, _NOT_MODIFIED)
         edited = {
             key: value
             for key, value in old.items()
             if key not in ("text", "entities", "reply_markup")
         }
-        edited |= content | {"edit_date": int(time.time())} | _inline_markup(params)
+        edited |= content | {"edit_date": int(time.time())} | markup
         state.messages[old["message_id"]] = edited
         state.sources[old["message_id"]] = source
         return edited
+
+    async def _edit_message_reply_markup(
+        self, params: dict[str, Any], files: dict[str, Upload]
+    ) -> Any:
+        """Replace the keyboard of any bot message; without ``reply_markup``, remove it."""
+        state = self._chat_state(params)
+        markup = _inline_markup(params)
+        old = self._editable(state, params)
+        if _same_markup(old, markup):
+            raise _ApiError(400, _NOT_MODIFIED)
+        edited = {key: value for key, value in old.items() if key != "reply_markup"}
+        edited |= {"edit_date": int(time.time())} | markup
+        state.messages[old["message_id"]] = edited
+        return edited
+
+    async def _answer_callback_query(self, params: dict[str, Any], files: dict[str, Upload]) -> Any:
+        """Record the answer; a query answered already, unknown or older than
+        ``answer_window`` is refused, as Telegram refuses it."""
+        text = params.get("text")
+        if isinstance(text, str) and _utf16_length(text) > ANSWER_TEXT_MAX_CHARS:
+            raise _ApiError(400, "Bad Request: MESSAGE_TOO_LONG")
+        query_id = str(params.get("callback_query_id") or "")
+        pressed = self._pressed.get(query_id)
+        now = time.monotonic()
+        if pressed is None or query_id in self._answers or now - pressed > self.answer_window:
+            raise _ApiError(400, _QUERY_INVALID)
+        url = params.get("url")
+        self._answers[query_id] = CallbackAnswer(
+            text if isinstance(text, str) and text else None,
+            _is_true(params.get("show_alert")),
+            url if isinstance(url, str) and url else None,
+            _int_param(params, "cache_time", 0),
+            now - pressed,
+        )
+        return True
 
     async def _delete_message(self, params: dict[str, Any], files: dict[str, Upload]) -> Any:
         state = self._chat_state(params)
@@ -828,20 +957,23 @@ class FakeTelegram:
 
     async def _send_photo(self, params: dict[str, Any], files: dict[str, Upload]) -> Any:
         state = self._chat_state(params)
+        markup = _inline_markup(params)
         source = self._input_file(params, files, "photo", "there is no photo in the request")
         caption = _caption_content(params.get("caption"), params.get("parse_mode"))
         photo = _check_photo(source.data)
-        content = {"photo": self._photo_sizes(photo), **caption}
+        content = {"photo": self._photo_sizes(photo), **caption, **markup}
         return self._outgoing(state, params, content)
 
     async def _send_document(self, params: dict[str, Any], files: dict[str, Upload]) -> Any:
         state = self._chat_state(params)
+        markup = _inline_markup(params)
         source = self._input_file(params, files, "document", "there is no document in the request")
         caption = _caption_content(params.get("caption"), params.get("parse_mode"))
-        content = {"document": self._document(source), **caption}
+        content = {"document": self._document(source), **caption, **markup}
         return self._outgoing(state, params, content)
 
     async def _send_media_group(self, params: dict[str, Any], files: dict[str, Upload]) -> Any:
+        """Send an album; Telegram's sendMediaGroup has no reply_markup and ignores one."""
         state = self._chat_state(params)
         media = params.get("media")
         if not media:
@@ -907,6 +1039,16 @@ class FakeTelegram:
         self._chats[chat.id] = _ChatState(chat)
         return chat
 
+    def _editable(self, state: _ChatState, params: dict[str, Any]) -> dict[str, Any]:
+        """The bot message ``message_id`` names, which the bot may edit."""
+        message_id = params.get("message_id")
+        message = state.messages.get(message_id) if isinstance(message_id, int) else None
+        if message is None:
+            raise _ApiError(400, "Bad Request: message to edit not found")
+        if message["from"]["id"] != self.bot_id:
+            raise _ApiError(400, "Bad Request: message can't be edited")
+        return message
+
     def _chat_state(self, params: dict[str, Any]) -> _ChatState:
         chat_id = params.get("chat_id")
         if chat_id is None or chat_id == "":
@@ -942,7 +1084,6 @@ class FakeTelegram:
     ) -> dict[str, Any]:
         thread_id = params.get("message_thread_id")
         reply = self._reply_target(state, params)
-        content = content | _inline_markup(params)
         return self._message(
             state,
             self._bot_user,
@@ -1025,8 +1166,7 @@ class FakeTelegram:
                 if delivery.ok:
                     with contextlib.suppress(ValueError):  # dropped meanwhile
                         self._updates.remove(update)
-                    key = (delivery.chat_id, delivery.message_id)
-                    self._handed_out.setdefault(key, delivery.at)
+                    self._handed_out.setdefault(_update_subject(update), delivery.at)
                     return
                 await asyncio.sleep(self.retry_seconds)
         finally:
@@ -1042,15 +1182,16 @@ class FakeTelegram:
                 error = f"Wrong response from the webhook: {answer.status} {answer.reason}"
         except (ClientError, TimeoutError) as exc:
             status, error = None, f"Connection failed: {type(exc).__name__}"
-        message = update["message"]
+        chat_id, message_id, callback_query_id = _update_subject(update)
         delivery = Delivery(
             update["update_id"],
-            message["chat"]["id"],
-            message["message_id"],
+            chat_id,
+            message_id,
             secret_token,
             status,
             started,
             time.monotonic() - started,
+            callback_query_id,
         )
         self.deliveries.append(delivery)
         if not delivery.ok:
@@ -1248,16 +1389,87 @@ def _command_entity(key: str, text: str) -> dict[str, Any]:
 
 
 def _inline_markup(params: dict[str, Any]) -> dict[str, Any]:
-    """Messages carry the bot's reply_markup only when it is an inline keyboard."""
+    """``{"reply_markup": ...}`` as the message keeps it, or nothing: messages keep only inline
+    keyboards, and one whose rows all end up empty is none."""
     markup = params.get("reply_markup")
-    if isinstance(markup, dict) and "inline_keyboard" in markup:
-        return {"reply_markup": markup}
-    return {}
+    if markup is None:
+        return {}
+    if not isinstance(markup, dict):
+        raise _ApiError(400, "Bad Request: object expected as reply markup")
+    rows = markup.get("inline_keyboard")
+    if rows is None:
+        return {}
+    if not isinstance(rows, list) or not all(isinstance(row, list) for row in rows):
+        raise _ApiError(
+            400,
+            'Bad Request: field "inline_keyboard" of the InlineKeyboardMarkup must be an Array '
+            "of Arrays",
+        )
+    parsed = [[_inline_button(button) for button in row] for row in rows]
+    # tdlib (td/telegram/ReplyMarkup.cpp) drops buttons with empty text, then empty rows.
+    kept = [row for row in ([b for b in row if b["text"]] for row in parsed) if row]
+    for row in kept:
+        for button in row:
+            if "url" in button:
+                _check_button_url(button["url"])
+            data = button.get("callback_data")
+            if isinstance(data, str) and len(data.encode()) > CALLBACK_DATA_MAX_BYTES:
+                raise _ApiError(400, "Bad Request: BUTTON_DATA_INVALID")
+        if len(row) > INLINE_ROW_MAX_BUTTONS:
+            raise _ApiError(400, "Bad Request: more than 8 buttons in a row (fake's rule)")
+    if sum(map(len, kept)) > INLINE_MAX_BUTTONS:
+        raise _ApiError(400, "Bad Request: more than 100 buttons in a keyboard (fake's rule)")
+    return {"reply_markup": {"inline_keyboard": kept}} if kept else {}
+
+
+def _inline_button(button: object) -> dict[str, Any]:
+    """A button as the Bot API server reads it: its text and the first action it has."""
+    if not isinstance(button, dict):
+        raise _ApiError(400, _BUTTON_REFUSED + "InlineKeyboardButton must be an Object")
+    if "text" not in button:
+        raise _ApiError(400, _BUTTON_REFUSED + 'Can\'t find field "text"')
+    if not isinstance(button["text"], str):
+        raise _ApiError(400, _BUTTON_REFUSED + 'Field "text" must be of type String')
+    for action in _BUTTON_ACTIONS:
+        value = button.get(action)
+        if action in _STRING_ACTIONS and value is not None and not isinstance(value, str):
+            raise _ApiError(400, _BUTTON_REFUSED + f'Field "{action}" must be of type String')
+        is_set = bool(value) if action in _STRING_ACTIONS else action in button
+        if is_set:
+            return {"text": button["text"], action: value}
+    raise _ApiError(400, _BUTTON_REFUSED + "Text buttons are unallowed in the inline keyboard")
+
+
+def _check_button_url(url: str) -> None:
+    """Refuse a button URL as tdlib's check_link does: http(s) (the default), tg or ton, and an
+    http(s) host with a dot, so ``localhost`` is refused."""
+    where = urlsplit(url if "://" in url else f"http://{url}")
+    scheme = where.scheme.lower()
+    if scheme in ("tg", "ton") or (scheme in ("http", "https") and "." in (where.hostname or "")):
+        return
+    reason = "Wrong HTTP URL" if scheme in ("http", "https") else "Unsupported URL protocol"
+    raise _ApiError(400, f"Bad Request: inline keyboard button URL '{url}' is invalid: {reason}")
+
+
+def _same_markup(message: dict[str, Any], markup: dict[str, Any]) -> bool:
+    return message.get("reply_markup") == markup.get("reply_markup")
 
 
 def _source(params: dict[str, Any]) -> str:
-    fields = ("text", "parse_mode", "entities", "reply_markup")
+    fields = ("text", "parse_mode", "entities")
     return json.dumps([params.get(name) for name in fields], sort_keys=True)
+
+
+def _subject(item: dict[str, Any]) -> tuple[int, int, str | None]:
+    """(chat id, message id, callback query id or None) of a message, or of a callback query
+    and the message of its button."""
+    if "chat_instance" in item:
+        return item["message"]["chat"]["id"], item["message"]["message_id"], item["id"]
+    return item["chat"]["id"], item["message_id"], None
+
+
+def _update_subject(update: dict[str, Any]) -> tuple[int, int, str | None]:
+    return _subject(update.get("callback_query") or update["message"])
 
 
 def _without_reply(message: dict[str, Any]) -> dict[str, Any]:

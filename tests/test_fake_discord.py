@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from io import BytesIO
 from typing import Any
 
@@ -15,7 +15,8 @@ import pytest
 import yarl
 from discord import app_commands
 from discord.gateway import DiscordWebSocket
-from fake_discord import UPLOAD_MAX_BYTES, FakeDiscord, File
+from discord.http import Route
+from fake_discord import UPLOAD_MAX_BYTES, Call, FakeDiscord, File
 from pictures import png
 
 from adapters.discord import follow_gateway
@@ -635,3 +636,333 @@ async def test_errors_and_headers_have_discords_wire_format(fake: FakeDiscord) -
     [attachment] = multipart[1]["attachments"]
     assert (attachment["filename"], attachment["description"]) == ("x.png", "a fox")
     assert (attachment["width"], attachment["content_type"]) == (64, "image/png")
+
+
+class ResultButtons(discord.ui.View):
+    """A button under a result as the bot puts it there: a fixed custom id and no timeout, so a
+    view added with ``add_view`` answers presses on messages sent before a restart."""
+
+    def __init__(self) -> None:
+        super().__init__(timeout=None)
+        self.presses: list[tuple[int, int | None]] = []  # (user id, message id)
+
+    @discord.ui.button(label="Again", emoji="🔁", custom_id="imagebot:again")
+    async def again(
+        self, interaction: discord.Interaction, _: discord.ui.Button[ResultButtons]
+    ) -> None:
+        self.presses.append((interaction.user.id, interaction.message and interaction.message.id))
+        await interaction.response.defer()
+        await interaction.edit_original_response(view=None)
+        await interaction.followup.send("a new fox", wait=True)
+
+
+async def test_a_persistent_view_answers_a_press_on_a_message_it_never_saw(
+    fake: FakeDiscord,
+) -> None:
+    channel = fake.guild("Artists").channel("general")
+    alice = fake.user("alice")
+
+    async with running(Bot(), fake) as before_restart:
+        text_channel = before_restart.get_channel(channel.id)
+        assert isinstance(text_channel, discord.TextChannel)
+        sent = await text_channel.send("a red fox", view=ResultButtons())
+    [stored] = fake.messages_in(channel)
+
+    after_restart = Bot()
+    view = ResultButtons()
+    after_restart.add_view(view)
+    async with running(after_restart, fake):
+        interaction = fake.press(stored, alice, "imagebot:again")
+        followup = await fake.wait_for("create_followup", 5)
+
+    again = {"type": 2, "id": 2, "style": 2, "disabled": False, "label": "Again",
+             "custom_id": "imagebot:again", "emoji": {"id": None, "name": "🔁"}}  # fmt: skip
+    assert stored["components"] == [{"type": 1, "id": 1, "components": [again]}]
+    [row] = sent.components
+    assert isinstance(row, discord.ActionRow)
+    assert [(b.id, b.custom_id) for b in row.children] == [(2, "imagebot:again")]
+    assert view.presses == [(alice.id, int(stored["id"]))]
+    assert interaction.type == 3
+    assert interaction.payload["data"] == {"custom_id": "imagebot:again", "component_type": 2}
+    assert interaction.payload["message"] == stored
+    assert interaction.payload["member"]["user"]["id"] == str(alice.id)
+    assert interaction.response_type == 6
+    assert interaction.ack_delay is not None and interaction.ack_delay < 3
+    # The deferred update made the pressed message @original: editing it took the buttons away.
+    assert interaction.original is not None and interaction.original["id"] == stored["id"]
+    assert (interaction.original["content"], interaction.original["components"]) == (
+        "a red fox",
+        [],
+    )
+    answer = followup.result
+    assert answer["type"] == 19 and answer["message_reference"]["message_id"] == stored["id"]
+    assert answer["interaction_metadata"]["type"] == 3
+    assert answer["interaction_metadata"]["interacted_message_id"] == stored["id"]
+    assert "interaction" not in answer  # only command answers carry the deprecated field
+    assert interaction.followups == [answer]
+    assert fake.messages_in(channel) == [interaction.original, answer]
+
+
+class Choices(discord.ui.View):
+    """A result's buttons answering in the three ways a press can be answered with a message."""
+
+    @discord.ui.button(label="Again", emoji="🔁", custom_id="again")
+    async def again(self, interaction: discord.Interaction, _: discord.ui.Button[Choices]) -> None:
+        await interaction.response.send_message("only you see this", ephemeral=True)
+
+    @discord.ui.button(label="Vary", emoji="🎨", custom_id="vary")
+    async def vary(self, interaction: discord.Interaction, _: discord.ui.Button[Choices]) -> None:
+        await interaction.response.defer(thinking=True)
+        await interaction.followup.send("a varied fox")
+
+    @discord.ui.button(
+        label="Cancel", emoji="✖", style=discord.ButtonStyle.danger, custom_id="cancel"
+    )
+    async def cancel(self, interaction: discord.Interaction, _: discord.ui.Button[Choices]) -> None:
+        await interaction.response.edit_message(content="Cancelled", view=None)
+
+
+async def test_presses_answered_privately_deferred_or_by_editing_the_buttons_away(
+    fake: FakeDiscord,
+) -> None:
+    channel = fake.guild("Artists").channel("general")
+    alice, bob = fake.user("alice"), fake.user("bob")
+    client = Bot()
+
+    def answered(interaction_id: int, route: str) -> Callable[[Call], bool]:
+        return lambda call: call.name == route and call.interaction_id == interaction_id
+
+    async with running(client, fake):
+        text_channel = client.get_channel(channel.id)
+        assert isinstance(text_channel, discord.TextChannel)
+        await text_channel.send("Drawing a fox…", view=Choices())
+        [message] = fake.messages_in(channel)
+        private = fake.press(message, bob, "again")
+        await fake.wait_for(answered(private.id, "create_interaction_response"))
+        varied = fake.press(message, alice, "vary")
+        await fake.wait_for(answered(varied.id, "create_followup"))
+        cancelled = fake.press(message, alice, "cancel")
+        update = await fake.wait_for(answered(cancelled.id, "create_interaction_response"))
+        forged = fake.press(message, bob, "imagebot:refund-me")
+
+    assert (private.response_type, varied.response_type, cancelled.response_type) == (4, 5, 7)
+    assert private.original is not None and private.original["flags"] == 64
+    assert private.original["content"] == "only you see this"
+    assert private.original["interaction_metadata"]["user"]["id"] == str(bob.id)
+    assert varied.original is not None and varied.original["content"] == "a varied fox"
+    assert varied.original["flags"] == 0  # the followup filled the loading message
+    edited = cancelled.original
+    assert edited is not None and edited["id"] == message["id"]
+    assert (edited["content"], edited["components"]) == ("Cancelled", [])
+    assert update.result["resource"]["message"] == edited
+    assert fake.messages_in(channel) == [edited, varied.original]  # nothing of the private one
+    assert fake.delivered("MESSAGE_UPDATE")[-1][1]["components"] == []
+    # A forged client may press what the message no longer shows; the event says so.
+    assert forged.payload["data"]["custom_id"] == "imagebot:refund-me"
+    assert forged.payload["message"]["components"] == []
+
+
+def action_row(*buttons: dict[str, Any]) -> dict[str, Any]:
+    return {"type": 1, "components": list(buttons)}
+
+
+def button(name: str, **fields: Any) -> dict[str, Any]:
+    return {"type": 2, "style": 1, "label": name, "custom_id": name} | fields
+
+
+async def test_components_are_checked_numbered_and_refused_as_discord_does(
+    fake: FakeDiscord,
+) -> None:
+    channel = fake.guild("Artists").channel("general")
+    alice = fake.user("alice")
+    refused = {
+        "components: Must be 5 or fewer in length.": [
+            action_row(button(f"r{i}")) for i in range(6)
+        ],
+        "components.0.components: Must be between 1 and 5 in length.": [
+            action_row(*(button(f"b{i}") for i in range(6)))
+        ],
+        "components.1.components: Must be between 1 and 5 in length.": [
+            action_row(button("a")),
+            action_row(),
+        ],
+        'components.0: Value of field "type" must be one of (1,).': [button("loose")],
+        "components.0.components.0.label: Must be 80 or fewer in length.": [
+            action_row(button("a", label="x" * 81))
+        ],
+        "components.0.components.0.label: This field is required": [
+            action_row(button("a", label=""))
+        ],
+        "components.0.components.0.emoji.name: Invalid emoji": [action_row(button("a", emoji={}))],
+        "components.0.components.0.custom_id: A custom id is required": [
+            action_row({"type": 2, "style": 1, "label": "no id"})
+        ],
+        "components.0.components.0.custom_id: Must be between 1 and 100 in length.": [
+            action_row(button("a", custom_id="x" * 101))
+        ],
+        "components.1.components.0.custom_id: Component custom id was already specified": [
+            action_row(button("a")),
+            action_row(button("b", custom_id="a")),
+        ],
+        "components.0.components.0.custom_id: A custom id and url cannot both be specified": [
+            action_row(button("a", style=5, url="https://example.com"))
+        ],
+    }
+    messages = Route("POST", "/channels/{channel_id}/messages", channel_id=channel.id)
+    failures: dict[str, discord.HTTPException] = {}
+
+    async with running(Bot(), fake) as client:
+        for where, components in refused.items():
+            with pytest.raises(discord.HTTPException) as failure:
+                await client.http.request(messages, json={"content": "x", "components": components})
+            failures[where] = failure.value
+        with pytest.raises(discord.HTTPException) as select_menu:
+            select = {"type": 3, "custom_id": "model", "options": [{"label": "a", "value": "a"}]}
+            await client.http.request(messages, json={"components": [action_row(select)]})
+        emoji_only = {"type": 2, "style": 2, "emoji": {"name": "🎨"}, "custom_id": "vary"}
+        link = {"type": 2, "style": 5, "label": "Docs", "url": "https://example.com"}
+        only_buttons = [action_row(emoji_only, button("again", id=2), link)]
+        accepted = await client.http.request(messages, json={"components": only_buttons})
+        edit = Route(
+            "PATCH",
+            "/channels/{channel_id}/messages/{message_id}",
+            channel_id=channel.id,
+            message_id=accepted["id"],
+        )
+        with pytest.raises(discord.HTTPException) as emptied:
+            await client.http.request(edit, json={"components": []})
+        pressed = fake.press(accepted, alice, "again")
+        callback = Route(
+            "POST",
+            "/interactions/{interaction_id}/{interaction_token}/callback",
+            interaction_id=pressed.id,
+            interaction_token=pressed.token,
+        )
+        bad_answer = {"content": "x", "components": [action_row(button("a", label="x" * 81))]}
+        with pytest.raises(discord.HTTPException) as in_callback:
+            await client.http.request(callback, json={"type": 4, "data": bad_answer})
+        await client.http.request(callback, json={"type": 7, "data": {"content": "Done"}})
+
+    for where, failure in failures.items():
+        assert (failure.status, failure.code, failure.text) == (
+            400,
+            50035,
+            f"Invalid Form Body\nIn {where}",
+        )
+    [duplicate] = [call for call in fake.calls("create_message") if "already" in str(call.error)]
+    assert duplicate.error == {
+        "message": "Invalid Form Body",
+        "code": 50035,
+        "errors": {
+            "components": {
+                "1": {
+                    "components": {
+                        "0": {
+                            "custom_id": {
+                                "_errors": [
+                                    {
+                                        "code": "COMPONENT_CUSTOM_ID_DUPLICATED",
+                                        "message": "Component custom id was already specified",
+                                    }
+                                ]
+                            }
+                        }
+                    }
+                }
+            }
+        },
+    }
+    assert (select_menu.value.status, select_menu.value.code) == (400, 0)
+    # Discord numbers components from 1 in order, skipping ids the bot chose itself.
+    [row] = accepted["components"]
+    assert (row["id"], [b["id"] for b in row["components"]]) == (1, [3, 2, 4])
+    assert accepted["content"] == "" and fake.messages_in(channel)[-1]["content"] == "Done"
+    assert (emptied.value.code, emptied.value.text) == (50006, "Cannot send an empty message")
+    assert in_callback.value.text == (
+        "Invalid Form Body\nIn data.components.0.components.0.label: Must be 80 or fewer in length."
+    )
+    assert (pressed.response_type, fake.messages_in(channel)[-1]["components"]) == (7, [row])
+
+
+async def test_a_press_answered_late_or_twice_is_refused(fake: FakeDiscord) -> None:
+    channel = fake.guild("Artists").channel("general")
+    alice = fake.user("alice")
+    clock = ManualClock()
+    fake.clock = clock
+    client = Bot()
+    waiting, go_on = asyncio.Event(), asyncio.Event()
+    outcomes: asyncio.Queue[discord.HTTPException | None] = asyncio.Queue()
+
+    class Slow(discord.ui.View):
+        @discord.ui.button(label="Again", custom_id="again")
+        async def again(self, interaction: discord.Interaction, _: discord.ui.Button[Slow]) -> None:
+            waiting.set()
+            await go_on.wait()
+            try:
+                await interaction.response.defer()
+            except discord.HTTPException as exc:
+                outcomes.put_nowait(exc)
+            else:
+                outcomes.put_nowait(None)
+
+    async with running(client, fake):
+        text_channel = client.get_channel(channel.id)
+        assert isinstance(text_channel, discord.TextChannel)
+        await text_channel.send("a fox", view=Slow())
+        [message] = fake.messages_in(channel)
+        late = fake.press(message, alice, "again")
+        await asyncio.wait_for(waiting.wait(), 5)
+        clock.now += 3.5
+        go_on.set()
+        too_late = await asyncio.wait_for(outcomes.get(), 5)
+        in_time = fake.press(message, alice, "again")
+        assert await asyncio.wait_for(outcomes.get(), 5) is None
+        callback = Route(
+            "POST",
+            "/interactions/{interaction_id}/{interaction_token}/callback",
+            interaction_id=in_time.id,
+            interaction_token=in_time.token,
+        )
+        with pytest.raises(discord.HTTPException) as twice:
+            await client.http.request(callback, json={"type": 6})
+
+    assert too_late is not None
+    assert (too_late.status, too_late.code, too_late.text) == (404, 10062, "Unknown interaction")
+    assert (late.acked_at, late.response_type) == (None, None)
+    assert (in_time.ack_delay, in_time.response_type) == (0.0, 6)
+    assert (twice.value.status, twice.value.code, twice.value.text) == (
+        400,
+        40060,
+        "Interaction has already been acknowledged.",
+    )
+
+
+async def test_a_press_goes_to_the_shard_of_the_messages_guild(fake: FakeDiscord) -> None:
+    left = fake.guild("Left", shard=(0, 2)).channel("general")
+    right = fake.guild("Right", shard=(1, 2)).channel("general")
+    alice = fake.user("alice")
+    private = fake.dm(alice)
+    first, second = Bot(shard=(0, 2)), Bot(shard=(1, 2))
+    received: asyncio.Queue[tuple[int | None, discord.Interaction]] = asyncio.Queue()
+
+    async def on_interaction(interaction: discord.Interaction) -> None:
+        received.put_nowait((interaction.client.shard_id, interaction))
+
+    first.on_interaction = second.on_interaction = on_interaction  # type: ignore[attr-defined]
+
+    async with running(first, fake), running(second, fake):
+        for channel in (right, left, private):
+            fake.press(fake.send_message(channel, alice, "a fox"), alice, "imagebot:again")
+        got = [await asyncio.wait_for(received.get(), 5) for _ in range(3)]
+
+    assert sorted((shard, i.channel_id) for shard, i in got) == sorted(
+        [(0, left.id), (0, private.id), (1, right.id)]
+    )
+    pressed = {"custom_id": "imagebot:again", "component_type": 2}
+    assert all(i.user.id == alice.id and i.data == pressed for _, i in got)
+    delivered = fake.delivered("INTERACTION_CREATE")
+    assert [(shard, data["channel_id"]) for shard, data in delivered] == [
+        ([0, 2], str(left.id)),
+        ([0, 2], str(private.id)),
+        ([1, 2], str(right.id)),
+    ]

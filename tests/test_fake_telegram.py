@@ -16,7 +16,10 @@ from telegram import (
     Bot,
     BotCommand,
     BotCommandScopeAllGroupChats,
+    InlineKeyboardButton,
+    InlineKeyboardMarkup,
     InputMediaPhoto,
+    Message,
     Update,
 )
 from telegram.constants import ChatAction
@@ -379,7 +382,8 @@ class Receiver:
 
     def __init__(self, *statuses: int) -> None:
         self.statuses = list(statuses)
-        self.received: list[tuple[str | None, str]] = []  # (secret header, message text)
+        # (secret header, message text or the data of a pressed button)
+        self.received: list[tuple[str | None, str]] = []
         self.url = ""
         self._runner: web.AppRunner | None = None
 
@@ -399,7 +403,9 @@ class Receiver:
     async def _take(self, request: web.Request) -> web.Response:
         assert request.content_type == "application/json"
         update = await request.json()
-        self.received.append((request.headers.get(SECRET_HEADER), update["message"]["text"]))
+        message = update.get("message")
+        what = update["callback_query"]["data"] if message is None else message["text"]
+        self.received.append((request.headers.get(SECRET_HEADER), what))
         return web.Response(status=self.statuses.pop(0) if self.statuses else 200)
 
 
@@ -485,3 +491,305 @@ async def test_post_to_webhook_forges_an_update_with_any_header(
     assert [header for header, _ in receiver.received] == [None, "wrong"]
     assert (forged.status, wrong.status) == (200, 200)  # this receiver checks nothing
     assert fake.pending_updates == []  # forged updates are never queued
+
+
+AGAIN_VARY = InlineKeyboardMarkup(
+    [
+        [
+            InlineKeyboardButton("🔁 Again", callback_data="again:7"),
+            InlineKeyboardButton("🎨 Vary", callback_data="vary:7"),
+        ]
+    ]
+)
+CANCEL = InlineKeyboardMarkup([[InlineKeyboardButton("✖ Cancel", callback_data="cancel:7")]])
+
+
+async def test_an_inline_keyboard_is_kept_on_the_message_and_returned(
+    fake: FakeTelegram, bot: Bot
+) -> None:
+    alice = fake.private_chat(1001, "Alice")
+
+    status = await bot.send_message(alice.id, "Drawing…", reply_markup=CANCEL)
+    photo = await bot.send_photo(alice.id, png(), caption="a fox", reply_markup=AGAIN_VARY)
+    document = await bot.send_document(alice.id, png(), filename="fox.png", reply_markup=CANCEL)
+
+    assert (status.reply_markup, photo.reply_markup, document.reply_markup) == (
+        CANCEL,
+        AGAIN_VARY,
+        CANCEL,
+    )
+    assert [message["reply_markup"] for message in fake.messages_in(alice)] == [
+        CANCEL.to_dict(),
+        AGAIN_VARY.to_dict(),
+        CANCEL.to_dict(),
+    ]
+
+
+async def test_buttons_keep_what_telegram_keeps(fake: FakeTelegram, bot: Bot) -> None:
+    alice = fake.private_chat(1001, "Alice")
+    keyboard = {
+        "inline_keyboard": [
+            [{"text": "", "callback_data": "dropped"}],
+            [
+                {"text": "Both", "url": "https://example.org/fox", "callback_data": "lost"},
+                {"text": "64 bytes", "callback_data": "é" * 32},
+            ],
+        ]
+    }
+
+    await bot.send_message(alice.id, "Pick one", reply_markup=keyboard)  # type: ignore[arg-type]
+
+    assert fake.messages_in(alice)[0]["reply_markup"] == {
+        "inline_keyboard": [
+            [
+                {"text": "Both", "url": "https://example.org/fox"},
+                {"text": "64 bytes", "callback_data": "é" * 32},
+            ]
+        ]
+    }
+
+
+def _buttons(count: int) -> list[dict[str, str]]:
+    return [{"text": str(index), "callback_data": str(index)} for index in range(count)]
+
+
+@pytest.mark.parametrize(
+    ("rows", "description"),
+    [
+        (
+            [[{"text": "Again", "callback_data": "é" * 33}]],  # 33 characters, 66 bytes
+            "Bad Request: BUTTON_DATA_INVALID",
+        ),
+        (
+            [[{"text": "Again"}]],
+            "Bad Request: can't parse inline keyboard button: "
+            "Text buttons are unallowed in the inline keyboard",
+        ),
+        (
+            [[{"text": "Again", "callback_data": ""}]],
+            "Bad Request: can't parse inline keyboard button: "
+            "Text buttons are unallowed in the inline keyboard",
+        ),
+        (
+            [[{"callback_data": "again"}]],
+            "Bad Request: can't parse inline keyboard button: Can't find field \"text\"",
+        ),
+        (
+            [[{"text": "Docs", "url": "http://localhost/docs"}]],
+            "Bad Request: inline keyboard button URL 'http://localhost/docs' is invalid: "
+            "Wrong HTTP URL",
+        ),
+        (
+            [[{"text": "Docs", "url": "ftp://example.org/docs"}]],
+            "Bad Request: inline keyboard button URL 'ftp://example.org/docs' is invalid: "
+            "Unsupported URL protocol",
+        ),
+        ([_buttons(9)], "Bad Request: more than 8 buttons in a row (fake's rule)"),
+        (
+            [_buttons(8)] * 12 + [_buttons(5)],
+            "Bad Request: more than 100 buttons in a keyboard (fake's rule)",
+        ),
+    ],
+    ids=["data-bytes", "no-action", "empty-data", "no-text", "localhost", "ftp", "row", "total"],
+)
+async def test_keyboards_telegram_would_refuse_are_refused(
+    fake: FakeTelegram, bot: Bot, rows: list[list[dict[str, str]]], description: str
+) -> None:
+    alice = fake.private_chat(1001, "Alice")
+
+    keyboard = {"inline_keyboard": rows}
+
+    with pytest.raises(BadRequest):
+        await bot.send_message(alice.id, "Pick", reply_markup=keyboard)  # type: ignore[arg-type]
+
+    assert fake.calls("sendMessage")[0].description == description
+    assert fake.messages_in(alice) == []
+
+
+async def test_an_album_carries_no_keyboard(fake: FakeTelegram, bot: Bot) -> None:
+    alice = fake.private_chat(1001, "Alice")
+
+    messages = await bot.send_media_group(
+        alice.id,
+        [InputMediaPhoto(png()), InputMediaPhoto(png())],
+        api_kwargs={"reply_markup": AGAIN_VARY.to_json()},  # PTB has no parameter for it
+    )
+
+    assert fake.calls("sendMediaGroup")[0].params["reply_markup"] == AGAIN_VARY.to_dict()
+    assert [message.reply_markup for message in messages] == [None, None]
+    assert ["reply_markup" in message for message in fake.messages_in(alice)] == [False, False]
+
+
+async def test_edit_message_reply_markup_swaps_the_keyboard_but_not_for_the_same_one(
+    fake: FakeTelegram, bot: Bot
+) -> None:
+    alice = fake.private_chat(1001, "Alice")
+    assert alice.user is not None
+    status = await bot.send_message(alice.id, "In line: 2 ahead", reply_markup=CANCEL)
+    asked = fake.send_text(alice, alice.user, "/imagine a fox")
+
+    swapped = await bot.edit_message_reply_markup(
+        alice.id, status.message_id, reply_markup=AGAIN_VARY
+    )
+    with pytest.raises(BadRequest, match="Message is not modified"):
+        await bot.edit_message_reply_markup(alice.id, status.message_id, reply_markup=AGAIN_VARY)
+    removed = await bot.edit_message_reply_markup(alice.id, status.message_id)
+    with pytest.raises(BadRequest, match="Message is not modified"):
+        await bot.edit_message_reply_markup(alice.id, status.message_id)
+    with pytest.raises(BadRequest, match="Message can't be edited"):
+        await bot.edit_message_reply_markup(alice.id, asked["message_id"], reply_markup=CANCEL)
+    with pytest.raises(BadRequest, match="Message to edit not found"):
+        await bot.edit_message_reply_markup(alice.id, 999, reply_markup=CANCEL)
+
+    assert swapped is not True and swapped.reply_markup == AGAIN_VARY
+    assert swapped.text == "In line: 2 ahead" and swapped.edit_date is not None
+    assert removed is not True and removed.reply_markup is None
+    assert "reply_markup" not in fake.messages_in(alice)[0]
+
+
+async def test_an_edit_of_the_text_without_a_keyboard_removes_it(
+    fake: FakeTelegram, bot: Bot
+) -> None:
+    alice = fake.private_chat(1001, "Alice")
+    status = await bot.send_message(alice.id, "Drawing…", reply_markup=CANCEL)
+
+    kept = await bot.edit_message_text(
+        "Drawing… 10 s", alice.id, status.message_id, reply_markup=CANCEL
+    )
+    dropped = await bot.edit_message_text("Drawing… 10 s", alice.id, status.message_id)
+
+    assert kept is not True and kept.reply_markup == CANCEL
+    assert dropped is not True and dropped.reply_markup is None  # the same text, but modified
+
+
+async def test_a_press_reaches_a_polling_bot_and_is_answered_once(
+    fake: FakeTelegram, bot: Bot
+) -> None:
+    alice = fake.private_chat(1001, "Alice", "alice")
+    assert alice.user is not None
+    result = await bot.send_photo(alice.id, png(), caption="a fox", reply_markup=AGAIN_VARY)
+    [shown] = fake.messages_in(alice)
+
+    query = fake.press(shown, alice.user, "vary:7")
+    [update] = await bot.get_updates(timeout=5)
+    pressed = update.callback_query
+    assert pressed is not None and fake.answered(query) is None
+    assert await pressed.answer("Drawing a variation…")
+
+    assert (pressed.id, pressed.data, pressed.chat_instance) == (
+        query["id"],
+        "vary:7",
+        query["chat_instance"],
+    )
+    assert pressed.from_user.id == alice.user.id
+    assert isinstance(pressed.message, Message)  # not an InaccessibleMessage
+    assert pressed.message.message_id == result.message_id
+    assert pressed.message.reply_markup == AGAIN_VARY
+    answer = fake.answered(query)
+    assert answer is not None
+    assert (answer.text, answer.show_alert, answer.cache_time) == ("Drawing a variation…", False, 0)
+    assert 0 <= answer.seconds < 1
+    assert fake.handed_at(query) is not None
+    with pytest.raises(BadRequest, match="Query is too old and response timeout expired"):
+        await bot.answer_callback_query(query["id"])
+    with pytest.raises(BadRequest, match="Query is too old and response timeout expired"):
+        await bot.answer_callback_query("4000000000000000000")
+    assert fake.answered(query) == answer
+    assert fake.press(shown, alice.user, "again:7")["chat_instance"] == query["chat_instance"]
+
+
+async def test_an_answer_records_its_delay_and_is_held_to_200_characters(
+    fake: FakeTelegram, bot: Bot
+) -> None:
+    alice = fake.private_chat(1001, "Alice")
+    assert alice.user is not None
+    await bot.send_message(alice.id, "Done", reply_markup=AGAIN_VARY)
+    [shown] = fake.messages_in(alice)
+    query = fake.press(shown, alice.user, "again:7")
+
+    await asyncio.sleep(0.2)
+    with pytest.raises(BadRequest, match="Message_too_long"):
+        await bot.answer_callback_query(query["id"], text="x" * 201)
+    await bot.answer_callback_query(query["id"], text="x" * 200, show_alert=True, cache_time=5)
+
+    answer = fake.answered(query)
+    assert answer is not None
+    assert (answer.text, answer.show_alert, answer.cache_time) == ("x" * 200, True, 5)
+    assert answer.seconds >= 0.2
+
+
+async def test_an_answer_after_the_window_is_too_old(fake: FakeTelegram, bot: Bot) -> None:
+    alice = fake.private_chat(1001, "Alice")
+    assert alice.user is not None
+    await bot.send_message(alice.id, "In line", reply_markup=CANCEL)
+    [shown] = fake.messages_in(alice)
+    fake.answer_window = 0.1
+    query = fake.press(shown, alice.user, "cancel:7")
+
+    await asyncio.sleep(0.2)
+    with pytest.raises(BadRequest, match="Query is too old"):
+        await bot.answer_callback_query(query["id"])
+
+    assert fake.answered(query) is None
+
+
+async def test_data_not_on_the_keyboard_is_pressed_only_when_forged(
+    fake: FakeTelegram, bot: Bot
+) -> None:
+    alice = fake.private_chat(1001, "Alice")
+    assert alice.user is not None
+    await bot.send_message(alice.id, "In line", reply_markup=CANCEL)
+    [shown] = fake.messages_in(alice)
+
+    with pytest.raises(ValueError, match="forged=True"):
+        fake.press(shown, alice.user, "cancel:8")
+    fake.press(shown, alice.user, "cancel:8", forged=True)
+    [update] = await bot.get_updates(timeout=5)
+
+    assert update.callback_query is not None and update.callback_query.data == "cancel:8"
+
+
+async def test_presses_are_left_out_while_allowed_updates_wants_messages_only(
+    fake: FakeTelegram, bot: Bot
+) -> None:
+    alice = fake.private_chat(1001, "Alice")
+    assert alice.user is not None
+    await bot.send_message(alice.id, "In line", reply_markup=CANCEL)
+    [shown] = fake.messages_in(alice)
+    assert await bot.get_updates(timeout=0, allowed_updates=[Update.MESSAGE]) == ()
+
+    fake.press(shown, alice.user, "cancel:7")
+    fake.send_text(alice, alice.user, "/imagine a fox")
+    [message] = await bot.get_updates(timeout=5, allowed_updates=Update.ALL_TYPES)
+    fake.press(shown, alice.user, "cancel:7")
+    [press] = await bot.get_updates(
+        offset=message.update_id + 1, timeout=5, allowed_updates=Update.ALL_TYPES
+    )
+
+    assert message.message is not None  # the first press was never queued
+    assert press.callback_query is not None and press.callback_query.data == "cancel:7"
+
+
+async def test_a_press_reaches_the_webhook_when_allowed_updates_asks_for_it(
+    fake: FakeTelegram, bot: Bot, receiver: Receiver
+) -> None:
+    alice = fake.private_chat(1001, "Alice")
+    assert alice.user is not None
+    status = await bot.send_message(alice.id, "Done", reply_markup=AGAIN_VARY)
+    [shown] = fake.messages_in(alice)
+    await bot.set_webhook(receiver.url, secret_token="s3cret", allowed_updates=[Update.MESSAGE])
+    fake.press(shown, alice.user, "again:7")
+    assert fake.pending_updates == []
+
+    both = [Update.MESSAGE, Update.CALLBACK_QUERY]
+    await bot.set_webhook(receiver.url, secret_token="s3cret", allowed_updates=both)
+    query = fake.press(shown, alice.user, "again:7")
+    await fake.wait_delivered([query])
+
+    assert receiver.received == [("s3cret", "again:7")]
+    [delivery] = fake.deliveries_of(query)
+    assert (delivery.status, delivery.message_id) == (200, status.message_id)
+    assert delivery.callback_query_id == query["id"]
+    assert fake.deliveries_of(shown) == []  # a press is not the update of the message itself
+    assert fake.handed_at(query) == delivery.at
+    assert (await bot.get_webhook_info()).allowed_updates == ("callback_query", "message")

@@ -20,6 +20,36 @@ from bot.ledger.schema import MIGRATIONS, SCHEMA_VERSION
 # Files and lock files
 
 
+def _open_at_once(path: Path, start: Any, failures: Any) -> None:
+    async def run() -> None:
+        await asyncio.to_thread(start.wait)
+        try:
+            await (await SqliteLedger.open(path)).close()
+        except Exception as error:
+            failures.put(repr(error))
+
+    asyncio.run(run())
+
+
+async def test_processes_opening_a_new_file_at_once_all_open_it(tmp_path: Path) -> None:
+    """Switching a new file to WAL answers "database is locked" at once to the others."""
+    context = multiprocessing.get_context("spawn")
+    failures = context.Queue()
+    for round_ in range(4):
+        start = context.Barrier(8)
+        openers = [
+            context.Process(
+                target=_open_at_once, args=(tmp_path / f"{round_}.sqlite3", start, failures)
+            )
+            for _ in range(8)
+        ]
+        for opener in openers:
+            opener.start()
+        for opener in openers:
+            await asyncio.to_thread(opener.join, 60)
+    assert failures.empty(), failures.get()
+
+
 async def test_open_creates_the_folder_and_uses_wal(tmp_path: Path) -> None:
     path = tmp_path / "new" / "folder" / "ledger.sqlite3"
     async with await SqliteLedger.open(path):

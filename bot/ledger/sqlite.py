@@ -8,6 +8,7 @@ the totals tables that ``schema``'s triggers keep; ``recovery`` tells live runs 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Collection
 from datetime import date
 from pathlib import Path
@@ -122,7 +123,7 @@ class SqliteLedger:
         try:
             db = await aiosqlite.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_SECONDS)
             try:
-                await db.execute("PRAGMA journal_mode = WAL")
+                await _enter_wal(db)
                 await db.execute("PRAGMA synchronous = NORMAL")
                 await migrate(db)
             except BaseException:
@@ -424,3 +425,17 @@ def _caps(budget: Budget) -> dict[str, int | None]:
         "global_cap": budget.global_daily_micro,
         "max_pending": budget.max_pending,
     }
+
+
+async def _enter_wal(db: aiosqlite.Connection) -> None:
+    """Switch the file to WAL. Another process switching a new file at the same moment makes
+    SQLite answer "database is locked" at once, without its busy timeout: wait and try again."""
+    deadline = asyncio.get_running_loop().time() + BUSY_TIMEOUT_SECONDS
+    while True:
+        try:
+            await db.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.05)
