@@ -6,11 +6,13 @@ import asyncio
 import datetime as dt
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
 from aiohttp import web
 from fake_telegram import SECRET_HEADER, FakeTelegram
+from fake_telegram import User as FakeUser
 from pictures import png
 from telegram import (
     Bot,
@@ -698,14 +700,22 @@ async def test_a_press_reaches_a_polling_bot_and_is_answered_once(
     assert fake.press(shown, alice.user, "again:7")["chat_instance"] == query["chat_instance"]
 
 
+async def shown_to_alice(
+    fake: FakeTelegram, bot: Bot, text: str, markup: InlineKeyboardMarkup
+) -> tuple[FakeUser, dict[str, Any]]:
+    """Alice, and the bot's message in her private chat, carrying ``markup``."""
+    chat = fake.private_chat(1001, "Alice")
+    assert chat.user is not None
+    await bot.send_message(chat.id, text, reply_markup=markup)
+    [shown] = fake.messages_in(chat)
+    return chat.user, shown
+
+
 async def test_an_answer_records_its_delay_and_is_held_to_200_characters(
     fake: FakeTelegram, bot: Bot
 ) -> None:
-    alice = fake.private_chat(1001, "Alice")
-    assert alice.user is not None
-    await bot.send_message(alice.id, "Done", reply_markup=AGAIN_VARY)
-    [shown] = fake.messages_in(alice)
-    query = fake.press(shown, alice.user, "again:7")
+    alice, shown = await shown_to_alice(fake, bot, "Done", AGAIN_VARY)
+    query = fake.press(shown, alice, "again:7")
 
     await asyncio.sleep(0.2)
     with pytest.raises(BadRequest, match="Message_too_long"):
@@ -719,12 +729,9 @@ async def test_an_answer_records_its_delay_and_is_held_to_200_characters(
 
 
 async def test_an_answer_after_the_window_is_too_old(fake: FakeTelegram, bot: Bot) -> None:
-    alice = fake.private_chat(1001, "Alice")
-    assert alice.user is not None
-    await bot.send_message(alice.id, "In line", reply_markup=CANCEL)
-    [shown] = fake.messages_in(alice)
+    alice, shown = await shown_to_alice(fake, bot, "In line", CANCEL)
     fake.answer_window = 0.1
-    query = fake.press(shown, alice.user, "cancel:7")
+    query = fake.press(shown, alice, "cancel:7")
 
     await asyncio.sleep(0.2)
     with pytest.raises(BadRequest, match="Query is too old"):
@@ -736,14 +743,11 @@ async def test_an_answer_after_the_window_is_too_old(fake: FakeTelegram, bot: Bo
 async def test_data_not_on_the_keyboard_is_pressed_only_when_forged(
     fake: FakeTelegram, bot: Bot
 ) -> None:
-    alice = fake.private_chat(1001, "Alice")
-    assert alice.user is not None
-    await bot.send_message(alice.id, "In line", reply_markup=CANCEL)
-    [shown] = fake.messages_in(alice)
+    alice, shown = await shown_to_alice(fake, bot, "In line", CANCEL)
 
     with pytest.raises(ValueError, match="forged=True"):
-        fake.press(shown, alice.user, "cancel:8")
-    fake.press(shown, alice.user, "cancel:8", forged=True)
+        fake.press(shown, alice, "cancel:8")
+    fake.press(shown, alice, "cancel:8", forged=True)
     [update] = await bot.get_updates(timeout=5)
 
     assert update.callback_query is not None and update.callback_query.data == "cancel:8"
@@ -752,16 +756,13 @@ async def test_data_not_on_the_keyboard_is_pressed_only_when_forged(
 async def test_presses_are_left_out_while_allowed_updates_wants_messages_only(
     fake: FakeTelegram, bot: Bot
 ) -> None:
-    alice = fake.private_chat(1001, "Alice")
-    assert alice.user is not None
-    await bot.send_message(alice.id, "In line", reply_markup=CANCEL)
-    [shown] = fake.messages_in(alice)
+    alice, shown = await shown_to_alice(fake, bot, "In line", CANCEL)
     assert await bot.get_updates(timeout=0, allowed_updates=[Update.MESSAGE]) == ()
 
-    fake.press(shown, alice.user, "cancel:7")
-    fake.send_text(alice, alice.user, "/imagine a fox")
+    fake.press(shown, alice, "cancel:7")
+    fake.send_text(alice, alice, "/imagine a fox")
     [message] = await bot.get_updates(timeout=5, allowed_updates=Update.ALL_TYPES)
-    fake.press(shown, alice.user, "cancel:7")
+    fake.press(shown, alice, "cancel:7")
     [press] = await bot.get_updates(
         offset=message.update_id + 1, timeout=5, allowed_updates=Update.ALL_TYPES
     )
