@@ -47,6 +47,7 @@ _ADMIN = "An admin can check /spend."
 _MAYBE_CHARGED = f"It may have been charged. {_ADMIN}"
 _CHAIN_DECIDES = "the gateway said nothing was charged; waiting for the chain"
 _LEDGER_LATE = "(The spending ledger is busy; this charge is kept and recorded shortly.)"
+_LEDGER_DOWN = "The spending ledger can't be reached right now; try again in a minute."
 
 
 class Outcome(Enum):
@@ -304,7 +305,12 @@ class ImageBot:
             await chat.send_text(models_text())
             return Outcome.DONE
         if isinstance(command, SpendQuery):
-            return await self._spend(command, sender, chat)
+            try:
+                return await self._spend(command, sender, chat)
+            except Exception as error:  # the ledger is unreachable: one line, not silence
+                log.error("could not read the ledger for /spend: %r", error)
+                await chat.send_text(_LEDGER_DOWN)
+                return Outcome.REFUSED
         if isinstance(command, CancelJobs):
             await chat.send_text(cancel_text(await self.cancel_jobs(sender.principal)))
             return Outcome.DONE
@@ -342,7 +348,7 @@ class ImageBot:
         attempt = Attempt(
             platform=sender.platform,
             user_id=sender.user_id,
-            display_name=sender.display_name,
+            display_name=_printable(sender.display_name),
             username=sender.username,
             chat_id=sender.chat_ids[0] if sender.chat_ids else "",
             command=request.kind,
@@ -355,6 +361,10 @@ class ImageBot:
             row_id = await self._ledger.reserve(attempt, request.estimate_micro, budget)
         except BudgetExceeded as error:
             await chat.send_text(error.user_message)
+            return Outcome.REFUSED
+        except Exception as error:  # no row, so nothing may be paid: say so rather than nothing
+            log.error("could not reserve a request in the ledger: %r", error)
+            await chat.send_text(f"{_LEDGER_DOWN} Nothing was charged.")
             return Outcome.REFUSED
         reply_to = chat.reply_address()
         payment = LedgerPayment(self._ledger, row_id, budget, reply_to)
@@ -634,6 +644,11 @@ def _waiting(ahead: int, price: str) -> str:
 
 def _jobs(count: int) -> str:
     return "1 job" if count == 1 else f"{count} jobs"
+
+
+def _printable(name: str) -> str:
+    """A platform name without control characters (PostgreSQL text cannot even hold a NUL)."""
+    return "".join(ch for ch in name if ch.isprintable())
 
 
 async def _progress(chat: Chat, status: str) -> None:

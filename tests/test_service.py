@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from imagebot_cli import cli_env, imagebot
 from pictures import png
@@ -25,7 +26,7 @@ from PIL import Image
 from adapters.console import run_console
 from bot.config import load_settings
 from bot.images import Picture
-from bot.ledger import SqliteLedger
+from bot.ledger import PostgresLedger, Report, SqliteLedger
 from bot.requests import ImageInput
 from bot.service import ImageBot, InputSource, Outcome, Sender, no_inputs
 from bot.x402 import Wallet
@@ -98,6 +99,46 @@ async def test_bot_answers_with_price_in_progress_and_caption(
     assert chat.progress == ["Drawing with flux · 1024x1024 · $0.042…"]
     ((pictures, caption),) = chat.pictures
     assert caption == "flux · 1024x1024 · $0.042" and len(pictures) == 1
+
+
+async def test_a_name_with_control_characters_is_stored_without_them_on_postgresql(
+    sandbox: Sandbox, tmp_path: Path, postgres_url: str
+) -> None:
+    sender = Sender("telegram", "4", "Eve\x00\x1b[31m", ("4",), True)
+    async with running_bot(sandbox, tmp_path / "l.sqlite3", database_url=postgres_url) as bot:
+        chat = RecordingChat()
+        assert await bot.handle(sender, chat, "/imagegen a fox") is Outcome.DONE
+        report = await bot_report(postgres_url)
+    assert [(line.user, line.display_name) for line in report.users] == [("telegram:4", "Eve[31m")]
+
+
+async def test_a_ledger_that_cannot_be_reached_gets_one_line_and_nothing_is_paid(
+    sandbox: Sandbox, tmp_path: Path, postgres_url: str
+) -> None:
+    async with running_bot(sandbox, tmp_path / "l.sqlite3", database_url=postgres_url) as bot:
+        name = postgres_url.rpartition("/")[2]
+        admin = await asyncpg.connect(postgres_url.rpartition("/")[0] + "/postgres")
+        try:  # as when the database server goes away
+            await admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name
+            )
+        finally:
+            await admin.close()
+        chat = RecordingChat()
+        assert await bot.handle(ALICE, chat, "/imagegen a fox") is Outcome.REFUSED
+        assert await bot.handle(ALICE, chat, "/spend") is Outcome.REFUSED
+    assert chat.texts == [
+        "The spending ledger can't be reached right now; try again in a minute. "
+        "Nothing was charged.",
+        "The spending ledger can't be reached right now; try again in a minute.",
+    ]
+    assert sandbox.payments_received == 0
+
+
+async def bot_report(url: str) -> Report:
+    async with await PostgresLedger.open(url) as ledger:
+        return await ledger.report()
 
 
 class FailingUploadChat(RecordingChat):
