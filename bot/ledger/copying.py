@@ -16,8 +16,8 @@ from typing import Any, Protocol
 import aiosqlite
 import asyncpg
 
-from bot.ledger.common import DAY_SECONDS, RESULT_COLUMNS
-from bot.ledger.postgres_schema import migrate
+from bot.ledger.common import RESULT_COLUMNS
+from bot.ledger.postgres_schema import REBUILD_TOTALS, migrate
 from bot.ledger.sqlite import SqliteLedger
 
 BATCH_ROWS = 10_000  # rows read from SQLite and copied at a time: memory stays flat
@@ -45,30 +45,10 @@ _TOTALS = {
     "kept results": "SELECT count(*) FROM results",
 }
 
-_SETTLED = "CASE WHEN status = 'settled' THEN charged_micro ELSE 0 END"
-_PENDING = "CASE WHEN status IN ('pending', 'unknown') THEN quoted_micro ELSE 0 END"
-_REBUILD_TOTALS = (
-    f"""INSERT INTO user_totals
-        SELECT g.platform, g.user_id, coalesce(named.display_name, ''), g.requests, g.images,
-            g.settled, g.pending, g.last_at
-        FROM (
-            SELECT platform, user_id,
-                count(*) FILTER (WHERE status = 'settled') AS requests,
-                coalesce(sum(n) FILTER (WHERE status = 'settled'), 0) AS images,
-                sum({_SETTLED}) AS settled, sum({_PENDING}) AS pending,
-                max(created_at) FILTER (WHERE status <> 'failed') AS last_at,
-                max(id) FILTER (WHERE display_name <> '') AS name_id
-            FROM attempts GROUP BY platform, user_id
-        ) AS g LEFT JOIN attempts AS named ON named.id = g.name_id""",
-    f"""INSERT INTO user_days
-        SELECT platform, user_id, created_at / {DAY_SECONDS}, sum({_SETTLED} + {_PENDING}),
-            sum({_SETTLED})
-        FROM attempts GROUP BY platform, user_id, created_at / {DAY_SECONDS}""",
-    f"""INSERT INTO day_totals
-        SELECT created_at / {DAY_SECONDS}, sum({_SETTLED} + {_PENDING})
-        FROM attempts GROUP BY created_at / {DAY_SECONDS}""",
+# The id sequence goes on after the copied ids.
+_FOLLOW_IDS = (
     "SELECT setval(pg_get_serial_sequence('attempts', 'id'), coalesce(max(id), 0) + 1, false)"
-    " FROM attempts",
+    " FROM attempts"
 )
 
 
@@ -133,7 +113,7 @@ async def _copy_rows(sqlite: aiosqlite.Connection, target: asyncpg.Connection) -
     await target.execute("ALTER TABLE attempts DISABLE TRIGGER USER")
     await _copy_table(sqlite, target, "attempts", COLUMNS)
     await target.execute("ALTER TABLE attempts ENABLE TRIGGER USER")
-    for statement in _REBUILD_TOTALS:
+    for statement in (*REBUILD_TOTALS, _FOLLOW_IDS):
         await target.execute(statement)
     await _copy_table(sqlite, target, "results", RESULT_ROW_COLUMNS)
 

@@ -46,6 +46,28 @@ def report_sums(r: str) -> str:
     )
 
 
+# The totals tables made again from the rows, for rows written with the triggers off (the copy
+# ``imagebot migrate`` makes).
+REBUILD_TOTALS = (
+    f"""INSERT INTO user_totals
+        SELECT g.platform, g.user_id, coalesce(named.display_name, ''), g.requests, g.images,
+            g.micro, g.pending_micro, g.last_at
+        FROM (
+            SELECT platform, user_id, {report_sums("a")},
+                max(created_at) FILTER (WHERE status <> 'failed') AS last_at,
+                max(id) FILTER (WHERE display_name <> '') AS name_id
+            FROM attempts AS a GROUP BY platform, user_id
+        ) AS g LEFT JOIN attempts AS named ON named.id = g.name_id""",
+    f"""INSERT INTO user_days
+        SELECT platform, user_id, created_at / {DAY_SECONDS},
+            sum({_settled("a")} + {_pending("a")}), sum({_settled("a")})
+        FROM attempts AS a GROUP BY platform, user_id, created_at / {DAY_SECONDS}""",
+    f"""INSERT INTO day_totals
+        SELECT created_at / {DAY_SECONDS}, sum({_settled("a")} + {_pending("a")})
+        FROM attempts AS a GROUP BY created_at / {DAY_SECONDS}""",
+)
+
+
 # asyncpg silently truncates a float sent as a bigint; sent as ``whole``, a fraction is refused
 # by the database (a check violation) as SQLite's STRICT tables refuse it.
 _WHOLE = "CREATE DOMAIN whole AS numeric CHECK (VALUE = trunc(VALUE))"
