@@ -7,13 +7,12 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
+from local import until
 from test_ledger import NOW, PRICE, ROOMY, THREE_FIT, Clock, attempt, kept, price
 
 from bot.config import load_settings
@@ -40,13 +39,6 @@ async def query(url: str, sql: str, *args: Any) -> Any:
         return await db.fetchval(sql, *args)
     finally:
         await db.close()
-
-
-async def wait_until(check: Callable[[], Awaitable[bool]], seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while not await check():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.05)
 
 
 def with_password(url: str) -> str:
@@ -188,7 +180,7 @@ async def test_a_run_whose_lease_lapsed_takes_it_again_and_says_so(
         async def leased() -> bool:
             return await query(postgres_url, "SELECT count(*) FROM runs") == 1
 
-        await wait_until(leased, 5)
+        await until(leased, 5)
     assert "lease had lapsed" in caplog.text
 
 
@@ -286,7 +278,7 @@ async def test_the_journal_keeps_a_settlement_while_the_server_refuses_the_ledge
         async def written() -> bool:
             return journal.owed == 0
 
-        await wait_until(written, 10)
+        await until(written, 10)
         assert (await ledger.payment(row)).status == Status.SETTLED
         assert not path.exists()
         await journal.close()

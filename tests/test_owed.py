@@ -19,6 +19,7 @@ import aiosqlite
 import pytest
 from aiohttp import web
 from imagebot_cli import ROOT, cli_env, imagebot
+from local import until
 from test_chain import FakeRpc
 from test_service import RecordingChat
 
@@ -46,13 +47,6 @@ async def statuses(database: Path) -> list[str]:
     async with aiosqlite.connect(database) as db:
         found = await db.execute_fetchall("SELECT status FROM attempts ORDER BY id")
     return [status for (status,) in found]
-
-
-async def wait_until(check: Any, seconds: float = 30.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not await check():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.1)
 
 
 async def settled_micro(database: Path) -> int:
@@ -185,7 +179,7 @@ async def test_two_processes_restarting_on_one_ledger_resume_each_job_once(
         return bool(kept == 6)
 
     try:
-        await wait_until(all_kept)
+        await until(all_kept)
     finally:
         starting.send_signal(signal.SIGKILL)
         await starting.wait()
@@ -249,7 +243,7 @@ async def test_a_ledger_locked_for_20_s_during_a_slow_job_still_delivers_and_set
                 status == "pending" for status in await statuses(database)
             )
 
-        await wait_until(kept)
+        await until(kept)
         await asyncio.sleep(0.3)  # the 202 job is in the ledger
         locker = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -276,7 +270,7 @@ async def test_a_ledger_locked_for_20_s_during_a_slow_job_still_delivers_and_set
         async def settled() -> bool:
             return await statuses(database) == ["settled"]
 
-        await wait_until(settled, 30)
+        await until(settled, 30)
         assert not await asyncio.to_thread(journal.exists)
     assert await settled_micro(database) == sum(s.amount_micro for s in gateway.settlements)
     assert len(gateway.settlements) == 1
@@ -319,7 +313,7 @@ async def test_the_chain_settles_or_fails_what_the_gateway_left_open(
             async def resolved() -> bool:
                 return await statuses(database) == ["settled", "failed"]
 
-            await wait_until(resolved, 15)
+            await until(resolved, 15)
     finally:
         await rpc.close()
     assert await settled_micro(database) == first.quoted_micro

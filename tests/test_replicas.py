@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
 import sys
 from asyncio.subprocess import PIPE
 from decimal import Decimal
@@ -20,19 +19,13 @@ from pathlib import Path
 import asyncpg
 from fake_telegram import FakeTelegram
 from imagebot_cli import ROOT, cli_env, imagebot, imagebot_run
+from local import free_port, until
 from round_robin import RoundRobin
-from test_restarts import until
 
 from sandbox import Sandbox
 
 SECRET = "replicas_share-this-secret"
 USERS = 50
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def replica_env(

@@ -8,21 +8,19 @@ checks what users got, what was signed and settled, and what ``imagebot spend --
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import signal
 import sqlite3
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 import aiosqlite
 from fake_discord import FakeDiscord
 from fake_telegram import FakeTelegram
 from imagebot_cli import cli_env, imagebot, imagebot_run
+from local import until
 
 from sandbox import Sandbox
 
@@ -37,14 +35,6 @@ async def rows(database: Path, where: str) -> int:
     except sqlite3.OperationalError:
         return 0
     return int(count)
-
-
-async def until(check: Callable[[], Any], seconds: float = 30.0) -> None:
-    """Wait until ``check()`` (a value or an awaitable) is true."""
-    deadline = time.monotonic() + seconds
-    while not await _value(check()):
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.1)
 
 
 async def spent_micro(env: dict[str, str], cwd: Path) -> int:
@@ -74,10 +64,6 @@ def env_for(telegram: FakeTelegram, discord: FakeDiscord, gateway: Sandbox, data
         DISCORD_BOT_TOKEN=discord.token,
         DISCORD_API_URL=discord.api_url,
     )
-
-
-async def _value(value: Any) -> Any:
-    return await value if inspect.isawaitable(value) else value
 
 
 async def kept(database: Path, count: int) -> bool:

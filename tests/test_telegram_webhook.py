@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from fake_telegram import Call, FakeTelegram, Webhook
 from imagebot_cli import cli_env
+from local import free_port
 from pictures import png
 from round_robin import RoundRobin
 from test_telegram import sent_to
@@ -39,12 +40,6 @@ class Stack:
     gateway: Sandbox
     url: str  # TELEGRAM_WEBHOOK_URL
     balancer: RoundRobin | None
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @asynccontextmanager
