@@ -6,7 +6,7 @@ import logging
 import re
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import (
     AliasChoices,
@@ -230,6 +230,16 @@ class Settings(BaseSettings):
         chain = chain_for(network)
         url = urls.get(chain) if chain is not None else None
         return url.get_secret_value() if url is not None else None
+
+
+def url_passwords(url: str) -> set[str]:
+    """The password in ``url`` as written and percent-decoded (none if it has none), so both
+    forms can be kept out of output."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return set()
+    return {password, unquote(password)} if password else set()
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -16,11 +16,10 @@ from datetime import UTC, date, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from bot.chain import ChainResolver, Resolved
 from bot.chains import CHAINS
-from bot.config import POSTGRES_URL, Settings, load_settings
+from bot.config import POSTGRES_URL, Settings, load_settings, url_passwords
 from bot.errors import ConfigError
 from bot.http import gateway_client
 from bot.ledger import Payment, Report, Status, open_ledger
@@ -366,7 +365,7 @@ def _migrate(args: argparse.Namespace) -> int:
     settings = _settings()
     if not _ledger_exists(settings):
         return 1
-    configure_logging(settings.log_level, [*secrets_of(settings), args.to, *_password(args.to)])
+    configure_logging(settings.log_level, [*secrets_of(settings), args.to, *url_passwords(args.to)])
     try:
         copied = asyncio.run(copy_ledger(settings.database_path, args.to))
     except (TargetNotEmpty, TotalsDiffer) as refused:
@@ -399,11 +398,6 @@ def _postgres_url(text: str) -> str:
     if not POSTGRES_URL.match(text.strip()):
         raise argparse.ArgumentTypeError("expected postgresql://user:password@host:port/dbname")
     return text.strip()
-
-
-def _password(url: str) -> list[str]:
-    password = urlsplit(url).password
-    return [password] if password else []
 
 
 def _day(text: str) -> date:

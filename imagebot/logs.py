@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, SecretStr
+
+from bot.config import url_passwords
 
 # Quieter by default: httpx logs each request URL at INFO, and Telegram's carries the token.
 _QUIET_LOGGERS = ("httpx", "httpcore", "aiohttp.access")
@@ -35,15 +36,8 @@ def secrets_of(settings: BaseModel) -> list[str]:
         if isinstance(value := getattr(settings, name), SecretStr)
     ]
     bare_keys = [value.removeprefix("0x") for value in values if value.startswith("0x")]
-    passwords = [password for value in values if (password := _password_in(value))]
+    passwords = [password for value in values for password in url_passwords(value)]
     return values + bare_keys + passwords
-
-
-def _password_in(value: str) -> str | None:
-    try:
-        return urlsplit(value).password
-    except ValueError:
-        return None
 
 
 def configure_logging(level: str, secrets: Iterable[str] = ()) -> None:

@@ -301,7 +301,7 @@ async def test_the_chain_settles_or_fails_what_the_gateway_left_open(
         # an RPC URL the rows keep counting until the chain decides.
         assert await statuses(database) == ["unknown", "unknown"]
         assert all("Nothing was charged." in text for text in chat.texts)
-        async with await open_ledger(database) as ledger:
+        async with await open_ledger(settings) as ledger:
             first, second = sorted(await ledger.payments(Status.UNKNOWN), key=lambda p: p.row_id)
         assert first.payer is not None and first.nonce is not None
         assert second.valid_before is not None

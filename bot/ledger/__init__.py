@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
-from typing import TYPE_CHECKING
-from urllib.parse import unquote, urlsplit
 
+from bot.config import Settings, url_passwords
 from bot.errors import ConfigError
 from bot.ledger.api import (
     Attempt,
@@ -28,9 +27,6 @@ from bot.ledger.api import (
 from bot.ledger.common import DAY_SECONDS, RESULT_KEEP_DAYS
 from bot.ledger.postgres import DATABASE_ERRORS, PostgresLedger
 from bot.ledger.sqlite import SqliteLedger
-
-if TYPE_CHECKING:
-    from bot.config import Settings
 
 __all__ = [
     "DAY_SECONDS",
@@ -52,15 +48,13 @@ __all__ = [
 ]
 
 
-async def open_ledger(settings: Settings | Path) -> Ledger:
+async def open_ledger(settings: Settings) -> Ledger:
     """The ledger the settings name, its schema brought up to date; close it when done.
 
-    PostgreSQL at ``DATABASE_URL`` when it is set, else the SQLite file at ``DATABASE_PATH`` (or
-    at the path given). ``ConfigError`` naming the variable when it cannot be opened, created or
+    PostgreSQL at ``DATABASE_URL`` when it is set, else the SQLite file at ``DATABASE_PATH``.
+    ``ConfigError`` naming the variable when it cannot be opened, created or
     written; never with the URL's password.
     """
-    if isinstance(settings, Path):
-        return await _open_sqlite(settings)
     if settings.database_url is None:
         return await _open_sqlite(settings.database_path)
     url = settings.database_url.get_secret_value()
@@ -80,10 +74,6 @@ async def _open_sqlite(path: Path) -> Ledger:
 
 def _without_password(text: str, url: str) -> str:
     """``text`` with the URL's password, as written and decoded, blotted out."""
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        return text
-    for secret in {password, unquote(password)} if password else ():
+    for secret in url_passwords(url):
         text = text.replace(secret, "***")
     return text

@@ -197,7 +197,7 @@ class Payment:
 class Ledger(Protocol):
     """Every paid attempt, one row each, with daily budgets reserved atomically.
 
-    Use it as ``async with await open_ledger(path) as ledger:`` (or call ``close()`` yourself).
+    Use it as ``async with await open_ledger(settings) as ledger:`` (or call ``close()`` yourself).
     Every write is atomic among coroutines and among processes sharing the ledger, so concurrent
     requests never spend past a cap.
     """
