@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar, cast
 
 from adapters.status import ThrottledStatus
+from bot.buttons import Button
 from bot.errors import ConfigError, InputUnavailable
 from bot.images import Picture
 from bot.requests import ImageInput, check_declared
@@ -22,6 +23,7 @@ from bot.requests import ImageInput, check_declared
 log = logging.getLogger(__name__)
 
 Handle = TypeVar("Handle")  # the platform's status message
+Progress = tuple[str, tuple[Button, ...]]  # a status's text and the buttons under it
 
 
 class StartupError(ConfigError):
@@ -32,14 +34,15 @@ class StatusChat(ABC, Generic[Handle]):
     """The core's ``Chat`` for one command, answering with replies on one platform.
 
     The first progress report posts a status reply and starts the platform's keep-alive
-    indicator; later ones edit it, throttled; any answer (text or pictures) clears both.
+    indicator; later ones edit it (its buttons too), throttled; any answer (text or pictures)
+    clears both.
     """
 
     max_text_chars: int
 
     def __init__(self) -> None:
         self._status: Handle | None = None
-        self._edits: ThrottledStatus | None = None
+        self._edits: ThrottledStatus[Progress] | None = None
         self._keeping_alive: asyncio.Task[None] | None = None
 
     async def send_text(self, text: str) -> None:
@@ -47,17 +50,20 @@ class StatusChat(ABC, Generic[Handle]):
         for piece in split_text(text, self.max_text_chars):
             await self._post_text(piece)
 
-    async def show_progress(self, status: str) -> None:
+    async def show_progress(self, status: str, buttons: Sequence[Button] = ()) -> None:
         """The first status is a reply; later ones edit it, throttled, without waiting."""
+        progress = (status, tuple(buttons))
         if self._edits is not None:
-            self._edits.update(status)
+            self._edits.update(progress)
             return
-        self._status = await self._post_status(status)
-        self._edits = ThrottledStatus(self._edit, status)
+        self._status = await self._post_status(*progress)
+        self._edits = ThrottledStatus(self._edit, progress)
         self._keeping_alive = asyncio.create_task(self._keep_alive())
 
-    async def send_pictures(self, pictures: Sequence[Picture], caption: str) -> None:
-        await self._post_pictures(pictures, caption)
+    async def send_pictures(
+        self, pictures: Sequence[Picture], caption: str, buttons: Sequence[Button] = ()
+    ) -> None:
+        await self._post_pictures(pictures, caption, tuple(buttons))
         await self.clear_status()
 
     async def close(self) -> None:
@@ -74,26 +80,31 @@ class StatusChat(ABC, Generic[Handle]):
         self._edits = None
         await self._delete_status(cast(Handle, self._status))
 
-    async def _edit(self, text: str) -> float | None:
+    async def _edit(self, progress: Progress) -> float | None:
         if self._edits is None:  # cleared while this edit waited its turn
             return None
-        return await self._edit_status(cast(Handle, self._status), text)
+        return await self._edit_status(cast(Handle, self._status), *progress)
 
     @abstractmethod
     async def _post_text(self, text: str) -> None:
         """Reply with one piece of text (at most ``max_text_chars``)."""
 
     @abstractmethod
-    async def _post_pictures(self, pictures: Sequence[Picture], caption: str) -> None:
-        """Reply with the pictures, the caption shown with the first."""
+    async def _post_pictures(
+        self, pictures: Sequence[Picture], caption: str, buttons: tuple[Button, ...]
+    ) -> None:
+        """Reply with the pictures, the caption shown with the first, the buttons under them."""
 
     @abstractmethod
-    async def _post_status(self, text: str) -> Handle:
-        """Reply with a status and return it for later edits."""
+    async def _post_status(self, text: str, buttons: tuple[Button, ...]) -> Handle:
+        """Reply with a status and its buttons; return it for later edits."""
 
     @abstractmethod
-    async def _edit_status(self, status: Handle, text: str) -> float | None:
-        """Change the status; swallow the platform's errors; may return seconds to hold off."""
+    async def _edit_status(
+        self, status: Handle, text: str, buttons: tuple[Button, ...]
+    ) -> float | None:
+        """Change the status and its buttons; swallow the platform's errors; may return seconds
+        to hold off."""
 
     @abstractmethod
     async def _delete_status(self, status: Handle) -> None:

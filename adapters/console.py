@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
+from bot.buttons import Button
 from bot.commands import tokens
 from bot.errors import InputUnavailable, UsageError
 from bot.images import Picture
@@ -34,10 +35,12 @@ class ConsoleChat:
     async def send_text(self, text: str) -> None:
         print(text, flush=True)
 
-    async def show_progress(self, status: str) -> None:
-        print(status, flush=True)
+    async def show_progress(self, status: str, buttons: Sequence[Button] = ()) -> None:
+        print(status, flush=True)  # a terminal has no buttons: /cancel works there
 
-    async def send_pictures(self, pictures: Sequence[Picture], caption: str) -> None:
+    async def send_pictures(
+        self, pictures: Sequence[Picture], caption: str, buttons: Sequence[Button] = ()
+    ) -> None:
         paths = await asyncio.to_thread(self._save, pictures)
         print(caption, flush=True)
         for path, picture in zip(paths, pictures, strict=True):

@@ -2,9 +2,10 @@
 webhook (several replicas behind one load balancer), and translation only.
 
 A message (or an album, gathered first across replicas) becomes text + a way to fetch its
-pictures for ``ImageBot.handle``; the core's answers become replies in the same chat and forum
-topic. Telegram's own limits (20 MB bot downloads, photo size and shape, 1,024-character
-captions, flood control) are handled here.
+pictures for ``ImageBot.handle``, a button press (a callback query) ``ImageBot.press``; the
+core's answers become replies in the same chat and forum topic, its buttons inline keyboards.
+Telegram's own limits (20 MB bot downloads, photo size and shape, 1,024-character captions,
+albums without keyboards, flood control) are handled here.
 """
 
 from __future__ import annotations
@@ -23,15 +24,33 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from httpx_aiohttp import AiohttpTransport
-from telegram import Bot, BotCommand, InputMediaPhoto, Message, Update, User
+from telegram import (
+    Bot,
+    BotCommand,
+    CallbackQuery,
+    InlineKeyboardButton,
+    InlineKeyboardMarkup,
+    InputMediaPhoto,
+    Message,
+    Update,
+    User,
+)
 from telegram import Chat as TelegramChatInfo
 from telegram.constants import ChatAction, ChatType
 from telegram.error import BadRequest, InvalidToken, RetryAfter, TelegramError
-from telegram.ext import Application, ContextTypes, MessageHandler, Updater, filters
+from telegram.ext import (
+    Application,
+    CallbackQueryHandler,
+    ContextTypes,
+    MessageHandler,
+    Updater,
+    filters,
+)
 from telegram.request import HTTPXRequest
 from telegram.warnings import PTBDeprecationWarning
 
 from adapters.base import RemoteFile, StartupError, StatusChat, download
+from bot.buttons import Button
 from bot.commands import MENU
 from bot.config import Settings
 from bot.errors import InputUnavailable
@@ -48,6 +67,8 @@ MAX_PHOTO_SIDES = 10_000  # width + height
 MAX_PHOTO_RATIO = 20
 MAX_CAPTION_CHARS = 1024
 MAX_TEXT_CHARS = 4096
+MAX_ALERT_CHARS = 200  # an answerCallbackQuery text
+ANSWER_SECONDS = 1.0  # a press is answered by then at the latest (the button stops spinning)
 CHAT_ACTION_SECONDS = 4.5  # Telegram shows an action for 5 s
 FLOOD_RETRIES = 5
 CONCURRENT_UPDATES = 256
@@ -58,6 +79,8 @@ WEBHOOK_RETRIES = 5  # setWebhook tried again for about 20 s (flood control as r
 _WEBHOOK = "imagebot.webhook"  # the application's bot_data key for its ``Webhook``
 
 COMMANDS = tuple(BotCommand(entry.name, entry.description) for entry in MENU)
+UPDATES = [Update.MESSAGE, Update.CALLBACK_QUERY]  # commands, and presses of the bot's buttons
+MORE_LIKE_THESE = "More like these?"  # the keyboard's own message under an album
 _MIME_EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 
 T = TypeVar("T")
@@ -87,6 +110,7 @@ def build_application(
         filters.TEXT | filters.CAPTION | filters.PHOTO | filters.Document.IMAGE
     )
     application.add_handler(MessageHandler(wanted, adapter.on_message))
+    application.add_handler(CallbackQueryHandler(adapter.on_press))
     return application
 
 
@@ -187,7 +211,7 @@ async def _receive(updater: Updater, webhook: Webhook | None) -> None:
     updates are never dropped, whichever replica they were meant for.
     """
     if webhook is None:
-        await updater.start_polling(allowed_updates=[Update.MESSAGE])
+        await updater.start_polling(allowed_updates=UPDATES)
         return
     try:
         await updater.start_webhook(
@@ -196,7 +220,7 @@ async def _receive(updater: Updater, webhook: Webhook | None) -> None:
             url_path=re.escape(webhook.path),  # PTB routes by a regular expression of it
             webhook_url=webhook.url,
             secret_token=webhook.secret,
-            allowed_updates=[Update.MESSAGE],
+            allowed_updates=UPDATES,
             max_connections=WEBHOOK_CONNECTIONS,
             bootstrap_retries=WEBHOOK_RETRIES,
             drop_pending_updates=False,
@@ -249,6 +273,29 @@ class TelegramAdapter:
         if album:
             await self._handle(album, context.bot.username)
 
+    async def on_press(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """A press of a button under one of the bot's messages: the core decides what it asks."""
+        query = update.callback_query
+        if query is None:
+            return
+        message = query.message
+        if not isinstance(message, Message) or query.data is None:  # too old to be read
+            await _answer(query, "That message is too old for its buttons; send the command again.")
+            return
+        chat = PressChat(query, message)
+        answering = asyncio.create_task(chat.answer_soon())
+        try:
+            await self._bot.press(
+                _presser(query, message),
+                chat,
+                query.data,
+                partial(_fetch, context.bot),
+                [file.file_id for file in _image_files(message)],
+            )
+        finally:
+            answering.cancel()
+            await chat.close()
+
     async def _gather(self, message: Message, bot: Bot) -> list[Message]:
         """Every message of ``message``'s album, sorted, to the one handler (on any replica)
         that gathers them; [] to the others. Just ``message`` when the ledger fails."""
@@ -293,7 +340,21 @@ def _sender(message: Message) -> Sender:
     )
 
 
+def _presser(query: CallbackQuery, message: Message) -> Sender:
+    """Who pressed a button, in the chat of the message it is under."""
+    user = query.from_user
+    return Sender(
+        platform="telegram",
+        user_id=str(user.id),
+        display_name=f"@{user.username}" if user.username else user.full_name,
+        chat_ids=(str(message.chat_id),),
+        private=message.chat.type == ChatType.PRIVATE,
+        username=user.username,
+    )
+
+
 _TOO_BIG = "That image is over Telegram's 20 MB limit for bots; send a smaller one."
+_GONE = "That picture is no longer on Telegram, so I can't use it again. Nothing was charged."
 
 
 async def _images_of(messages: list[Message], command: Message) -> tuple[ImageInput, ...]:
@@ -302,6 +363,10 @@ async def _images_of(messages: list[Message], command: Message) -> tuple[ImageIn
     if not files and command.reply_to_message is not None:
         files = _image_files(command.reply_to_message)
     remote = [RemoteFile(file.file_id, file.file_size, partial(_read, file)) for file in files]
+    return await _download(remote)
+
+
+async def _download(remote: Sequence[RemoteFile]) -> tuple[ImageInput, ...]:
     return await download(
         remote,
         platform="Telegram",
@@ -309,6 +374,21 @@ async def _images_of(messages: list[Message], command: Message) -> tuple[ImageIn
         too_big=_TOO_BIG,
         errors=(TelegramError,),
     )
+
+
+async def _fetch(bot: Bot, file_ids: Sequence[str]) -> tuple[ImageInput, ...]:
+    """Pictures again by their file ids (a button's replay)."""
+    remote = [RemoteFile(file_id, None, partial(_read_again, bot, file_id)) for file_id in file_ids]
+    return await _download(remote)
+
+
+async def _read_again(bot: Bot, file_id: str) -> bytes:
+    try:
+        file = await bot.get_file(file_id)
+    except BadRequest as error:
+        too_big = "too big" in error.message.lower()
+        raise InputUnavailable(_TOO_BIG if too_big else _GONE) from None
+    return bytes(await file.download_as_bytearray())
 
 
 def _image_files(message: Message) -> list[Any]:
@@ -371,16 +451,27 @@ class TelegramChat(StatusChat[Message]):
     async def _post_text(self, text: str) -> None:
         await _flood_safe(lambda: self._command.reply_text(text, do_quote=True))
 
-    async def _post_status(self, text: str) -> Message:
-        return await _flood_safe(lambda: self._command.reply_text(text, do_quote=True))
+    async def _post_status(self, text: str, buttons: tuple[Button, ...]) -> Message:
+        keyboard = _keyboard(buttons)
+        return await _flood_safe(
+            lambda: self._command.reply_text(text, do_quote=True, reply_markup=keyboard)
+        )
 
-    async def _post_pictures(self, pictures: Sequence[Picture], caption: str) -> None:
+    async def _post_pictures(
+        self, pictures: Sequence[Picture], caption: str, buttons: tuple[Button, ...]
+    ) -> None:
+        """Photos (an album for several), documents for what photos can't be; the keyboard
+        goes on the one message, or on a message of its own (an album carries none)."""
         caption = caption[:MAX_CAPTION_CHARS]
         photos = [picture for picture in pictures if _fits_as_photo(picture)]
         documents = [picture for picture in pictures if not _fits_as_photo(picture)]
+        single = len(pictures) == 1
+        keyboard = _keyboard(buttons) if single else None
         if len(photos) == 1:
             await _flood_safe(
-                lambda: self._command.reply_photo(photos[0].data, caption=caption, do_quote=True)
+                lambda: self._command.reply_photo(
+                    photos[0].data, caption=caption, do_quote=True, reply_markup=keyboard
+                )
             )
         elif photos:
             media = [
@@ -392,8 +483,17 @@ class TelegramChat(StatusChat[Message]):
             name = f"image-{index + 1}.{_MIME_EXTENSIONS.get(picture.mime, 'png')}"
             await _flood_safe(
                 lambda picture=picture, name=name: self._command.reply_document(
-                    picture.data, filename=name, caption=None if photos else caption, do_quote=True
+                    picture.data,
+                    filename=name,
+                    caption=None if photos else caption,
+                    do_quote=True,
+                    reply_markup=keyboard,
                 )
+            )
+        if buttons and not single:
+            more = _keyboard(buttons)
+            await _flood_safe(
+                lambda: self._command.reply_text(MORE_LIKE_THESE, do_quote=True, reply_markup=more)
             )
 
     async def _keep_alive(self) -> None:
@@ -404,9 +504,11 @@ class TelegramChat(StatusChat[Message]):
                 )
             await asyncio.sleep(CHAT_ACTION_SECONDS)
 
-    async def _edit_status(self, status: Message, text: str) -> float | None:
+    async def _edit_status(
+        self, status: Message, text: str, buttons: tuple[Button, ...]
+    ) -> float | None:
         try:
-            await status.edit_text(text)
+            await status.edit_text(text, reply_markup=_keyboard(buttons))
         except RetryAfter as error:
             return _seconds(error)
         except BadRequest as error:
@@ -419,6 +521,67 @@ class TelegramChat(StatusChat[Message]):
     async def _delete_status(self, status: Message) -> None:
         with contextlib.suppress(BadRequest):  # already gone
             await _flood_safe(status.delete)
+
+
+class PressChat(TelegramChat):
+    """The core's ``Chat`` for a button press: answers in the pressed message's chat, quoting it.
+
+    Telegram wants every press answered (the button spins until then): the core's first words
+    answer it, a text as an alert only the presser sees (a refusal, a cancel's outcome); if the
+    core says nothing within ``ANSWER_SECONDS`` it is answered blank and later texts are replies.
+    """
+
+    def __init__(self, query: CallbackQuery, pressed: Message) -> None:
+        super().__init__(pressed)
+        self._query = query
+        self._answered = False
+
+    async def answer_soon(self) -> None:
+        await asyncio.sleep(ANSWER_SECONDS)
+        await self._answer()
+
+    async def send_text(self, text: str) -> None:
+        if self._answered or len(text) > MAX_ALERT_CHARS:
+            await self._answer()
+            await super().send_text(text)
+            return
+        await self.clear_status()
+        await self._answer(text)
+
+    async def show_progress(self, status: str, buttons: Sequence[Button] = ()) -> None:
+        await self._answer()
+        await super().show_progress(status, buttons)
+
+    async def send_pictures(
+        self, pictures: Sequence[Picture], caption: str, buttons: Sequence[Button] = ()
+    ) -> None:
+        await self._answer()
+        await super().send_pictures(pictures, caption, buttons)
+
+    async def close(self) -> None:
+        await self._answer()
+        await super().close()
+
+    async def _answer(self, alert: str | None = None) -> None:
+        if not self._answered:
+            self._answered = True
+            await _answer(self._query, alert)
+
+
+async def _answer(query: CallbackQuery, alert: str | None = None) -> None:
+    """Answer a press (with an alert only the presser sees); a late or lost answer is harmless."""
+    try:
+        await query.answer(alert, show_alert=alert is not None)
+    except TelegramError as error:
+        log.debug("answering a button press failed: %s", error)
+
+
+def _keyboard(buttons: Sequence[Button]) -> InlineKeyboardMarkup | None:
+    """The buttons side by side in one row; None (no keyboard) for none."""
+    if not buttons:
+        return None
+    row = [InlineKeyboardButton(button.label, callback_data=button.data) for button in buttons]
+    return InlineKeyboardMarkup([row])
 
 
 def _topic(message: Message) -> int | None:

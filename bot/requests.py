@@ -139,6 +139,11 @@ class ImageCommand:
         """Raise ``UsageError`` for anything wrong that does not need the pictures."""
         _options(self)
 
+    def estimate_micro(self) -> int:
+        """What the command costs at catalog prices; ``UsageError`` as ``check`` raises it."""
+        model, size, n, quality = _options(self)
+        return model.price_micro(size, quality) * n
+
     def build(self, images: Sequence[ImageInput] = ()) -> GenerateRequest | EditRequest:
         return build_request(
             self.kind,

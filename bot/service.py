@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Sequence
@@ -18,12 +17,22 @@ from enum import Enum
 from functools import partial
 from typing import Any, Protocol
 
+from bot.buttons import (
+    Button,
+    again_command,
+    cancel_button,
+    input_refs,
+    kept_result,
+    read_press,
+    result_buttons,
+    vary_command,
+)
 from bot.catalog import find_model
 from bot.commands import CancelJobs, Command, Help, Models, SpendQuery, parse
 from bot.config import Settings
 from bot.errors import ImagebotError
 from bot.images import ImageResult, ImageService, JobCancelled, Picture, SlowJob
-from bot.ledger import Attempt, Budget, BudgetExceeded, Ledger, OpenJob, Payment
+from bot.ledger import Attempt, Budget, BudgetExceeded, KeptResult, Ledger, OpenJob, Payment
 from bot.ledger.journal import SettlementJournal
 from bot.line import Line, Ticket, Withdrawn
 from bot.money import format_usd
@@ -40,6 +49,7 @@ DRAIN_SECONDS = 60.0  # how long a stopping bot lets paid requests in flight fin
 RECOVER_SECONDS = 15.0  # how often a run looks for the rows and slow jobs of runs that died
 ALBUM_QUIET_SECONDS = 0.8  # an album's messages arrive together; gather once none came this long
 ALBUM_WAIT_SECONDS = 30.0  # an album still growing after this long is taken as it is
+KEEP_RESULT_SECONDS = 2.0  # a paid picture waits no longer than this for its buttons
 _RESTARTING = "The bot is restarting; send that again in a minute. Nothing was charged."
 _CANCELLED = "Cancelled as you asked. Nothing was charged."
 _BY_REQUESTER = "cancelled by the requester"
@@ -48,6 +58,11 @@ _MAYBE_CHARGED = f"It may have been charged. {_ADMIN}"
 _CHAIN_DECIDES = "the gateway said nothing was charged; waiting for the chain"
 _LEDGER_LATE = "(The spending ledger is busy; this charge is kept and recorded shortly.)"
 _LEDGER_DOWN = "The spending ledger can't be reached right now; try again in a minute."
+_EXPIRED = (
+    "That button has expired (the bot keeps results for 30 days); send the command again. "
+    "Nothing was charged."
+)
+_PICTURE_GONE = "That picture is gone, so I can't vary it. Nothing was charged."
 
 
 class Outcome(Enum):
@@ -69,6 +84,10 @@ class Cancellation(Enum):
 
 InputSource = Callable[[], Awaitable[Sequence[ImageInput]]]
 """Downloads the pictures of an ``/img2img`` in order; raises ``InputUnavailable`` if it can't."""
+
+Refetch = Callable[[Sequence[str]], Awaitable[Sequence[ImageInput]]]
+"""Downloads pictures again by their references (``ImageInput.ref``), in order; raises
+``InputUnavailable`` saying so when one can no longer be fetched."""
 
 
 async def no_inputs() -> Sequence[ImageInput]:
@@ -96,10 +115,14 @@ class Chat(Protocol):
 
     async def send_text(self, text: str) -> None: ...
 
-    async def send_pictures(self, pictures: Sequence[Picture], caption: str) -> None: ...
+    async def send_pictures(
+        self, pictures: Sequence[Picture], caption: str, buttons: Sequence[Button] = ()
+    ) -> None:
+        """Deliver the pictures with the caption, and ``buttons`` under them."""
 
-    async def show_progress(self, status: str) -> None:
-        """Show what the bot is doing; called again with a newer status while a job runs."""
+    async def show_progress(self, status: str, buttons: Sequence[Button] = ()) -> None:
+        """Show what the bot is doing, with ``buttons`` under it (replacing earlier ones);
+        called again with a newer status while a job runs."""
 
     def reply_address(self) -> str:
         """Where a later run can answer this command (JSON the adapter reads back)."""
@@ -278,11 +301,14 @@ class ImageBot:
         chat: Chat,
         command: Callable[[], Command | None],
         inputs: InputSource = no_inputs,
+        *,
+        answers_private: bool = False,
     ) -> Outcome:
         """Answer one command, made by ``command`` (a parser, or a slash command's options).
 
         ``command`` may raise ``UsageError``, which is answered; it returns None for a message
-        that is not a command for this bot.
+        that is not a command for this bot. ``answers_private``: what ``chat`` says reaches the
+        sender alone (a press's alert), so a refusal is said even in a group.
         """
         if not self._chat_allowed(sender):
             return Outcome.IGNORED
@@ -293,10 +319,51 @@ class ImageBot:
             return Outcome.REFUSED
         if made is None:
             return Outcome.IGNORED
-        return await self._answer(made, sender, chat, inputs)
+        return await self._answer(made, sender, chat, inputs, answers_private)
+
+    async def press(
+        self, sender: Sender, chat: Chat, data: str, fetch: Refetch, pressed: Sequence[str] = ()
+    ) -> Outcome:
+        """Answer a press of one of the bot's buttons, carrying ``data``.
+
+        Again and Vary are new commands of whoever pressed, with every check a typed command
+        has; ``pressed`` are the references of the pictures on the pressed message (what Vary
+        varies), ``fetch`` downloads pictures by reference. Cancel stops the presser's own job.
+        """
+        press = read_press(data)
+        if press is None:
+            await chat.send_text(_EXPIRED)
+            return Outcome.REFUSED
+        if press.action == "cancel":
+            outcome = await self.cancel_job(sender.principal, int(press.key))
+            await chat.send_text(cancel_text([outcome]))
+            return Outcome.DONE
+        try:
+            kept = await self._ledger.kept_result(press.key)
+        except Exception as error:
+            log.error("could not read a kept result: %r", error)
+            await chat.send_text(f"{_LEDGER_DOWN} Nothing was charged.")
+            return Outcome.REFUSED
+        if kept is None or kept.platform != sender.platform:
+            await chat.send_text(_EXPIRED)
+            return Outcome.REFUSED
+        if press.action == "again":
+            command, refs = again_command(kept), input_refs(kept)
+        elif pressed:
+            command, refs = vary_command(kept), [pressed[0]]
+        else:
+            await chat.send_text(_PICTURE_GONE)
+            return Outcome.REFUSED
+        inputs = partial(fetch, refs)
+        return await self.run(sender, chat, lambda: command, inputs, answers_private=True)
 
     async def _answer(
-        self, command: Command, sender: Sender, chat: Chat, inputs: InputSource
+        self,
+        command: Command,
+        sender: Sender,
+        chat: Chat,
+        inputs: InputSource,
+        answers_private: bool = False,
     ) -> Outcome:
         if isinstance(command, Help):
             await chat.send_text(help_text())
@@ -317,7 +384,7 @@ class ImageBot:
         try:
             command.check()  # refuse what can be refused before anything is downloaded
             if not self._user_allowed(sender):
-                if not sender.private:
+                if not (sender.private or answers_private):  # no refusals for a group to read
                     return Outcome.IGNORED
                 await chat.send_text("Sorry, this bot makes pictures only for its members.")
                 return Outcome.REFUSED
@@ -377,11 +444,13 @@ class ImageBot:
         assert task is not None
         self._draws[task] = draw
 
+        cancel = (cancel_button(row_id),)
+
         async def in_line(ahead: int) -> None:
-            await _progress(chat, _waiting(ahead, price))
+            await _progress(chat, _waiting(ahead, price), cancel)
 
         async def still_working(seconds: float) -> None:
-            await _progress(chat, f"{status} {seconds:.0f} s")
+            await _progress(chat, f"{status} {seconds:.0f} s", cancel)
 
         async def remember_job(job: SlowJob) -> None:
             draw.job = job
@@ -389,12 +458,14 @@ class ImageBot:
                 await self._ledger.start_job(row_id, job.to_json(), reply_to)
             except Exception as error:  # polling goes on; only a restart could lose it
                 log.warning("could not keep slow job %d in the ledger: %s", row_id, error)
-                return
-            draw.resumable = True
+            else:
+                draw.resumable = True
+            await _progress(chat, status, cancel)  # polling can be stopped: nothing is charged
 
         async def deliver(result: ImageResult) -> None:
             draw.settled = True
-            await self._hand_over(row_id, result, _caption(request, result), chat)
+            kept = kept_result(request, sender.platform, sender.user_id)
+            await self._hand_over(row_id, result, _caption(request, result), chat, kept)
 
         try:
             await ticket.turn(in_line)
@@ -425,13 +496,10 @@ class ImageBot:
             self._forget(task)
         return Outcome.DONE
 
-    def job_ids(self, principal: str) -> list[str]:
-        """The ids of ``principal``'s image jobs in flight: unguessable, for ``cancel_job``."""
-        return [draw.id for draw in self._draws.values() if draw.principal == principal]
-
-    async def cancel_job(self, principal: str, job_id: str) -> Cancellation:
-        """Stop one job if ``principal`` asked for it and it can still be stopped for free."""
-        draw = next((draw for draw in self._draws.values() if draw.id == job_id), None)
+    async def cancel_job(self, principal: str, row_id: int) -> Cancellation:
+        """Stop the job of ledger row ``row_id`` if ``principal`` asked for it and it can still
+        be stopped for free."""
+        draw = next((draw for draw in self._draws.values() if draw.row_id == row_id), None)
         if draw is None:
             return Cancellation.GONE
         if draw.principal != principal:
@@ -479,15 +547,35 @@ class ImageBot:
         self._draws.pop(task).ended.set()
 
     async def _hand_over(
-        self, row_id: int, result: ImageResult, caption: str, chat: Chat | None
+        self,
+        row_id: int,
+        result: ImageResult,
+        caption: str,
+        chat: Chat | None,
+        kept: KeptResult | None = None,
     ) -> None:
-        """Settle the row (kept in the journal while the ledger is busy), then send the pictures."""
-        if not await self._journal.settle(row_id, result.charged_micro, result.tx_hash):
+        """Settle the row (kept in the journal while the ledger is busy), then send the pictures,
+        with Again and Vary when their request (``kept``) could be kept."""
+        recorded = await self._journal.settle(row_id, result.charged_micro, result.tx_hash)
+        if not recorded:  # the ledger is busy: no buttons either, rather than a late picture
             caption += f"\n{_LEDGER_LATE}"
         if chat is None:
             log.warning("row %d is settled but its chat is not served here", row_id)
-        else:
-            await chat.send_pictures(result.pictures, caption)
+            return
+        buttons = []
+        if kept is not None and recorded:
+            buttons = await self._result_buttons(kept, len(result.pictures))
+        await chat.send_pictures(result.pictures, caption, buttons)
+
+    async def _result_buttons(self, kept: KeptResult, pictures: int) -> list[Button]:
+        """Again and Vary for a result kept in the ledger; none when it cannot be kept."""
+        try:
+            async with asyncio.timeout(KEEP_RESULT_SECONDS):
+                token = await self._ledger.keep_result(kept)
+        except Exception as error:  # the pictures matter more than their buttons
+            log.warning("could not keep a result for its buttons: %r", error)
+            return []
+        return result_buttons(token, kept, pictures)
 
     async def _close_failed(
         self, row_id: int, error: ImagebotError, charged_micro: int, network: str | None
@@ -603,7 +691,6 @@ class _Draw:
     resumable: bool = False  # a 202 job kept in the ledger: the next start can finish it
     settled: bool = False  # the gateway took the payment and the pictures are in hand
     cancelled: bool = False  # stopped at its requester's word; nothing was charged
-    id: str = field(default_factory=lambda: secrets.token_urlsafe(16))
     stop: asyncio.Event = field(default_factory=asyncio.Event)  # its requester asked to stop it
     ended: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -651,9 +738,9 @@ def _printable(name: str) -> str:
     return "".join(ch for ch in name if ch.isprintable())
 
 
-async def _progress(chat: Chat, status: str) -> None:
+async def _progress(chat: Chat, status: str, buttons: Sequence[Button] = ()) -> None:
     try:
-        await chat.show_progress(status)
+        await chat.show_progress(status, buttons)
     except Exception:  # a status line must never cost a paid job
         log.debug("progress update failed", exc_info=True)
 

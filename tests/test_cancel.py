@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ import local
 from aiohttp import web
 from test_service import RecordingChat
 
+from bot.buttons import Button
 from bot.config import load_settings
 from bot.ledger import SqliteLedger
 from bot.service import Cancellation, ImageBot, Outcome, Sender, cancel_text
@@ -119,8 +120,8 @@ class LoggedChat(RecordingChat):
         self.name = name
         self._log = log
 
-    async def show_progress(self, status: str) -> None:
-        await super().show_progress(status)
+    async def show_progress(self, status: str, buttons: Sequence[Button] = ()) -> None:
+        await super().show_progress(status, buttons)
         self._log.append((self.name, status))
 
 
@@ -298,17 +299,18 @@ async def test_only_the_requester_can_cancel_a_job(tmp_path: Path) -> None:
     holder, waiting = RecordingChat(), RecordingChat()
     async with running(tmp_path, gate, max_concurrent_jobs=1) as (bot, sandbox):
         first, second = await one_behind_another(bot, gate, (CAROL, holder), (ALICE, waiting))
-        (job_id,) = bot.job_ids(ALICE.principal)
-        assert len(job_id) >= 20 and bot.job_ids(BOB.principal) == []
+        (cancel,) = waiting.buttons[-1]
+        assert cancel.label == "✖ Cancel" and cancel.data.startswith("cancel:")
+        row_id = int(cancel.data.removeprefix("cancel:"))
 
-        refused = await bot.cancel_job(BOB.principal, job_id)
+        refused = await bot.cancel_job(BOB.principal, row_id)
         assert refused is Cancellation.NOT_YOURS
         assert cancel_text([refused]) == "Only the person who asked for that picture can cancel it."
         assert await ask(bot, BOB, "/cancel") == [NOTHING]
-        assert await bot.cancel_job(ALICE.principal, job_id[:-1]) is Cancellation.GONE
-        assert bot.job_ids(ALICE.principal) == [job_id]  # still waiting
+        assert await bot.cancel_job(ALICE.principal, row_id + 100) is Cancellation.GONE
+        assert not waiting.texts  # still waiting
 
-        assert await bot.cancel_job(ALICE.principal, job_id) is Cancellation.CANCELLED
+        assert await bot.cancel_job(ALICE.principal, row_id) is Cancellation.CANCELLED
         assert await second is Outcome.REFUSED
         gate.opened.set()
         assert await first is Outcome.DONE

@@ -23,6 +23,7 @@ from local import until
 from test_chain import FakeRpc
 from test_service import RecordingChat
 
+from bot.buttons import Button
 from bot.config import load_settings
 from bot.images import Picture
 from bot.ledger import Status, open_ledger
@@ -108,8 +109,8 @@ class Chat:
     def __init__(self, n): self.n = n
     def reply_address(self): return json.dumps({"n": self.n})
     async def send_text(self, text): pass
-    async def show_progress(self, status): pass
-    async def send_pictures(self, pictures, caption): pass
+    async def show_progress(self, status, buttons=()): pass
+    async def send_pictures(self, pictures, caption, buttons=()): pass
 
 async def main():
     async with open_bot(load_settings(_env_file=None), poll_interval=0.2) as bot:
@@ -129,8 +130,9 @@ from imagebot.wiring import open_bot
 class Chat:
     def __init__(self, n): self.n = n
     async def send_text(self, text): print("text", self.n, text, flush=True)
-    async def show_progress(self, status): pass
-    async def send_pictures(self, pictures, caption): print("delivered", self.n, flush=True)
+    async def show_progress(self, status, buttons=()): pass
+    async def send_pictures(self, pictures, caption, buttons=()):
+        print("delivered", self.n, flush=True)
 
 async def chat_for(platform, address):
     return Chat(json.loads(address)["n"])
@@ -224,8 +226,10 @@ class Pictures(RecordingChat):
         super().__init__()
         self.arrived = asyncio.Event()
 
-    async def send_pictures(self, pictures: Sequence[Picture], caption: str) -> None:
-        await super().send_pictures(pictures, caption)
+    async def send_pictures(
+        self, pictures: Sequence[Picture], caption: str, buttons: Sequence[Button] = ()
+    ) -> None:
+        await super().send_pictures(pictures, caption, buttons)
         self.arrived.set()
 
 

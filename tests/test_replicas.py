@@ -180,8 +180,8 @@ from imagebot.wiring import open_bot
 class Chat:
     def reply_address(self): return "{}"
     async def send_text(self, text): print("text", text.replace(chr(10), " "), flush=True)
-    async def show_progress(self, status): pass
-    async def send_pictures(self, pictures, caption): print("delivered", flush=True)
+    async def show_progress(self, status, buttons=()): pass
+    async def send_pictures(self, pictures, caption, buttons=()): print("delivered", flush=True)
 
 async def main():
     async with open_bot(load_settings(_env_file=None)) as bot:

@@ -24,6 +24,7 @@ from pictures import png
 from PIL import Image
 
 from adapters.console import run_console
+from bot.buttons import Button
 from bot.config import load_settings
 from bot.images import Picture
 from bot.ledger import PostgresLedger, Report, SqliteLedger
@@ -55,6 +56,7 @@ class RecordingChat:
         self.texts: list[str] = []
         self.progress: list[str] = []
         self.pictures: list[tuple[Sequence[Picture], str]] = []
+        self.buttons: list[Sequence[Button]] = []  # under each status and result, in order
 
     def reply_address(self) -> str:
         return '{"chat": "recorded"}'
@@ -62,11 +64,15 @@ class RecordingChat:
     async def send_text(self, text: str) -> None:
         self.texts.append(text)
 
-    async def show_progress(self, status: str) -> None:
+    async def show_progress(self, status: str, buttons: Sequence[Button] = ()) -> None:
         self.progress.append(status)
+        self.buttons.append(buttons)
 
-    async def send_pictures(self, pictures: Sequence[Picture], caption: str) -> None:
+    async def send_pictures(
+        self, pictures: Sequence[Picture], caption: str, buttons: Sequence[Button] = ()
+    ) -> None:
         self.pictures.append((pictures, caption))
+        self.buttons.append(buttons)
 
 
 @pytest.fixture
@@ -142,7 +148,9 @@ async def bot_report(url: str) -> Report:
 
 
 class FailingUploadChat(RecordingChat):
-    async def send_pictures(self, pictures: Sequence[Picture], caption: str) -> None:
+    async def send_pictures(
+        self, pictures: Sequence[Picture], caption: str, buttons: Sequence[Button] = ()
+    ) -> None:
         raise ConnectionResetError("the platform dropped the upload")
 
 
@@ -320,8 +328,8 @@ from bot.service import Outcome, Sender
 class Quiet:
     def reply_address(self): return "{}"
     async def send_text(self, text): pass
-    async def show_progress(self, status): pass
-    async def send_pictures(self, pictures, caption): pass
+    async def show_progress(self, status, buttons=()): pass
+    async def send_pictures(self, pictures, caption, buttons=()): pass
 
 async def main():
     users = [Sender("telegram", str(i), "", (str(i),), True) for i in range(50)]

@@ -123,7 +123,7 @@ async def test_setwebhook_gets_the_url_and_secret_and_stopping_keeps_it(tmp_path
 
     assert registered.params["url"] == stack.url
     assert registered.params["secret_token"] == SECRET
-    assert registered.params["allowed_updates"] == ["message"]
+    assert registered.params["allowed_updates"] == ["message", "callback_query"]
     assert registered.params["max_connections"] == 40
     assert registered.params["drop_pending_updates"] == "false"
     assert telegram.calls("deleteWebhook") == []  # neither at start nor at stop
