@@ -47,6 +47,7 @@ MAX_JOBS_PER_USER = 2  # one user's burst cannot crowd out everyone else
 MAX_DECODING = 2  # input pictures decoded at once, whatever the number of commands
 DRAIN_SECONDS = 60.0  # how long a stopping bot lets paid requests in flight finish
 RECOVER_SECONDS = 15.0  # how often a run looks for the rows and slow jobs of runs that died
+CANCELS_SECONDS = 1.0  # how often a run with stoppable jobs looks for cancels asked elsewhere
 ALBUM_QUIET_SECONDS = 0.8  # an album's messages arrive together; gather once none came this long
 ALBUM_WAIT_SECONDS = 30.0  # an album still growing after this long is taken as it is
 KEEP_RESULT_SECONDS = 2.0  # a paid picture waits no longer than this for its buttons
@@ -80,6 +81,7 @@ class Cancellation(Enum):
     TOO_LATE = "too late"  # its payment has left: the picture comes and is charged
     NOT_YOURS = "not yours"  # only the job's requester may stop it
     GONE = "gone"  # no such job in flight: it ended (and said how), or never was
+    ASKED = "asked"  # another run holds it and was asked to stop it: it tells the chat
 
 
 InputSource = Callable[[], Awaitable[Sequence[ImageInput]]]
@@ -171,6 +173,7 @@ class ImageBot:
         self._jobs: Counter[str] = Counter()  # image jobs in flight per user
         self._line = Line(settings.max_concurrent_jobs)
         self._draws: dict[asyncio.Task[Any], _Draw] = {}
+        self._cancelling: set[asyncio.Task[Cancellation]] = set()  # asked by other runs
         self._draining = False
         self._decoding = asyncio.Semaphore(MAX_DECODING)
         self._chat_for: ChatFinder = _no_chat  # set by resume_jobs once adapters run
@@ -498,18 +501,53 @@ class ImageBot:
 
     async def cancel_job(self, principal: str, row_id: int) -> Cancellation:
         """Stop the job of ledger row ``row_id`` if ``principal`` asked for it and it can still
-        be stopped for free."""
+        be stopped for free; a job another run holds is asked to stop through the ledger."""
         draw = next((draw for draw in self._draws.values() if draw.row_id == row_id), None)
-        if draw is None:
+        if draw is not None:
+            if draw.principal != principal:
+                return Cancellation.NOT_YOURS
+            return await self._cancel(draw)
+        try:
+            if await self._ledger.ask_cancel(principal, row_id):
+                return Cancellation.ASKED
+            owner = (await self._ledger.payment(row_id)).user
+        except KeyError:
             return Cancellation.GONE
-        if draw.principal != principal:
-            return Cancellation.NOT_YOURS
-        return await self._cancel(draw)
+        except Exception as error:  # the ledger is unreachable: no other run can be told
+            log.warning("could not ask other runs to cancel a job: %r", error)
+            return Cancellation.GONE
+        return Cancellation.NOT_YOURS if owner != principal else Cancellation.GONE
 
     async def cancel_jobs(self, principal: str) -> list[Cancellation]:
-        """Stop every job of ``principal``'s that can still be stopped; one outcome per job."""
+        """Stop every job of ``principal``'s that can still be stopped, here and (through the
+        ledger) in other runs; one outcome per job."""
         own = [draw for draw in self._draws.values() if draw.principal == principal]
-        return list(await asyncio.gather(*(self._cancel(draw) for draw in own)))
+        here = {draw.row_id for draw in self._draws.values()}
+        try:
+            elsewhere = [row for row in await self._ledger.ask_cancel(principal) if row not in here]
+        except Exception as error:
+            log.warning("could not ask other runs to cancel jobs: %r", error)
+            elsewhere = []
+        outcomes = await asyncio.gather(*(self._cancel(draw) for draw in own))
+        return [*outcomes, *(Cancellation.ASKED for _ in elsewhere)]
+
+    async def watch_cancels(self, every: float = CANCELS_SECONDS) -> None:
+        """Stop the jobs here that another run was asked to cancel (``cancel_job`` checked who
+        asked), every ``every`` seconds while any job here could be stopped; until cancelled."""
+        while True:
+            await asyncio.sleep(every)
+            stoppable = {draw.row_id: draw for draw in self._draws.values() if draw.stoppable}
+            if not stoppable:
+                continue
+            try:
+                asked = await self._ledger.cancels_asked(stoppable)
+            except Exception as error:  # the ledger is unreachable for now: try again later
+                log.debug("could not look for cancels asked: %r", error)
+                continue
+            for row_id in asked:
+                task = asyncio.create_task(self._cancel(stoppable[row_id]))
+                self._cancelling.add(task)
+                task.add_done_callback(self._cancelling.discard)
 
     async def _cancel(self, draw: _Draw) -> Cancellation:
         """Withdraw a waiting job, or stop a 202 job between polls; returns once it ended.
@@ -517,9 +555,7 @@ class ImageBot:
         A job whose payment has left on the 200 path (or is being sent) cannot be stopped; nor
         can a 202 job the gateway already charged, nor one whose poll in flight finds it done.
         """
-        waiting = draw.ticket is not None and draw.ticket.waiting
-        polling = draw.job is not None and draw.job.receipt_tx is None and not draw.settled
-        if not (waiting or polling or draw.stop.is_set()):  # set: a cancel is under way
+        if not (draw.stoppable or draw.stop.is_set()):  # set: a cancel is under way
             return Cancellation.TOO_LATE
         draw.stop.set()  # first: the job reads it to tell a cancel from a shutdown
         if draw.ticket is not None:
@@ -691,6 +727,14 @@ class _Draw:
     resumable: bool = False  # a 202 job kept in the ledger: the next start can finish it
     settled: bool = False  # the gateway took the payment and the pictures are in hand
     cancelled: bool = False  # stopped at its requester's word; nothing was charged
+
+    @property
+    def stoppable(self) -> bool:
+        """Waiting in line, or a 202 job polled that nothing was charged for yet."""
+        waiting = self.ticket is not None and self.ticket.waiting
+        polling = self.job is not None and self.job.receipt_tx is None and not self.settled
+        return waiting or polling
+
     stop: asyncio.Event = field(default_factory=asyncio.Event)  # its requester asked to stop it
     ended: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -709,9 +753,12 @@ def cancel_text(outcomes: Sequence[Cancellation]) -> str:
         return "Only the person who asked for that picture can cancel it."
     cancelled = outcomes.count(Cancellation.CANCELLED)
     late = outcomes.count(Cancellation.TOO_LATE)
+    asked = outcomes.count(Cancellation.ASKED)
     parts = []
     if cancelled:
         parts.append(f"Cancelled {_jobs(cancelled)}; nothing was charged.")
+    if asked:
+        parts.append(f"Stopping {_jobs(asked)}; the chat says when it has stopped.")
     if late:
         other = "other " if cancelled else ""
         parts.append(

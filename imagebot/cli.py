@@ -139,9 +139,13 @@ async def _serve(settings: Settings) -> int:
             adapters.append(discord.serve(client, token, halt))
             finders["discord"] = partial(discord.chat_for, client)
         running = [asyncio.create_task(_stopping_all(a, stop)) for a in adapters]
-        resuming = asyncio.create_task(bot.keep_resuming(partial(_find_chat, finders), finders))
+        shared = [  # work other runs on the ledger leave to this one
+            asyncio.create_task(bot.keep_resuming(partial(_find_chat, finders), finders)),
+            asyncio.create_task(bot.watch_cancels()),
+        ]
         await stop.wait()
-        resuming.cancel()
+        for task in shared:
+            task.cancel()
         await bot.drain()
         halt.set()
         ended = await asyncio.gather(*running, return_exceptions=True)

@@ -715,6 +715,42 @@ async def test_a_result_kept_before_a_restart_is_found_after_it(
         assert await after.kept_result(token) == kept()
 
 
+# Cancels asked across runs
+
+
+async def test_a_cancel_asked_in_one_run_is_told_once_to_the_run_holding_the_row(
+    ledger_backend: Backend, clock: Clock
+) -> None:
+    async with (
+        await ledger_backend.open(clock=clock) as holder,
+        await ledger_backend.open(clock=clock) as other,
+    ):
+        first = await holder.reserve(attempt(), PRICE, ROOMY)
+        second = await holder.reserve(attempt(), PRICE, ROOMY)
+        bobs = await holder.reserve(attempt("222", "@bob"), PRICE, ROOMY)
+        done = await holder.reserve(attempt(), PRICE, ROOMY)
+        await holder.fail(done, "declined")
+
+        assert await other.ask_cancel("telegram:222", first) == []  # not bob's
+        assert await other.ask_cancel("telegram:111", done) == []  # no longer pending
+        assert await other.ask_cancel("telegram:111", first) == [first]
+        assert await holder.cancels_asked([bobs]) == []
+        assert await holder.cancels_asked([first, second, bobs]) == [first]
+        assert await holder.cancels_asked([first, second, bobs]) == []  # told once
+
+        assert await other.ask_cancel("telegram:111") == [first, second]  # all of alice's
+        assert await other.ask_cancel("telegram:111") == [first, second]  # asked again: no harm
+        assert await holder.cancels_asked([first, second, bobs]) == [first, second]
+
+
+async def test_a_cancel_nobody_took_is_deleted_after_an_hour(ledger: Ledger, clock: Clock) -> None:
+    row = await ledger.reserve(attempt(), PRICE, ROOMY)
+    assert await ledger.ask_cancel("telegram:111", row) == [row]
+    clock.at += timedelta(hours=1, seconds=1)
+    await ledger.ask_cancel("telegram:999")  # asks nothing, deletes what is old
+    assert await ledger.cancels_asked([row]) == []
+
+
 # Reports
 
 

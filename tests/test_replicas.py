@@ -169,6 +169,66 @@ async def test_a_replica_killed_mid_job_leaves_it_to_the_other_which_delivers_it
     assert await open_jobs(postgres_url) == 0
 
 
+def texts_in(telegram: FakeTelegram, chat_id: int) -> list[str]:
+    return [str(message.get("text")) for message in telegram.messages_in(chat_id)]
+
+
+async def test_a_cancel_reaching_the_other_replica_stops_the_job_for_free(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    gateway, telegram = Sandbox(), FakeTelegram()
+    await gateway.start()
+    await telegram.start()
+    ports = [free_port(), free_port()]
+    balancer = RoundRobin([f"http://127.0.0.1:{port}" for port in ports])
+    await balancer.start()
+    alice = telegram.private_chat(111, "Alice", "alice")
+    assert alice.user is not None
+    env = partial(replica_env, gateway, telegram, balancer, postgres_url, tmp_path)
+    told = "Cancelled as you asked. Nothing was charged."
+
+    def status() -> dict[str, object] | None:
+        """The newest message with a keyboard (the slow job's status, with ✖ Cancel)."""
+        keyed = [m for m in telegram.messages_in(alice.id) if m.get("reply_markup")]
+        return keyed[-1] if keyed else None
+
+    try:
+        async with (
+            imagebot_run(env(ports[0]), tmp_path / "one.log"),
+            imagebot_run(env(ports[1]), tmp_path / "two.log"),
+        ):
+            await until(lambda: len(telegram.calls("setWebhook")) == 2)
+            telegram.send_text(alice, alice.user, "/imagegen a harbour #never")
+            await until(lambda: status() is not None, seconds=30)
+            pressed = status()
+            assert pressed is not None
+            (row,) = pressed["reply_markup"]["inline_keyboard"]  # type: ignore[index]
+            query = telegram.press(pressed, alice.user, row[0]["callback_data"])
+            await until(lambda: told in texts_in(telegram, alice.id), seconds=30)
+            asked = telegram.answered(query)
+
+            telegram.send_text(alice, alice.user, "/imagegen a lighthouse #never")
+            await until(lambda: open_jobs(postgres_url), seconds=30)
+            telegram.send_text(alice, alice.user, "/cancel")
+            await until(lambda: texts_in(telegram, alice.id).count(told) == 2, seconds=30)
+    finally:
+        await balancer.close()
+        await telegram.close()
+        await gateway.close()
+
+    forwarded = list(balancer.forwarded.values())
+    assert forwarded == [2, 2]  # command and press (and command and /cancel) on different ones
+    assert asked is not None and asked.text == "Stopping 1 job; the chat says when it has stopped."
+    assert "Stopping 1 job; the chat says when it has stopped." in texts_in(telegram, alice.id)
+    assert gateway.payments_received == 2 and gateway.settlements == []
+    connection = await asyncpg.connect(postgres_url)
+    try:
+        statuses = await connection.fetch("SELECT status FROM attempts ORDER BY id")
+    finally:
+        await connection.close()
+    assert [row["status"] for row in statuses] == ["failed", "failed"]
+
+
 # Three bot processes on one PostgreSQL ledger race 40 paid requests each against one gateway.
 
 RACE = """

@@ -312,6 +312,16 @@ class Ledger(Protocol):
         than ``RESULT_KEEP_DAYS``; a token ``keep_result`` could not have made is not looked up.
         """
 
+    async def ask_cancel(self, user: str, row_id: int | None = None) -> list[int]:
+        """Ask whichever run holds them to stop ``user``'s pending requests: the one of
+        ``row_id``, or all of them; returns the rows asked (only ``user``'s, only pending).
+
+        Asks older than an hour are deleted on the way.
+        """
+
+    async def cancels_asked(self, row_ids: Collection[int]) -> list[int]:
+        """Which of ``row_ids`` were asked to stop since the last call; each is told once."""
+
     async def close(self) -> None:
         """Close the store; from then on ``recover()`` elsewhere treats this run as dead."""
 

@@ -22,6 +22,7 @@ RESULT_KEEP_DAYS = 30  # a result's buttons work this long
 RESULT_KEEP_SECONDS = RESULT_KEEP_DAYS * DAY_SECONDS
 # Expired results deleted by one keep: bounded, and more than one, so a backlog drains.
 RESULT_DELETE_BATCH = 100
+CANCEL_KEEP_SECONDS = 3600  # a cancel asked for a row no run holds any more is deleted then
 _EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 _RESULT_TOKEN = re.compile(r"[A-Za-z0-9_-]{22}")  # secrets.token_urlsafe(16)
 

@@ -33,6 +33,7 @@ from bot.ledger.api import (
 from bot.ledger.common import (
     ALBUM_KEEP_SECONDS,
     ALBUM_MAX_PARTS,
+    CANCEL_KEEP_SECONDS,
     DAY_SECONDS,
     PAYMENT_COLUMNS,
     RESULT_COLUMNS,
@@ -53,6 +54,12 @@ from bot.ledger.common import (
 from bot.ledger.postgres_schema import migrate, report_sums
 
 log = logging.getLogger(__name__)
+
+_ASK_CANCEL = """INSERT INTO cancels (row_id, asked_at)
+    SELECT id, $1 FROM attempts WHERE status = 'pending' AND platform = $2 AND user_id = $3
+        AND ($4::bigint IS NULL OR id = $4)
+    ON CONFLICT (row_id) DO UPDATE SET asked_at = excluded.asked_at
+    RETURNING row_id"""
 
 POOL_SIZE = 5  # reservations of a day queue on one row: more connections only wait longer
 CONNECT_TIMEOUT_SECONDS = 10.0
@@ -382,6 +389,24 @@ class PostgresLedger:
         )
         await self._pool.execute(_KEEP_RESULT, *row)
         return row[0]
+
+    async def ask_cancel(self, user: str, row_id: int | None = None) -> list[int]:
+        """As ``Ledger.ask_cancel``."""
+        platform, user_id = split_user(user)
+        now = self._now()
+        async with self._pool.acquire() as db, db.transaction():
+            await db.execute("DELETE FROM cancels WHERE asked_at < $1", now - CANCEL_KEEP_SECONDS)
+            asked = await db.fetch(_ASK_CANCEL, now, platform, user_id, row_id)
+        return sorted(row["row_id"] for row in asked)
+
+    async def cancels_asked(self, row_ids: Collection[int]) -> list[int]:
+        """As ``Ledger.cancels_asked``: one DELETE ... RETURNING tells each ask once."""
+        if not row_ids:
+            return []
+        told = await self._pool.fetch(
+            "DELETE FROM cancels WHERE row_id = ANY($1::bigint[]) RETURNING row_id", list(row_ids)
+        )
+        return sorted(row["row_id"] for row in told)
 
     async def kept_result(self, token: str) -> KeptResult | None:
         """As ``Ledger.kept_result``."""

@@ -330,8 +330,11 @@ _V2_RESULTS = (
     "CREATE INDEX results_by_time ON results (created_at)",
 )
 
+# Cancels asked for requests in flight, read by whichever run holds them.
+_V3_CANCELS = ("CREATE TABLE cancels (row_id bigint PRIMARY KEY, asked_at bigint NOT NULL)",)
+
 # Applied in order from the version in schema_version; never edit a released step, add one.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2_RESULTS)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2_RESULTS, _V3_CANCELS)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

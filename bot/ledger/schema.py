@@ -219,6 +219,14 @@ _V6_RESULTS = (
     "CREATE INDEX results_by_time ON results (created_at)",
 )
 
+# Cancels asked for requests in flight, read by whichever run holds them.
+_V7_CANCELS = (
+    """CREATE TABLE cancels (
+        row_id INTEGER PRIMARY KEY,
+        asked_at INTEGER NOT NULL
+    ) STRICT""",
+)
+
 # Applied in order from the file's PRAGMA user_version; never edit a released step, add one.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _V1_ATTEMPTS,
@@ -227,6 +235,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _V4_USERNAMES,
     _V5_ALBUMS,
     _V6_RESULTS,
+    _V7_CANCELS,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

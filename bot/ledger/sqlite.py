@@ -8,6 +8,7 @@ the totals tables that ``schema``'s triggers keep; ``recovery`` tells live runs 
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from collections.abc import Collection
 from datetime import date
@@ -31,6 +32,7 @@ from bot.ledger.api import (
 from bot.ledger.common import (
     ALBUM_KEEP_SECONDS,
     ALBUM_MAX_PARTS,
+    CANCEL_KEEP_SECONDS,
     DAY_SECONDS,
     PAYMENT_COLUMNS,
     RESULT_COLUMNS,
@@ -101,6 +103,11 @@ _TAKE_ALBUM = """DELETE FROM album_parts WHERE album = :album
 # DELETE ... LIMIT needs a compile-time option of SQLite's, hence the subquery.
 _DELETE_EXPIRED_RESULTS = """DELETE FROM results WHERE rowid IN (
     SELECT rowid FROM results WHERE created_at < :expired_before LIMIT :batch)"""
+_ASK_CANCEL = """INSERT INTO cancels (row_id, asked_at)
+    SELECT id, :now FROM attempts WHERE status = 'pending' AND platform = :platform
+        AND user_id = :user_id AND (:row_id IS NULL OR id = :row_id)
+    ON CONFLICT (row_id) DO UPDATE SET asked_at = excluded.asked_at
+    RETURNING row_id"""
 _KEEP_RESULT = (
     f"INSERT INTO results (token, {RESULT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
@@ -387,6 +394,28 @@ class SqliteLedger:
             (token, self._now() - RESULT_KEEP_SECONDS),
         )
         return kept_result_of(rows[0]) if rows else None
+
+    async def ask_cancel(self, user: str, row_id: int | None = None) -> list[int]:
+        """As ``Ledger.ask_cancel``."""
+        platform, user_id = split_user(user)
+        now = self._now()
+        await self._db.execute(
+            "DELETE FROM cancels WHERE asked_at < ?", (now - CANCEL_KEEP_SECONDS,)
+        )
+        asked = await self._db.execute_fetchall(
+            _ASK_CANCEL, {"now": now, "platform": platform, "user_id": user_id, "row_id": row_id}
+        )
+        return sorted(row for (row,) in asked)
+
+    async def cancels_asked(self, row_ids: Collection[int]) -> list[int]:
+        """As ``Ledger.cancels_asked``: one DELETE ... RETURNING tells each ask once."""
+        if not row_ids:
+            return []
+        told = await self._db.execute_fetchall(
+            "DELETE FROM cancels WHERE row_id IN (SELECT value FROM json_each(?)) RETURNING row_id",
+            (json.dumps(list(row_ids)),),
+        )
+        return sorted(row for (row,) in told)
 
     async def _dead_runs(self, rows: str) -> list[str]:
         """The dead runs among those that wrote the rows matching the SQL condition ``rows``."""
