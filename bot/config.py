@@ -69,6 +69,8 @@ class Settings(BaseSettings):
     telegram_webhook_secret: SecretStr | None = None
     discord_shard_count: int | None = None
     discord_shard_ids: ShardIds = None
+    low_balance_micro: int = Field(0, validation_alias="LOW_BALANCE_USD")  # 0: no warnings
+    metrics_listen: str | None = None
 
     @field_validator(
         "telegram_bot_token",
@@ -82,6 +84,7 @@ class Settings(BaseSettings):
         "telegram_webhook_secret",
         "discord_shard_count",
         "discord_shard_ids",
+        "metrics_listen",
         mode="before",
     )
     @classmethod
@@ -124,7 +127,11 @@ class Settings(BaseSettings):
         return SecretStr(url)
 
     @field_validator(
-        "max_micro_per_request", "user_daily_micro", "global_daily_micro", mode="before"
+        "max_micro_per_request",
+        "user_daily_micro",
+        "global_daily_micro",
+        "low_balance_micro",
+        mode="before",
     )
     @classmethod
     def _parse_usd(cls, value: Any) -> int:
@@ -153,9 +160,11 @@ class Settings(BaseSettings):
             raise ValueError("not an https:// URL (http:// only for a loopback address)")
         return value.strip()
 
-    @field_validator("telegram_webhook_listen")
+    @field_validator("telegram_webhook_listen", "metrics_listen")
     @classmethod
-    def _check_listen(cls, value: str) -> str:
+    def _check_listen(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         host, colon, port = value.strip().rpartition(":")
         if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError("expected host:port, e.g. 0.0.0.0:8080")
