@@ -30,8 +30,11 @@ from bot.ledger import (
     Attempt,
     Budget,
     BudgetExceeded,
+    Change,
+    Controls,
     KeptResult,
     Ledger,
+    Linked,
     PostgresLedger,
     Report,
     SqliteLedger,
@@ -39,7 +42,12 @@ from bot.ledger import (
     UserSpend,
     UserTotal,
 )
-from bot.ledger.common import RESULT_DELETE_BATCH
+from bot.ledger.common import (
+    LINK_CODE_SECONDS,
+    LINK_TRIES,
+    LINK_TRY_SECONDS,
+    RESULT_DELETE_BATCH,
+)
 
 NOW = datetime(2026, 11, 21, 4, 38, 35, tzinfo=UTC)
 PRICE = 21_000
@@ -749,6 +757,124 @@ async def test_a_cancel_nobody_took_is_deleted_after_an_hour(ledger: Ledger, clo
     clock.at += timedelta(hours=1, seconds=1)
     await ledger.ask_cancel("telegram:999")  # asks nothing, deletes what is old
     assert await ledger.cancels_asked([row]) == []
+
+
+# What admins set from the chat, and people linked across platforms
+
+TIGHT = Budget(user_daily_micro=THREE_FIT, global_daily_micro=100_000_000, exempt=False)
+
+
+async def test_pause_limits_and_the_default_are_shared_and_every_change_is_recorded(
+    ledger_backend: Backend, clock: Clock
+) -> None:
+    async with (
+        await ledger_backend.open(clock=clock) as one,
+        await ledger_backend.open(clock=clock) as two,
+    ):
+        assert await two.controls("telegram:111") == Controls(False, None, None, None)
+        await one.set_paused("telegram:999", True)
+        await one.set_daily_limit("telegram:999", "telegram:111", 250_000)
+        clock.at += timedelta(minutes=1)
+        await one.set_daily_limit("telegram:999", None, 2_000_000)
+        assert await two.controls("telegram:111") == Controls(True, 2_000_000, 250_000, None)
+        assert await two.controls("telegram:222") == Controls(True, 2_000_000, None, None)
+
+        await two.set_paused("discord:5", False)
+        await two.set_daily_limit("discord:5", "telegram:111", None)
+        assert await one.controls("telegram:111") == Controls(False, 2_000_000, None, None)
+        later = NOW + timedelta(minutes=1)
+        assert await one.changes() == [
+            Change(later, "discord:5", "budget reset", "telegram:111", None),
+            Change(later, "discord:5", "resume", None, None),
+            Change(later, "telegram:999", "budget default", None, 2_000_000),
+            Change(NOW, "telegram:999", "budget", "telegram:111", 250_000),
+            Change(NOW, "telegram:999", "pause", None, None),
+        ]
+        assert len(await one.changes(limit=2)) == 2
+
+
+async def test_a_code_links_two_platforms_once_and_they_share_one_budget(
+    ledger: Ledger, clock: Clock
+) -> None:
+    code = await ledger.new_link_code("telegram:111")
+    assert re.fullmatch(r"[A-Z2-9]{8}", code)
+    assert await ledger.redeem_link_code("telegram:222", code) is Linked.SAME_PLATFORM
+    assert await ledger.redeem_link_code("discord:5", code) is Linked.LINKED
+    assert await ledger.redeem_link_code("discord:6", code) is Linked.WRONG  # used
+    person = (await ledger.controls("discord:5")).person
+    assert person == (await ledger.controls("telegram:111")).person == "telegram:111"
+
+    await ledger.reserve(attempt("111"), PRICE, TIGHT)
+    await ledger.reserve(attempt("5", platform="discord"), PRICE, TIGHT)
+    await ledger.reserve(attempt("111"), PRICE, TIGHT)
+    with pytest.raises(BudgetExceeded) as refused:  # the fourth, on either platform
+        await ledger.reserve(attempt("5", platform="discord"), PRICE, TIGHT)
+    assert refused.value.scope == "user"
+    await ledger.reserve(attempt("222"), PRICE, TIGHT)  # someone else
+
+    spend = await ledger.user_spend("discord:5", TIGHT)
+    assert spend.left_today_micro == THREE_FIT - 3 * PRICE
+
+    await ledger.set_daily_limit("telegram:999", "discord:5", 100_000)  # set on the person
+    assert (await ledger.controls("telegram:111")).own_daily_micro == 100_000
+    assert await ledger.unlink("discord:5")
+    assert not await ledger.unlink("discord:5")
+    assert await ledger.controls("telegram:111") == Controls(False, None, 100_000, None)
+    assert (await ledger.controls("discord:5")).own_daily_micro is None
+    await ledger.reserve(attempt("5", platform="discord"), PRICE, TIGHT)  # its own budget again
+
+
+async def test_pending_requests_count_for_the_person(ledger: Ledger) -> None:
+    code = await ledger.new_link_code("discord:5")
+    assert await ledger.redeem_link_code("telegram:111", code) is Linked.LINKED
+    capped = replace(ROOMY, max_pending=2)
+    await ledger.reserve(attempt("111"), PRICE, capped)
+    await ledger.reserve(attempt("5", platform="discord"), PRICE, capped)
+    with pytest.raises(BudgetExceeded) as refused:
+        await ledger.reserve(attempt("111"), PRICE, capped)
+    assert refused.value.scope == "pending"
+
+
+async def test_a_person_has_one_identity_per_platform(ledger: Ledger) -> None:
+    first = await ledger.new_link_code("telegram:111")
+    assert await ledger.redeem_link_code("discord:5", first) is Linked.LINKED
+    second = await ledger.new_link_code("telegram:111")
+    assert await ledger.redeem_link_code("discord:6", second) is Linked.ALREADY
+    third = await ledger.new_link_code("telegram:222")
+    assert await ledger.redeem_link_code("discord:5", third) is Linked.ALREADY
+
+
+async def test_codes_expire_and_wrong_ones_are_limited_per_identity(
+    ledger: Ledger, clock: Clock
+) -> None:
+    code = await ledger.new_link_code("telegram:111")
+    clock.at += timedelta(seconds=LINK_CODE_SECONDS + 1)
+    assert await ledger.redeem_link_code("discord:5", code) is Linked.WRONG
+    fresh = await ledger.new_link_code("telegram:111")
+    for _ in range(LINK_TRIES - 1):
+        assert await ledger.redeem_link_code("discord:5", "WRONGONE") is Linked.WRONG
+    assert await ledger.redeem_link_code("discord:5", fresh) is Linked.TOO_MANY
+    assert await ledger.redeem_link_code("discord:6", fresh) is Linked.LINKED  # another one
+    clock.at += timedelta(seconds=LINK_TRY_SECONDS + 1)
+    again = await ledger.new_link_code("telegram:222")
+    assert await ledger.redeem_link_code("discord:5", again) is Linked.LINKED
+
+
+async def test_the_report_names_each_linked_users_person(ledger: Ledger) -> None:
+    code = await ledger.new_link_code("telegram:111")
+    await ledger.redeem_link_code("discord:5", code)
+    for user_id, platform in (("111", "telegram"), ("5", "discord"), ("222", "telegram")):
+        row = await ledger.reserve(attempt(user_id, platform=platform), PRICE, ROOMY)
+        await ledger.settle(row, PRICE, None)
+    persons = {line.user: line.person for line in (await ledger.report()).users}
+    assert persons == {
+        "telegram:111": "telegram:111",
+        "discord:5": "telegram:111",
+        "telegram:222": None,
+    }
+    assert {line.user: line.person for line in (await ledger.report(since=NOW.date())).users} == (
+        persons
+    )
 
 
 # Reports

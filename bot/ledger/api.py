@@ -58,6 +58,37 @@ class Budget:
 
 
 @dataclass(frozen=True, slots=True)
+class Controls:
+    """What admins set in the chat that every run obeys: the pause switch and daily limits."""
+
+    paused: bool
+    default_daily_micro: int | None  # ``/budget default``; None: the USER_DAILY_LIMIT_USD setting
+    own_daily_micro: int | None  # the person's own limit (``/budget USER AMOUNT``), if set
+    person: str | None  # the link joining this identity to others, if any
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One admin change, as the audit lists it."""
+
+    at: datetime
+    admin: str
+    action: str  # "pause", "resume", "budget", "budget reset", "budget default"
+    target: str | None  # the user (or person) a budget change is for
+    micro: int | None  # the limit set
+
+
+class Linked(StrEnum):
+    """What ``/link CODE`` did."""
+
+    LINKED = "linked"
+    WRONG = "wrong"  # no such code (or expired, or used): one more try counted
+    TOO_MANY = "too many"  # too many wrong codes lately: not even looked up
+    SAME_PLATFORM = "same platform"  # a code is redeemed from the other platform
+    ALREADY = "already"  # one of the two is linked to someone else: unlink first
+
+
+@dataclass(frozen=True, slots=True)
 class UserSpend:
     """One user's settled spend, what is unresolved, and what is left of today's budget."""
 
@@ -84,6 +115,7 @@ class UserTotal:
     micro: int
     pending_micro: int
     last_at: datetime
+    person: str | None = None  # the link joining this identity to others, if any
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,6 +353,31 @@ class Ledger(Protocol):
 
     async def cancels_asked(self, row_ids: Collection[int]) -> list[int]:
         """Which of ``row_ids`` were asked to stop since the last call; each is told once."""
+
+    async def controls(self, user: str) -> Controls:
+        """The pause switch, the default daily limit and ``user``'s person's own limit, as the
+        admins set them last (in any run)."""
+
+    async def set_paused(self, admin: str, paused: bool) -> None:
+        """Pause or resume spending for every run; recorded with ``admin`` and the time."""
+
+    async def set_daily_limit(self, admin: str, user: str | None, micro: int | None) -> None:
+        """Set (or with None remove) ``user``'s person's own daily limit, or with ``user`` None
+        the default for everyone; recorded with ``admin`` and the time."""
+
+    async def changes(self, limit: int = 1000) -> list[Change]:
+        """The admins' changes, newest first."""
+
+    async def new_link_code(self, user: str) -> str:
+        """A one-time code (``LINK_CODE_SECONDS``) that joins its redeemer to ``user``."""
+
+    async def redeem_link_code(self, user: str, code: str) -> Linked:
+        """Join ``user`` to the person of the code's maker, if the code is right, unused,
+        unexpired and ``user`` has not tried ``LINK_TRIES`` wrong codes lately."""
+
+    async def unlink(self, user: str) -> bool:
+        """Take ``user`` out of its person (the other identity too, when only it is left);
+        False when it was not linked."""
 
     async def close(self) -> None:
         """Close the store; from then on ``recover()`` elsewhere treats this run as dead."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -23,6 +23,13 @@ RESULT_KEEP_SECONDS = RESULT_KEEP_DAYS * DAY_SECONDS
 # Expired results deleted by one keep: bounded, and more than one, so a backlog drains.
 RESULT_DELETE_BATCH = 100
 CANCEL_KEEP_SECONDS = 3600  # a cancel asked for a row no run holds any more is deleted then
+LINK_CODE_SECONDS = 600  # a /link code works this long, once
+LINK_TRIES = 5  # wrong /link codes one identity may try per LINK_TRY_SECONDS
+LINK_TRY_SECONDS = 600
+LINK_CODE_LENGTH = 8  # of 32 characters: 1.1e12 codes against 5 tries per 10 minutes
+_LINK_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I
+PAUSED = "paused"  # the switches row of the pause switch (micro 1: paused)
+DEFAULT_DAILY = "default daily"  # the switches row of /budget default
 _EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 _RESULT_TOKEN = re.compile(r"[A-Za-z0-9_-]{22}")  # secrets.token_urlsafe(16)
 
@@ -108,11 +115,20 @@ def user_spend_of(user: str, budget: Budget, row: Sequence[Any]) -> UserSpend:
     )
 
 
-def report_of(rows: Iterable[Sequence[Any]]) -> Report:
+def report_of(rows: Iterable[Sequence[Any]], persons: Mapping[str, str]) -> Report:
     """A report from its lines, in order: (platform, user id, display name, requests, images,
-    settled micro, unresolved micro, last_at)."""
+    settled micro, unresolved micro, last_at); ``persons`` names the links of linked users."""
     users = [
-        UserTotal(f"{p}:{u}", name, requests, images, micro, pending, utc_datetime(last_at))
+        UserTotal(
+            f"{p}:{u}",
+            name,
+            requests,
+            images,
+            micro,
+            pending,
+            utc_datetime(last_at),
+            persons.get(f"{p}:{u}"),
+        )
         for p, u, name, requests, images, micro, pending, last_at in rows
     ]
     return Report(
@@ -125,6 +141,19 @@ def report_of(rows: Iterable[Sequence[Any]]) -> Report:
 def new_result_token() -> str:
     """An unguessable token for a kept result: 128 random bits as 22 url-safe characters."""
     return secrets.token_urlsafe(16)
+
+
+def new_link_code() -> str:
+    """A random one-time /link code, easy to type: 8 letters and digits without 0, O, 1, I."""
+    return "".join(secrets.choice(_LINK_ALPHABET) for _ in range(LINK_CODE_LENGTH))
+
+
+def link_code_typed(text: str) -> str | None:
+    """A code as typed (any case, spaces or dashes) in the form ``new_link_code`` makes, or None."""
+    code = "".join(text.split()).replace("-", "").upper()
+    if len(code) != LINK_CODE_LENGTH or any(ch not in _LINK_ALPHABET for ch in code):
+        return None
+    return code
 
 
 def is_result_token(token: str) -> bool:

@@ -227,6 +227,44 @@ _V7_CANCELS = (
     ) STRICT""",
 )
 
+# What admins set from the chat (the pause switch, daily limits, each change recorded) and the
+# links joining one person's identities on several platforms, with their one-time codes.
+_V8_ADMIN = (
+    "CREATE TABLE switches (name TEXT PRIMARY KEY, micro INTEGER) STRICT",
+    """CREATE TABLE limits (
+        person TEXT PRIMARY KEY,
+        daily_micro INTEGER NOT NULL CHECK (daily_micro >= 0)
+    ) STRICT""",
+    """CREATE TABLE changes (
+        id INTEGER PRIMARY KEY,
+        at INTEGER NOT NULL,
+        admin TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT,
+        micro INTEGER
+    ) STRICT""",
+    """CREATE TABLE links (
+        platform TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        person TEXT NOT NULL,
+        linked_at INTEGER NOT NULL,
+        PRIMARY KEY (platform, user_id)
+    ) STRICT""",
+    "CREATE INDEX links_by_person ON links (person)",
+    """CREATE TABLE link_codes (
+        code TEXT PRIMARY KEY,
+        platform TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        expires_at INTEGER NOT NULL
+    ) STRICT""",
+    """CREATE TABLE link_tries (
+        platform TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        at INTEGER NOT NULL
+    ) STRICT""",
+    "CREATE INDEX link_tries_by_user ON link_tries (platform, user_id, at)",
+)
+
 # Applied in order from the file's PRAGMA user_version; never edit a released step, add one.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _V1_ATTEMPTS,
@@ -236,6 +274,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _V5_ALBUMS,
     _V6_RESULTS,
     _V7_CANCELS,
+    _V8_ADMIN,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -21,8 +21,11 @@ from bot.ledger.api import (
     Attempt,
     Budget,
     BudgetExceeded,
+    Change,
     Clock,
+    Controls,
     KeptResult,
+    Linked,
     OpenJob,
     Payment,
     Report,
@@ -34,6 +37,11 @@ from bot.ledger.common import (
     ALBUM_MAX_PARTS,
     CANCEL_KEEP_SECONDS,
     DAY_SECONDS,
+    DEFAULT_DAILY,
+    LINK_CODE_SECONDS,
+    LINK_TRIES,
+    LINK_TRY_SECONDS,
+    PAUSED,
     PAYMENT_COLUMNS,
     RESULT_COLUMNS,
     RESULT_DELETE_BATCH,
@@ -42,12 +50,14 @@ from bot.ledger.common import (
     is_result_token,
     kept_result_of,
     month_days,
+    new_link_code,
     new_result_token,
     payment_of,
     report_of,
     result_row,
     split_user,
     user_spend_of,
+    utc_datetime,
     utc_now,
 )
 from bot.ledger.recovery import RunLock, runs_folder
@@ -55,16 +65,22 @@ from bot.ledger.schema import migrate, report_sums
 
 BUSY_TIMEOUT_SECONDS = 10.0
 
+# The identities that are one person with the user: the user, and every identity linked to it.
+_MEMBERS = """SELECT :platform, :user_id UNION SELECT m.platform, m.user_id FROM links AS l
+    JOIN links AS m ON m.person = l.person WHERE l.platform = :platform AND l.user_id = :user_id"""
 _USER_TODAY = (
-    "SELECT counted_micro FROM user_days"
-    " WHERE platform = :platform AND user_id = :user_id AND day = :day"
+    "SELECT sum(counted_micro) FROM user_days"
+    f" WHERE day = :day AND (platform, user_id) IN ({_MEMBERS})"
 )
 _GLOBAL_TODAY = "SELECT counted_micro FROM day_totals WHERE day = :day"
 # Without statistics SQLite would rather count the user's rows of all time in attempts_by_user.
 _USER_PENDING = (
     "SELECT count(*) FROM attempts INDEXED BY attempts_pending_by_user"
-    " WHERE platform = :platform AND user_id = :user_id AND status = 'pending'"
+    f" WHERE (platform, user_id) IN ({_MEMBERS}) AND status = 'pending'"
 )
+_ROW_MEMBERS = """SELECT attempts.platform, attempts.user_id UNION SELECT m.platform, m.user_id
+    FROM links AS l JOIN links AS m ON m.person = l.person
+    WHERE l.platform = attempts.platform AND l.user_id = attempts.user_id"""
 
 _RESERVE = f"""INSERT INTO attempts (run_id, platform, user_id, display_name, username, chat_id,
         command, model, size, n, quoted_micro, status, created_at, updated_at)
@@ -79,8 +95,9 @@ _RESERVE = f"""INSERT INTO attempts (run_id, platform, user_id, display_name, us
 _PRICE = f"""UPDATE attempts SET quoted_micro = :amount, network = :network, payer = :payer,
         nonce = :nonce, valid_before = :valid_before, reply_to = :reply_to, updated_at = :now
     WHERE id = :id AND status = 'pending' AND nonce IS NULL AND (:amount <= quoted_micro OR (
-        (:exempt OR (SELECT counted_micro FROM user_days AS d WHERE d.platform = attempts.platform
-            AND d.user_id = attempts.user_id AND d.day = attempts.created_at / {DAY_SECONDS})
+        (:exempt OR (SELECT sum(counted_micro) FROM user_days AS d
+            WHERE d.day = attempts.created_at / {DAY_SECONDS}
+                AND (d.platform, d.user_id) IN ({_ROW_MEMBERS}))
             - quoted_micro + :amount <= :user_cap)
         AND (SELECT counted_micro FROM day_totals AS t
             WHERE t.day = attempts.created_at / {DAY_SECONDS})
@@ -296,15 +313,17 @@ class SqliteLedger:
         today = self._now() // DAY_SECONDS
         month, next_month = month_days(today)
         rows = await self._db.execute_fetchall(
-            f"""SELECT coalesce(t.display_name, ''), coalesce(t.requests, 0),
-                coalesce(t.images, 0), coalesce(t.settled_micro, 0), coalesce(t.pending_micro, 0),
-                t.last_at, coalesce(({_USER_TODAY}), 0), coalesce(({_GLOBAL_TODAY}), 0),
-                coalesce((SELECT settled_micro FROM user_days
-                    WHERE platform = :platform AND user_id = :user_id AND day = :day), 0),
-                coalesce((SELECT sum(settled_micro) FROM user_days WHERE platform = :platform
-                    AND user_id = :user_id AND day >= :month AND day < :next_month), 0)
+            f"""SELECT coalesce((SELECT display_name FROM user_totals
+                    WHERE platform = :platform AND user_id = :user_id), ''),
+                coalesce(sum(t.requests), 0), coalesce(sum(t.images), 0),
+                coalesce(sum(t.settled_micro), 0), coalesce(sum(t.pending_micro), 0),
+                max(t.last_at), coalesce(({_USER_TODAY}), 0), coalesce(({_GLOBAL_TODAY}), 0),
+                coalesce((SELECT sum(settled_micro) FROM user_days
+                    WHERE (platform, user_id) IN ({_MEMBERS}) AND day = :day), 0),
+                coalesce((SELECT sum(settled_micro) FROM user_days WHERE
+                    (platform, user_id) IN ({_MEMBERS}) AND day >= :month AND day < :next_month), 0)
             FROM (SELECT 1) LEFT JOIN user_totals AS t
-                ON t.platform = :platform AND t.user_id = :user_id""",
+                ON (t.platform, t.user_id) IN ({_MEMBERS})""",
             {
                 "platform": platform,
                 "user_id": user_id,
@@ -336,7 +355,9 @@ class SqliteLedger:
                     GROUP BY platform, user_id
                 ) {_REPORT_ORDER}"""
             params.insert(0, day_number(since) * DAY_SECONDS)
-        return report_of(await self._db.execute_fetchall(sql, params))
+        rows = await self._db.execute_fetchall(sql, params)
+        links = await self._db.execute_fetchall("SELECT platform, user_id, person FROM links")
+        return report_of(rows, {f"{p}:{u}": person for p, u, person in links})
 
     async def find_user(self, name: str) -> str | None:
         """As ``Ledger.find_user``: the username column only (SQLite's lower() is ASCII-only)."""
@@ -416,6 +437,143 @@ class SqliteLedger:
             (json.dumps(list(row_ids)),),
         )
         return sorted(row for (row,) in told)
+
+    async def controls(self, user: str) -> Controls:
+        """As ``Ledger.controls``."""
+        platform, user_id = split_user(user)
+        rows = await self._db.execute_fetchall(
+            f"""SELECT (SELECT micro FROM switches WHERE name = '{PAUSED}'),
+                (SELECT micro FROM switches WHERE name = '{DEFAULT_DAILY}'),
+                (SELECT person FROM links WHERE platform = ? AND user_id = ?)""",
+            (platform, user_id),
+        )
+        paused, default, person = rows[0]
+        own = await self._db.execute_fetchall(
+            "SELECT daily_micro FROM limits WHERE person = ?", (person or user,)
+        )
+        return Controls(bool(paused), default, own[0][0] if own else None, person)
+
+    async def set_paused(self, admin: str, paused: bool) -> None:
+        """As ``Ledger.set_paused``."""
+        await self._switch(PAUSED, int(paused))
+        await self._record(admin, "pause" if paused else "resume", None, None)
+
+    async def set_daily_limit(self, admin: str, user: str | None, micro: int | None) -> None:
+        """As ``Ledger.set_daily_limit``."""
+        if user is None:
+            await self._switch(DEFAULT_DAILY, micro)
+            await self._record(admin, "budget default", None, micro)
+            return
+        person = await self._person_of(user)
+        if micro is None:
+            await self._db.execute("DELETE FROM limits WHERE person = ?", (person,))
+        else:
+            await self._db.execute(
+                "INSERT INTO limits VALUES (?, ?) ON CONFLICT (person)"
+                " DO UPDATE SET daily_micro = excluded.daily_micro",
+                (person, micro),
+            )
+        await self._record(admin, "budget" if micro is not None else "budget reset", person, micro)
+
+    async def changes(self, limit: int = 1000) -> list[Change]:
+        """As ``Ledger.changes``."""
+        rows = await self._db.execute_fetchall(
+            "SELECT at, admin, action, target, micro FROM changes ORDER BY id DESC LIMIT ?",
+            (limit,),
+        )
+        return [Change(utc_datetime(at), *rest) for at, *rest in rows]
+
+    async def new_link_code(self, user: str) -> str:
+        """As ``Ledger.new_link_code``; expired codes are deleted on the way."""
+        platform, user_id = split_user(user)
+        now, code = self._now(), new_link_code()
+        await self._db.execute("DELETE FROM link_codes WHERE expires_at < ?", (now,))
+        await self._db.execute(
+            "INSERT INTO link_codes VALUES (?, ?, ?, ?)",
+            (code, platform, user_id, now + LINK_CODE_SECONDS),
+        )
+        return code
+
+    async def redeem_link_code(self, user: str, code: str) -> Linked:
+        """As ``Ledger.redeem_link_code``: each step one statement, so runs sharing the file
+        never use a code twice."""
+        platform, user_id = split_user(user)
+        now = self._now()
+        ((tries,),) = await self._db.execute_fetchall(
+            "SELECT count(*) FROM link_tries WHERE platform = ? AND user_id = ? AND at >= ?",
+            (platform, user_id, now - LINK_TRY_SECONDS),
+        )
+        if tries >= LINK_TRIES:
+            return Linked.TOO_MANY
+        maker = await self._db.execute_fetchall(
+            "SELECT platform, user_id FROM link_codes WHERE code = ? AND expires_at >= ?",
+            (code, now),
+        )
+        if not maker:
+            await self._db.execute("DELETE FROM link_tries WHERE at < ?", (now - LINK_TRY_SECONDS,))
+            await self._db.execute(
+                "INSERT INTO link_tries VALUES (?, ?, ?)", (platform, user_id, now)
+            )
+            return Linked.WRONG
+        maker_platform, maker_id = maker[0]
+        if maker_platform == platform:
+            return Linked.SAME_PLATFORM
+        person = await self._person_of(f"{maker_platform}:{maker_id}")
+        if await self._db.execute_fetchall(
+            "SELECT 1 FROM links WHERE person = ? AND platform = ?", (person, platform)
+        ):
+            return Linked.ALREADY  # the person has an identity on this platform already
+        if not await self._db.execute_fetchall(
+            "DELETE FROM link_codes WHERE code = ? RETURNING code", (code,)
+        ):
+            return Linked.WRONG  # used by a run sharing the file a moment ago
+        try:
+            await self._db.execute(
+                "INSERT INTO links VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (maker_platform, maker_id, person, now),
+            )
+            await self._db.execute(
+                "INSERT INTO links VALUES (?, ?, ?, ?)", (platform, user_id, person, now)
+            )
+        except sqlite3.IntegrityError:
+            return Linked.ALREADY
+        return Linked.LINKED
+
+    async def unlink(self, user: str) -> bool:
+        """As ``Ledger.unlink``."""
+        platform, user_id = split_user(user)
+        gone = await self._db.execute_fetchall(
+            "DELETE FROM links WHERE platform = ? AND user_id = ? RETURNING person",
+            (platform, user_id),
+        )
+        if not gone:
+            return False
+        await self._db.execute(
+            "DELETE FROM links WHERE person = ?1"
+            " AND (SELECT count(*) FROM links WHERE person = ?1) = 1",
+            (gone[0][0],),
+        )
+        return True
+
+    async def _person_of(self, user: str) -> str:
+        """The link ``user`` belongs to, else ``user`` itself: what a daily limit is set on."""
+        rows = await self._db.execute_fetchall(
+            "SELECT person FROM links WHERE platform = ? AND user_id = ?", split_user(user)
+        )
+        return str(rows[0][0]) if rows else user
+
+    async def _switch(self, name: str, micro: int | None) -> None:
+        await self._db.execute(
+            "INSERT INTO switches VALUES (?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET micro = excluded.micro",
+            (name, micro),
+        )
+
+    async def _record(self, admin: str, action: str, target: str | None, micro: int | None) -> None:
+        await self._db.execute(
+            "INSERT INTO changes (at, admin, action, target, micro) VALUES (?, ?, ?, ?, ?)",
+            (self._now(), admin, action, target, micro),
+        )
 
     async def _dead_runs(self, rows: str) -> list[str]:
         """The dead runs among those that wrote the rows matching the SQL condition ``rows``."""
