@@ -1,10 +1,11 @@
-"""Discord adapter on discord.py: message commands and native slash commands, translation only.
+"""Discord adapter on discord.py: message commands, native slash commands and buttons,
+translation only.
 
 A message (``/imagegen a fox``) becomes text for ``ImageBot.handle``, a slash command its typed
-command for ``ImageBot.run``, each with a way to fetch its pictures; the core's answers become
-replies with attachments. Discord's own rules
-(the 3-second interaction window, 15-minute interaction tokens, 10 MiB uploads, 2,000-character
-messages) are handled here.
+command for ``ImageBot.run``, a button press its data for ``ImageBot.press``, each with a way to
+fetch its pictures; the core's answers become replies with attachments and buttons. Discord's
+own rules (the 3-second interaction window, 15-minute interaction tokens, 10 MiB uploads,
+2,000-character messages) are handled here.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import contextlib
 import io
 import json
 import logging
+import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 import discord
@@ -27,6 +29,7 @@ from discord.gateway import DiscordWebSocket
 from PIL import Image
 
 from adapters.base import RemoteFile, StartupError, StatusChat, download, split_text
+from bot.buttons import DATA_PATTERN, Button
 from bot.catalog import choices, sizes_of
 from bot.commands import MENU, CancelJobs, Command, Help, Models, spend_query
 from bot.config import Settings
@@ -46,6 +49,12 @@ TOKEN_SECONDS = 15 * 60 - 30  # an interaction's webhook token lives 15 min; kee
 MAX_FIT_PIXELS = 24_000_000  # a picture re-encoded to fit is decoded whole: ~100 MB at most
 WEBP_MAX_SIDE = 16_383
 _SHRINK_QUALITIES = (90, 80, 70, 55, 40)
+_GONE = "That picture is no longer in this chat, so I can't use it again; nothing was charged."
+_STYLES = {  # by the action a button's data names
+    "again": discord.ButtonStyle.primary,
+    "vary": discord.ButtonStyle.secondary,
+    "cancel": discord.ButtonStyle.danger,
+}
 
 
 def build_client(settings: Settings, bot: ImageBot) -> ImagebotClient:
@@ -84,7 +93,8 @@ async def serve(client: ImagebotClient, token: str, stop: asyncio.Event) -> None
 
 
 class ImagebotClient(discord.AutoShardedClient):
-    """Message commands through ``on_message``, slash commands through its command tree.
+    """Message commands through ``on_message``, slash commands through its command tree, button
+    presses through ``PressedButton``.
 
     Runs ``shard_ids`` of ``shard_count`` shards; every shard of ``shard_count`` without ids;
     without a count, as many as ``GET /gateway/bot`` recommends.
@@ -115,12 +125,14 @@ class ImagebotClient(discord.AutoShardedClient):
         _add_slash_commands(self.tree, bot)
 
     async def setup_hook(self) -> None:
-        """Connect to the gateway ``GET /gateway/bot`` names; publish the slash commands if this
-        process runs shard 0.
+        """Answer the bot's buttons on any message, sent before a restart too; connect to the
+        gateway ``GET /gateway/bot`` names; publish the slash commands if this process runs
+        shard 0.
 
         Slash commands are global, so one process publishes them: the one with shard 0, which
         every sharded deployment has exactly once (and which gets the DMs), or the only one.
         """
+        self.add_dynamic_items(PressedButton)
         _, url, _ = await self.http.get_bot_gateway()
         follow_gateway(self, url)
         if self.shard_ids is None or 0 in self.shard_ids:
@@ -135,6 +147,56 @@ class ImagebotClient(discord.AutoShardedClient):
             await self.bot.handle(sender, chat, message.content, partial(_inputs_of, message))
         finally:
             await chat.close()
+
+    async def answer_press(self, interaction: discord.Interaction[Any], data: str) -> None:
+        """A press of one of the bot's buttons, carrying ``data``: deferred at once, then the
+        core answers. Again and Vary draw in public, like a slash command; Cancel answers the
+        presser alone."""
+        message = interaction.message
+        pressed = [] if message is None else [file.ref for file in _files_of(message)]
+
+        def press(sender: Sender, chat: InteractionChat) -> Awaitable[Outcome]:
+            return self.bot.press(sender, chat, data, partial(_refetch, self), pressed)
+
+        await _deferred(interaction, press, private=data.startswith("cancel:"))
+
+
+class PressedButton(
+    discord.ui.DynamicItem[discord.ui.Button[Any]], template=f"(?P<data>{DATA_PATTERN})"
+):
+    """One of the bot's buttons, found by its data on any message, so presses need no view in
+    memory and work after a restart."""
+
+    @classmethod
+    def of(cls, button: Button) -> Self:
+        style = _STYLES[button.data.partition(":")[0]]
+        return cls(discord.ui.Button(label=button.label, custom_id=button.data, style=style))
+
+    @classmethod
+    async def from_custom_id(
+        cls,
+        interaction: discord.Interaction[Any],
+        item: discord.ui.Item[Any],
+        match: re.Match[str],
+        /,
+    ) -> Self:
+        assert isinstance(item, discord.ui.Button)  # the template matches buttons' data only
+        return cls(item)
+
+    async def callback(self, interaction: discord.Interaction[Any]) -> None:
+        client = interaction.client
+        assert isinstance(client, ImagebotClient)
+        await client.answer_press(interaction, self.custom_id)
+
+
+def _view(buttons: Sequence[Button]) -> discord.ui.View | None:
+    """The buttons as a message's components; None without buttons (an edit then removes any)."""
+    if not buttons:
+        return None
+    view = discord.ui.View(timeout=None)
+    for button in buttons:
+        view.add_item(PressedButton.of(button))
+    return view
 
 
 def follow_gateway(client: discord.Client, url: str) -> None:
@@ -179,6 +241,48 @@ def _files_of(message: discord.Message) -> list[RemoteFile]:
         RemoteFile(f"{where}/{attachment.id}", attachment.size, attachment.read)
         for attachment in message.attachments
     ]
+
+
+async def _refetch(client: discord.Client, refs: Sequence[str]) -> tuple[ImageInput, ...]:
+    """The pictures of an earlier command again: a message's attachment by
+    ``channel/message/attachment``, a slash command's by its URL."""
+    messages: dict[str, discord.Message] = {}
+    files = []
+    for ref in refs:
+        if ref.startswith(("https://", "http://")):
+            files.append(RemoteFile(ref, None, partial(_from_cdn, client, ref)))
+            continue
+        where = ref.rpartition("/")[0]
+        if where not in messages:
+            messages[where] = await _message_at(client, where)
+        kept = [file for file in _files_of(messages[where]) if file.ref == ref]
+        if not kept:  # the message was edited without it
+            raise InputUnavailable(_GONE)
+        files.extend(kept)
+    return await _download(files)
+
+
+async def _message_at(client: discord.Client, where: str) -> discord.Message:
+    """The message at ``channel/message``; ``InputUnavailable`` if it is gone or unreadable."""
+    channel_id, message_id = where.split("/")
+    channel = client.get_partial_messageable(int(channel_id))
+    try:
+        return await channel.fetch_message(int(message_id))
+    except (discord.NotFound, discord.Forbidden):
+        raise InputUnavailable(_GONE) from None
+    except discord.HTTPException as error:
+        log.warning("fetching a kept picture's message failed: HTTP %s", error.status)
+        raise InputUnavailable(
+            "I couldn't read that picture's message; nothing was charged. Try again."
+        ) from None
+
+
+async def _from_cdn(client: discord.Client, url: str) -> bytes:
+    """A slash command's attachment; one Discord no longer serves (its link expired) is gone."""
+    try:
+        return await client.http.get_from_cdn(url)
+    except (discord.NotFound, discord.Forbidden):
+        raise InputUnavailable(_GONE) from None
 
 
 async def _fetch(channel: Any, message_id: int) -> discord.Message | None:
@@ -249,22 +353,31 @@ class MessageChat(StatusChat[discord.Message]):
     async def _post_text(self, text: str) -> None:
         await self._command.reply(text, mention_author=False)
 
-    async def _post_status(self, text: str) -> discord.Message:
-        return await self._command.reply(text, mention_author=False)
+    async def _post_status(self, text: str, buttons: tuple[Button, ...]) -> discord.Message:
+        return await self._command.reply(text, view=_view(buttons), mention_author=False)
 
-    async def _post_pictures(self, pictures: Sequence[Picture], caption: str) -> None:
+    async def _post_pictures(
+        self, pictures: Sequence[Picture], caption: str, buttons: tuple[Button, ...]
+    ) -> None:
         batches, caption = await _batches(pictures, caption)
         for index, files in enumerate(batches):
-            content = caption[:MAX_CONTENT_CHARS] if index == 0 else None
-            await self._command.reply(content, files=files, mention_author=False)
+            first = index == 0
+            await self._command.reply(
+                caption[:MAX_CONTENT_CHARS] if first else None,
+                files=files,
+                view=_view(buttons) if first else None,
+                mention_author=False,
+            )
 
     async def _keep_alive(self) -> None:
         async with self._command.channel.typing():  # discord.py renews it every 5 s
             await asyncio.Event().wait()
 
-    async def _edit_status(self, status: discord.Message, text: str) -> float | None:
+    async def _edit_status(
+        self, status: discord.Message, text: str, buttons: tuple[Button, ...]
+    ) -> float | None:
         with contextlib.suppress(discord.HTTPException):  # a lost status edit is harmless
-            await status.edit(content=text)
+            await status.edit(content=text, view=_view(buttons))
         return None
 
     async def _delete_status(self, status: discord.Message) -> None:
@@ -295,8 +408,8 @@ class InteractionChat(StatusChat[None]):
             for piece in (first, *more):
                 await self._to_channel(piece)
             return
-        if self._private:
-            await self._interaction.edit_original_response(content=first)
+        if self._private:  # the status's buttons go with it
+            await self._interaction.edit_original_response(content=first, view=None)
         else:  # the public "thinking…" goes; the answer is for the caller only
             with contextlib.suppress(discord.NotFound):
                 await self._interaction.delete_original_response()
@@ -311,25 +424,32 @@ class InteractionChat(StatusChat[None]):
     async def _post_text(self, text: str) -> None:
         await self._interaction.followup.send(text, ephemeral=True)
 
-    async def _post_status(self, text: str) -> None:
-        await self._edit_status(None, text)
+    async def _post_status(self, text: str, buttons: tuple[Button, ...]) -> None:
+        await self._edit_status(None, text, buttons)
 
-    async def _post_pictures(self, pictures: Sequence[Picture], caption: str) -> None:
+    async def _post_pictures(
+        self, pictures: Sequence[Picture], caption: str, buttons: tuple[Button, ...]
+    ) -> None:
         await self.clear_status()
         batches, caption = await _batches(pictures, caption)
-        content = caption[:MAX_CONTENT_CHARS]
         for index, files in enumerate(batches):
+            first = index == 0
+            content, view = (caption[:MAX_CONTENT_CHARS], _view(buttons)) if first else (None, None)
             if self._expired():
-                await self._to_channel(content if index == 0 else None, files)
-            elif index == 0:
-                await self._interaction.edit_original_response(content=content, attachments=files)
+                await self._to_channel(content, files, view)
+            elif first:
+                await self._interaction.edit_original_response(
+                    content=content, attachments=files, view=view
+                )
             else:
                 await self._interaction.followup.send(files=files)
 
-    async def _edit_status(self, status: None, text: str) -> float | None:
+    async def _edit_status(
+        self, status: None, text: str, buttons: tuple[Button, ...]
+    ) -> float | None:
         if not self._expired():
             with contextlib.suppress(discord.HTTPException):  # a lost status edit is harmless
-                await self._interaction.edit_original_response(content=text)
+                await self._interaction.edit_original_response(content=text, view=_view(buttons))
         return None
 
     async def _delete_status(self, status: None) -> None:
@@ -338,10 +458,15 @@ class InteractionChat(StatusChat[None]):
     def _expired(self) -> bool:
         return time.monotonic() - self._started > TOKEN_SECONDS
 
-    async def _to_channel(self, content: str | None, files: Sequence[discord.File] = ()) -> None:
+    async def _to_channel(
+        self,
+        content: str | None,
+        files: Sequence[discord.File] = (),
+        view: discord.ui.View | None = None,
+    ) -> None:
         channel = self._interaction.channel
         assert isinstance(channel, discord.abc.Messageable)
-        await _naming(channel, self._interaction.user.id, content, files)
+        await _naming(channel, self._interaction.user.id, content, files, view)
 
 
 class ChannelChat(StatusChat[discord.Message]):
@@ -360,20 +485,25 @@ class ChannelChat(StatusChat[discord.Message]):
     async def _post_text(self, text: str) -> None:
         await _naming(self._channel, self._user_id, text)
 
-    async def _post_status(self, text: str) -> discord.Message:
-        return await _naming(self._channel, self._user_id, text)
+    async def _post_status(self, text: str, buttons: tuple[Button, ...]) -> discord.Message:
+        return await _naming(self._channel, self._user_id, text, view=_view(buttons))
 
-    async def _post_pictures(self, pictures: Sequence[Picture], caption: str) -> None:
+    async def _post_pictures(
+        self, pictures: Sequence[Picture], caption: str, buttons: tuple[Button, ...]
+    ) -> None:
         batches, caption = await _batches(pictures, caption)
-        await _naming(self._channel, self._user_id, caption, batches[0])
+        await _naming(self._channel, self._user_id, caption, batches[0], _view(buttons))
         for files in batches[1:]:
             await self._channel.send(files=files, allowed_mentions=discord.AllowedMentions.none())
 
-    async def _edit_status(self, status: discord.Message, text: str) -> float | None:
+    async def _edit_status(
+        self, status: discord.Message, text: str, buttons: tuple[Button, ...]
+    ) -> float | None:
         with contextlib.suppress(discord.HTTPException):
             await status.edit(
                 content=f"<@{self._user_id}> {text}",
                 allowed_mentions=_only(self._user_id),
+                view=_view(buttons),
             )
         return None
 
@@ -391,11 +521,12 @@ async def _naming(
     user_id: int,
     content: str | None,
     files: Sequence[discord.File] = (),
+    view: discord.ui.View | None = None,
 ) -> discord.Message:
     """Post in ``channel`` addressed to ``user_id``: the one mention the message may ping."""
     text = f"<@{user_id}> {content or ''}".strip()
     return await channel.send(
-        text[:MAX_CONTENT_CHARS], files=list(files), allowed_mentions=_only(user_id)
+        text[:MAX_CONTENT_CHARS], files=list(files), view=view, allowed_mentions=_only(user_id)
     )
 
 
@@ -519,12 +650,26 @@ async def _slash(
     *,
     drawing: bool = False,
 ) -> None:
-    """Defer within Discord's 3 s, then let the core answer, fetching the files if it asks."""
-    await interaction.response.defer(ephemeral=not drawing, thinking=True)
-    chat = InteractionChat(interaction, private=not drawing)
+    """Let the core answer a slash command, fetching the files if it asks."""
+
+    def run(sender: Sender, chat: InteractionChat) -> Awaitable[Outcome]:
+        return bot.run(sender, chat, command, partial(_download, files))
+
+    await _deferred(interaction, run, private=not drawing)
+
+
+async def _deferred(
+    interaction: discord.Interaction[Any],
+    answer: Callable[[Sender, InteractionChat], Awaitable[Outcome]],
+    *,
+    private: bool,
+) -> None:
+    """Defer within Discord's 3 s (``private``: for the caller alone), then ``answer`` through
+    the deferred response; it goes when the core ignores the interaction."""
+    await interaction.response.defer(ephemeral=private, thinking=True)
+    chat = InteractionChat(interaction, private=private)
     sender = _sender(interaction.user, interaction.channel, interaction.guild)
-    outcome = await bot.run(sender, chat, command, partial(_download, files))
-    if outcome is Outcome.IGNORED:  # not for this bot here (a chat outside ALLOWED_CHATS)
+    if await answer(sender, chat) is Outcome.IGNORED:  # not for this bot here
         with contextlib.suppress(discord.HTTPException):
             await interaction.delete_original_response()
 

@@ -47,10 +47,10 @@ privileged intent not enabled              gateway close 4014 ``Disallowed inten
 
 Without the MESSAGE_CONTENT intent a session gets guild messages with empty ``content``,
 ``attachments``, ``embeds`` and ``components`` unless they mention the bot or are its own.
-Tests play the users (``user``, ``guild``, ``dm``, ``send_message``, ``slash_command``,
-``autocomplete``, ``press``, ``dispatch``), watch the bot (``sent``, ``wait_for``, ``calls``,
-``command_syncs``, ``messages_in``, ``interactions``, ``received``, ``wait_ready``,
-``delivered``) and inject faults (``flood``, ``fail``, ``request_reconnect``,
+Tests play the users (``user``, ``guild``, ``dm``, ``send_message``, ``delete_message``,
+``slash_command``, ``autocomplete``, ``press``, ``dispatch``), watch the bot (``sent``,
+``wait_for``, ``calls``, ``command_syncs``, ``messages_in``, ``interactions``, ``received``,
+``wait_ready``, ``delivered``) and inject faults (``flood``, ``fail``, ``request_reconnect``,
 ``invalidate_session``). Time is read from ``clock`` (a ``time.monotonic`` stand-in a test may
 replace to expire interactions without sleeping).
 """
@@ -642,6 +642,14 @@ class FakeDiscord:
         self._messages[channel.id][int(message["id"])] = message
         self._dispatch_message("MESSAGE_CREATE", channel, message)
         return message
+
+    def delete_message(self, message: dict[str, Any]) -> None:
+        """Its author (or a moderator) deletes ``message``: it leaves the channel, fetching it
+        answers 404 10008, and MESSAGE_DELETE is dispatched."""
+        channel = self._channels[int(message["channel_id"])]
+        if self._messages[channel.id].pop(int(message["id"]), None) is None:
+            raise ValueError(f"no message {message['id']} in channel {channel.id} to delete")
+        self._dispatch_delete(channel, message)
 
     def slash_command(
         self,

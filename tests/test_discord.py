@@ -4,7 +4,6 @@ Discord (REST, interactions, gateway websocket), the sandbox gateway and the rea
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -15,8 +14,6 @@ from typing import Any
 
 import discord
 import pytest
-from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
 from fake_discord import (
     FLAG_EPHEMERAL,
     INTENT_MESSAGE_CONTENT,
@@ -26,6 +23,7 @@ from fake_discord import (
     File,
     Interaction,
 )
+from gateway_orders import Order, paid, record_orders
 from imagebot_cli import cli_env, imagebot
 from pictures import png
 from PIL import Image
@@ -46,18 +44,6 @@ REFUSAL = "Sorry, this bot makes pictures only for its members."
 GIF = b"GIF89a" + bytes(64)
 
 
-@dataclass(frozen=True)
-class Order:
-    """A request the bot sent to the sandbox, as the sandbox read it."""
-
-    path: str
-    paid: bool  # with a signed payment (the bot first asks unpaid, for the quote)
-    model: str | None
-    inputs: tuple[bytes, ...]  # the decoded input images of an edit
-    mask: bytes | None
-    body: dict[str, Any] = field(default_factory=dict, compare=False)  # the JSON as sent
-
-
 @dataclass
 class Stack:
     discord: FakeDiscord
@@ -66,36 +52,7 @@ class Stack:
     orders: list[Order] = field(default_factory=list)
 
     def paid_orders(self) -> list[Order]:
-        return [order for order in self.orders if order.paid]
-
-
-def _data_uri_bytes(uri: str) -> bytes:
-    return base64.b64decode(uri.partition(",")[2])
-
-
-def _recorder(orders: list[Order]) -> Middleware:
-    """An aiohttp middleware that notes what the bot asked the sandbox for (it changes nothing)."""
-
-    @web.middleware
-    async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.method == "POST":
-            body = json.loads(await request.read())
-            images = body.get("image") or []
-            images = [images] if isinstance(images, str) else images
-            mask = body.get("mask")
-            orders.append(
-                Order(
-                    request.path,
-                    "PAYMENT-SIGNATURE" in request.headers or "X-PAYMENT" in request.headers,
-                    body.get("model"),
-                    tuple(_data_uri_bytes(uri) for uri in images),
-                    _data_uri_bytes(mask) if mask else None,
-                    body,
-                )
-            )
-        return await handler(request)
-
-    return record
+        return paid(self.orders)
 
 
 @asynccontextmanager
@@ -109,34 +66,52 @@ async def running(
 
     Pass a ``fake`` made beforehand when the settings need its users' or guilds' ids.
     """
+    async with started_stack(tmp_path, fake) as stack, serving(stack, monkeypatch, **settings):
+        yield stack
+
+
+@asynccontextmanager
+async def started_stack(tmp_path: Path, fake: FakeDiscord | None = None) -> AsyncIterator[Stack]:
+    """The fake Discord and the sandbox (its orders recorded), for bots to serve one by one."""
     fake, gateway = fake or FakeDiscord(), Sandbox(job_seconds=0.2)
-    orders: list[Order] = []
-    gateway.app.middlewares.append(_recorder(orders))
+    orders = record_orders(gateway)
     await fake.start()
     await gateway.start()
+    try:
+        yield Stack(fake, gateway, tmp_path / "ledger.sqlite3", orders)
+    finally:
+        await gateway.close()
+        await fake.close()
+
+
+@asynccontextmanager
+async def serving(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, **settings: str
+) -> AsyncIterator[None]:
+    """The bot of ``imagebot run`` connected to the stack's Discord, paying its gateway, with its
+    ledger; stopped at the end (the stack stays up for a bot started after it)."""
+    fake = stack.discord
     monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)  # restored after
-    database = tmp_path / "ledger.sqlite3"
     loaded = load_settings(
         _env_file=None,
         discord_bot_token=fake.token,
         discord_api_url=fake.api_url,
-        image_api_url=gateway.url,
-        database_path=database,
+        image_api_url=stack.gateway.url,
+        database_path=stack.database,
         **settings,
     )
-    stop = asyncio.Event()
+    stop, since = asyncio.Event(), len(fake.sent)
     async with open_bot(loaded, Wallet.create(), poll_interval=0.05) as bot:
         client = build_client(loaded, bot)
-        serving = asyncio.create_task(serve(client, fake.token, stop))
+        served = asyncio.create_task(serve(client, fake.token, stop))
         await fake.wait_ready()
-        await fake.wait_for("bulk_overwrite_global_commands")
+        await fake.wait_for("bulk_overwrite_global_commands", since=since)
         try:
-            yield Stack(fake, gateway, database, orders)
+            yield
         finally:
+            await bot.drain(5)  # as imagebot run stops: the bot first, then the adapters
             stop.set()
-            await serving
-    await gateway.close()
-    await fake.close()
+            await served
 
 
 @pytest.fixture

@@ -369,6 +369,36 @@ async def test_the_bot_edits_and_deletes_its_own_messages_only(fake: FakeDiscord
     assert [m["content"] for m in fake.messages_in(channel)] == ["hi"]
 
 
+class Deletions(Bot):
+    """A client that also notes the ids of messages it hears were deleted."""
+
+    def __init__(self) -> None:
+        super().__init__(with_message_content())
+        self.deleted: asyncio.Queue[int] = asyncio.Queue()
+
+    async def on_raw_message_delete(self, event: discord.RawMessageDeleteEvent) -> None:
+        self.deleted.put_nowait(event.message_id)
+
+
+async def test_a_message_its_author_deletes_is_gone_for_the_bot(fake: FakeDiscord) -> None:
+    channel = fake.guild("Artists").channel("general")
+    alice = fake.user("alice")
+    picture = fake.send_message(channel, alice, "my cat", files=[File("cat.png", png())])
+
+    async with running(Deletions(), fake) as client:
+        fake.delete_message(picture)
+        deleted = await asyncio.wait_for(client.deleted.get(), 5)
+        partial = client.get_partial_messageable(channel.id)
+        with pytest.raises(discord.NotFound) as missing:
+            await partial.fetch_message(int(picture["id"]))
+
+    assert deleted == int(picture["id"])
+    assert (missing.value.status, missing.value.code) == (404, 10008)
+    assert fake.messages_in(channel) == []
+    with pytest.raises(ValueError, match="to delete"):
+        fake.delete_message(picture)
+
+
 async def test_uploads_over_10_mib_are_refused_with_413(fake: FakeDiscord) -> None:
     channel = fake.guild("Artists").channel("general")
 
