@@ -25,6 +25,7 @@ from bot.ledger import Ledger, Payment, Status
 log = logging.getLogger(__name__)
 
 AUTHORIZATION_STATE = keccak(text="authorizationState(address,bytes32)")[:4]
+BALANCE_OF = keccak(text="balanceOf(address)")[:4]
 MAX_ANSWER_BYTES = 64 * 1024
 RPC_TIMEOUT_SECONDS = 10.0
 RESOLVE_INTERVAL_SECONDS = 600.0
@@ -194,6 +195,21 @@ class Rpc:
             return Block(int(result["number"], 16), int(result["timestamp"], 16))
         except (KeyError, TypeError, ValueError):
             raise ChainUnreadable("malformed block") from None
+
+    async def usdc_balance(self, chain: Chain, address: str) -> int:
+        """USDC's ``balanceOf(address)`` now, in micro-USDC, from an RPC serving ``chain``."""
+        if not _ADDRESS.match(address):
+            raise ChainUnreadable("the wallet address is malformed")
+        served = await self.call("eth_chainId", [])
+        if served != hex(chain.chain_id):  # JSON-RPC quantities are lowercase, no leading zeros
+            raise ChainUnreadable(f"the RPC URL serves another chain than {chain.caip2}")
+        data = BALANCE_OF + bytes(12) + bytes.fromhex(address[2:])
+        result = await self.call(
+            "eth_call", [{"to": chain.usdc, "data": "0x" + data.hex()}, "latest"]
+        )
+        if not isinstance(result, str) or not _WORD.match(result):
+            raise ChainUnreadable("malformed balanceOf")
+        return int(result, 16)
 
     async def authorization_used(self, chain: Chain, payer: str, nonce: str, block: Block) -> bool:
         """USDC's ``authorizationState(payer, nonce)`` as of ``block``."""

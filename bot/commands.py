@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 from bot.errors import UsageError
+from bot.money import parse_usd
 from bot.principals import parse_principal
 from bot.requests import ImageCommand, Kind
 
@@ -34,15 +35,25 @@ MENU = (
     MenuEntry("cancel", "Stop your pictures waiting in line or still being drawn"),
     MenuEntry("models", "Models, prices and sizes"),
     MenuEntry("spend", "What you have spent and what is left today"),
+    MenuEntry("link", "Share one budget with your account on the other platform"),
+    MenuEntry("unlink", "Stop sharing your budget with your other account"),
     MenuEntry("help", "Usage with examples"),
+)
+ADMIN_MENU = (
+    MenuEntry("wallet", "Admins: the wallet, its balance and today's spend"),
+    MenuEntry("budget", "Admins: show or set a user's daily limit, or the default"),
+    MenuEntry("pause", "Admins: stop all paid commands in every process"),
+    MenuEntry("resume", "Admins: let paid commands run again"),
 )
 
 
 @dataclass(frozen=True)
 class SpendQuery:
-    """``/spend``: ``who`` is ``None`` (the caller), ``"all"``, or ``platform:id`` / ``@name``."""
+    """``/spend``: ``who`` is ``None`` (the caller), ``"all"``, or ``platform:id`` / ``@name``;
+    ``by_model``: ``/spend all models`` (the chart stacked by model, not by user)."""
 
     who: str | None
+    by_model: bool = False
 
 
 @dataclass(frozen=True)
@@ -60,7 +71,53 @@ class CancelJobs:
     """``/cancel``: stop the caller's own jobs that can still be stopped."""
 
 
-Command = ImageCommand | SpendQuery | Help | Models | CancelJobs
+@dataclass(frozen=True)
+class LinkAccounts:
+    """``/link`` (``code`` None: ask for a code) or ``/link CODE`` (redeem it)."""
+
+    code: str | None
+
+
+@dataclass(frozen=True)
+class Unlink:
+    """``/unlink``."""
+
+
+@dataclass(frozen=True)
+class WalletQuery:
+    """``/wallet`` (admins)."""
+
+
+@dataclass(frozen=True)
+class PauseSpending:
+    """``/pause`` (``paused``) or ``/resume`` (admins)."""
+
+    paused: bool
+
+
+@dataclass(frozen=True)
+class BudgetChange:
+    """``/budget`` (admins): ``who`` is ``platform:id``, ``@name`` or None (the default);
+    ``micro`` the limit to set, or None with ``reset`` (remove it) or neither (show it)."""
+
+    who: str | None
+    micro: int | None = None
+    reset: bool = False
+
+
+ADMIN_COMMANDS = (WalletQuery, PauseSpending, BudgetChange)
+Command = (
+    ImageCommand
+    | SpendQuery
+    | Help
+    | Models
+    | CancelJobs
+    | LinkAccounts
+    | Unlink
+    | WalletQuery
+    | PauseSpending
+    | BudgetChange
+)
 
 USAGE: dict[Kind, str] = {
     "imagegen": "/imagegen [--model NAME] [--size WxH] [--n N] PROMPT",
@@ -85,6 +142,16 @@ def parse(text: str, *, bot_username: str | None = None) -> Command | None:
         return spend_query(rest)
     if name == "cancel":
         return CancelJobs()
+    if name == "link":
+        return LinkAccounts(rest.strip() or None)
+    if name == "unlink":
+        return Unlink()
+    if name == "wallet":
+        return WalletQuery()
+    if name in ("pause", "resume"):
+        return PauseSpending(name == "pause")
+    if name == "budget":
+        return budget_change(rest)
     if name == "imagegen" or name == "img2img":
         return _image_command(name, rest)
     return None
@@ -95,8 +162,13 @@ def spend_query(who: str) -> SpendQuery:
     words = who.split()
     if not words:
         return SpendQuery(None)
+    lowered = [word.lower() for word in words]
+    if lowered in (["all", "models"], ["all", "users"]):
+        return SpendQuery("all", by_model=lowered[1] == "models")
     if len(words) > 1:
-        raise UsageError("Use /spend, /spend all, or /spend USER (platform:id or @name).")
+        raise UsageError(
+            "Use /spend, /spend all, /spend all models, or /spend USER (platform:id or @name)."
+        )
     word = words[0]
     if word.lower() == "all":
         return SpendQuery("all")
@@ -109,6 +181,34 @@ def spend_query(who: str) -> SpendQuery:
             f"I don't know the user {word[:40]!r}. Write it as platform:id "
             "(e.g. telegram:12345) or @name."
         ) from None
+
+
+_BUDGET_USAGE = (
+    "Use /budget USER AMOUNT, /budget USER, /budget USER reset or /budget default AMOUNT "
+    "(USER is platform:id or @name, AMOUNT in USD such as 2.50)."
+)
+
+
+def budget_change(text: str) -> BudgetChange:
+    """``/budget``'s arguments: who (``default`` for everyone), then an amount or ``reset``."""
+    words = text.split()
+    if not 1 <= len(words) <= 2:
+        raise UsageError(_BUDGET_USAGE)
+    who, *value = words
+    target = None if who.lower() == "default" else spend_query(who).who
+    if target == "all":
+        raise UsageError(_BUDGET_USAGE)
+    if not value:
+        return BudgetChange(target)
+    if value[0].lower() == "reset":
+        if target is None:
+            raise UsageError("The default can't be reset; set it with /budget default AMOUNT.")
+        return BudgetChange(target, reset=True)
+    try:
+        micro = parse_usd(value[0])
+    except ValueError:
+        raise UsageError(f"{value[0][:20]!r} is not an amount in USD. {_BUDGET_USAGE}") from None
+    return BudgetChange(target, micro)
 
 
 def _command(text: str, bot_username: str | None) -> tuple[str, str] | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from bot.catalog import DEFAULT_EDIT_MODEL, DEFAULT_GENERATE_MODEL, MODELS, get_model
-from bot.ledger import Report, UserSpend
+from bot.ledger import Budget, Report, UserSpend
 from bot.money import format_usd
 from bot.requests import MAX_N
 
@@ -61,8 +61,9 @@ def _prices(table: Mapping[str, int]) -> str:
     return "; ".join(f"{format_usd(micro)} {', '.join(sizes)}" for micro, sizes in by_price.items())
 
 
-def spend_text(spend: UserSpend, *, own: bool) -> str:
-    """``/spend`` for the caller (``own``) or, for an admin, one other user."""
+def spend_text(spend: UserSpend, budget: Budget, *, own: bool) -> str:
+    """``/spend`` for the caller (``own``) or, for an admin, one other user, with the daily
+    limit of ``budget``."""
     who = "You have" if own else f"{_name(spend.user, spend.display_name)} has"
     lines = [
         f"{who} spent {format_usd(spend.today_micro)} today, "
@@ -77,8 +78,10 @@ def spend_text(spend: UserSpend, *, own: bool) -> str:
     if spend.left_today_micro is None:
         lines.append("No personal daily limit (admin).")
     else:
+        whose = "your" if own else "their"
         lines.append(
-            f"Left today: {format_usd(spend.left_today_micro)}; the limit resets at 00:00 UTC."
+            f"Left today: {format_usd(spend.left_today_micro)} of {whose} "
+            f"{format_usd(budget.user_daily_micro)} daily limit; it resets at 00:00 UTC."
         )
     return "\n".join(lines)
 

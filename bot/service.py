@@ -13,10 +13,13 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from enum import Enum
 from functools import partial
 from typing import Any, Protocol
 
+from bot.admin import PAUSED, AdminDesk, budget_for
+from bot.balance import WalletWatch
 from bot.buttons import (
     Button,
     again_command,
@@ -28,22 +31,53 @@ from bot.buttons import (
     vary_command,
 )
 from bot.catalog import find_model
-from bot.commands import CancelJobs, Command, Help, Models, SpendQuery, parse
+from bot.chart import CHART_HEIGHT, CHART_WIDTH, DaySpend, spend_chart
+from bot.commands import (
+    ADMIN_COMMANDS,
+    BudgetChange,
+    CancelJobs,
+    Command,
+    Help,
+    LinkAccounts,
+    Models,
+    PauseSpending,
+    SpendQuery,
+    Unlink,
+    WalletQuery,
+    parse,
+)
 from bot.config import Settings
 from bot.errors import ImagebotError
 from bot.images import ImageResult, ImageService, JobCancelled, Picture, SlowJob
-from bot.ledger import Attempt, Budget, BudgetExceeded, KeptResult, Ledger, OpenJob, Payment
+from bot.ledger import (
+    Attempt,
+    Budget,
+    BudgetExceeded,
+    Controls,
+    KeptResult,
+    Ledger,
+    OpenJob,
+    Payment,
+)
 from bot.ledger.journal import SettlementJournal
 from bot.line import Line, Ticket, Withdrawn
 from bot.money import format_usd
 from bot.principals import principal
 from bot.replies import help_text, models_text, report_text, spend_text
-from bot.requests import EditRequest, GenerateRequest, ImageInput, decode_inputs, price_line
+from bot.requests import (
+    EditRequest,
+    GenerateRequest,
+    ImageCommand,
+    ImageInput,
+    decode_inputs,
+    price_line,
+)
 from bot.x402 import PaymentIntent
 
 log = logging.getLogger(__name__)
 
 MAX_JOBS_PER_USER = 2  # one user's burst cannot crowd out everyone else
+CHART_DAYS = 30  # /spend all's chart
 MAX_DECODING = 2  # input pictures decoded at once, whatever the number of commands
 DRAIN_SECONDS = 60.0  # how long a stopping bot lets paid requests in flight finish
 RECOVER_SECONDS = 15.0  # how often a run looks for the rows and slow jobs of runs that died
@@ -165,11 +199,16 @@ class ImageBot:
         images: ImageService,
         ledger: Ledger,
         journal: SettlementJournal,
+        wallet: WalletWatch,
     ) -> None:
         self._settings = settings
         self._images = images
         self._ledger = ledger
         self._journal = journal
+        self.wallet = wallet
+        self._desk = AdminDesk(settings, ledger, wallet)
+        self._admin_chats: dict[str, AdminChat] = {}  # by platform, once its adapter runs
+        wallet.warn_with(self._warn_low_balance)
         self._jobs: Counter[str] = Counter()  # image jobs in flight per user
         self._line = Line(settings.max_concurrent_jobs)
         self._draws: dict[asyncio.Task[Any], _Draw] = {}
@@ -384,6 +423,8 @@ class ImageBot:
         if isinstance(command, CancelJobs):
             await chat.send_text(cancel_text(await self.cancel_jobs(sender.principal)))
             return Outcome.DONE
+        if not isinstance(command, ImageCommand):
+            return await self._administer(command, sender, chat, answers_private)
         try:
             command.check()  # refuse what can be refused before anything is downloaded
             if not self._user_allowed(sender):
@@ -401,19 +442,32 @@ class ImageBot:
         if self._draining:
             await chat.send_text(_RESTARTING)
             return Outcome.REFUSED
+        try:
+            controls = await self._ledger.controls(sender.principal)
+        except Exception as error:  # no controls, so no budget: say so rather than nothing
+            log.error("could not read the ledger's controls: %r", error)
+            await chat.send_text(f"{_LEDGER_DOWN} Nothing was charged.")
+            return Outcome.REFUSED
+        if controls.paused:
+            await chat.send_text(PAUSED)
+            return Outcome.REFUSED
         if self._jobs[sender.principal] >= MAX_JOBS_PER_USER:
             await chat.send_text("Wait for your previous image to finish first.")
             return Outcome.REFUSED
         self._jobs[sender.principal] += 1
         try:
-            return await self._draw(request, sender, chat)
+            return await self._draw(request, sender, chat, controls)
         finally:
             self._jobs[sender.principal] -= 1
             if not self._jobs[sender.principal]:
                 del self._jobs[sender.principal]
 
     async def _draw(
-        self, request: GenerateRequest | EditRequest, sender: Sender, chat: Chat
+        self,
+        request: GenerateRequest | EditRequest,
+        sender: Sender,
+        chat: Chat,
+        controls: Controls,
     ) -> Outcome:
         attempt = Attempt(
             platform=sender.platform,
@@ -426,7 +480,7 @@ class ImageBot:
             size=request.size,
             n=request.n,
         )
-        budget = self._budget(sender.principal)
+        budget = self._budget(sender.principal, controls)
         try:
             row_id = await self._ledger.reserve(attempt, request.estimate_micro, budget)
         except BudgetExceeded as error:
@@ -595,6 +649,7 @@ class ImageBot:
         recorded = await self._journal.settle(row_id, result.charged_micro, result.tx_hash)
         if not recorded:  # the ledger is busy: no buttons either, rather than a late picture
             caption += f"\n{_LEDGER_LATE}"
+        self.wallet.paid()
         if chat is None:
             log.warning("row %d is settled but its chat is not served here", row_id)
             return
@@ -678,30 +733,89 @@ class ImageBot:
 
     async def _spend(self, query: SpendQuery, sender: Sender, chat: Chat) -> Outcome:
         if query.who is None:
-            spend = await self._ledger.user_spend(sender.principal, self._budget(sender.principal))
-            await chat.send_text(spend_text(spend, own=True))
+            await chat.send_text(await self._spend_text(sender.principal, own=True))
             return Outcome.DONE
         if not self._settings.is_admin(sender.principal):
             await chat.send_text("Only the bot's admins can see other people's spending.")
             return Outcome.REFUSED
         if query.who == "all":
             await chat.send_text(report_text(await self._ledger.report()))
+            await self._send_chart(chat, query.by_model)
             return Outcome.DONE
         user = await self._ledger.find_user(query.who) if query.who.startswith("@") else query.who
         if user is None:
             await chat.send_text(f"I have no spending recorded for {query.who}.")
             return Outcome.REFUSED
-        spend = await self._ledger.user_spend(user, self._budget(user))
-        await chat.send_text(spend_text(spend, own=False))
+        await chat.send_text(await self._spend_text(user, own=False))
         return Outcome.DONE
 
-    def _budget(self, principal: str) -> Budget:
-        return Budget(
-            user_daily_micro=self._settings.user_daily_micro,
-            global_daily_micro=self._settings.global_daily_micro,
-            exempt=self._settings.is_admin(principal),
-            max_pending=MAX_JOBS_PER_USER,
+    async def _spend_text(self, user: str, *, own: bool) -> str:
+        budget = self._budget(user, await self._ledger.controls(user))
+        return spend_text(await self._ledger.user_spend(user, budget), budget, own=own)
+
+    async def _send_chart(self, chat: Chat, by_model: bool) -> None:
+        """The last 30 days' spend per day as a picture, stacked by the top users or models."""
+        today = datetime.now(UTC).date()
+        first = today - timedelta(days=CHART_DAYS - 1)
+        totals = await self._ledger.daily_spend(first, by_model=by_model)
+        rows = [DaySpend(total.day, total.key, total.micro) for total in totals]
+        title = f"Spend by {'model' if by_model else 'user'}, last {CHART_DAYS} days"
+        png = await asyncio.to_thread(
+            spend_chart, rows, last_day=today, days=CHART_DAYS, title=title
         )
+        picture = Picture(png, "image/png", CHART_WIDTH, CHART_HEIGHT)
+        await chat.send_pictures([picture], f"{title} (UTC days)")
+
+    async def _administer(
+        self, command: Command, sender: Sender, chat: Chat, answers_private: bool
+    ) -> Outcome:
+        """The admin commands (admins only: others learn nothing), ``/link`` and ``/unlink``."""
+        user = sender.principal
+        if isinstance(command, ADMIN_COMMANDS) and not self._settings.is_admin(user):
+            await chat.send_text("Only the bot's admins can use that command.")
+            return Outcome.REFUSED
+        try:
+            if isinstance(command, WalletQuery):
+                text = await self._desk.wallet(user)
+            elif isinstance(command, PauseSpending):
+                text = await self._desk.pause(user, command)
+            elif isinstance(command, BudgetChange):
+                text = await self._desk.budget(user, command)
+            elif isinstance(command, LinkAccounts):
+                text = await self._desk.link(user, command, sender.private or answers_private)
+            else:
+                assert isinstance(command, Unlink)
+                text = await self._desk.unlink(user)
+        except Exception as error:  # the ledger is unreachable: one line, not silence
+            log.error("could not answer an admin or link command: %r", error)
+            text = _LEDGER_DOWN
+        await chat.send_text(text)
+        return Outcome.DONE
+
+    def reach_admins(self, platform: str, chat: AdminChat) -> None:
+        """Send ``platform``'s admins private messages through ``chat`` (its adapter runs)."""
+        self._admin_chats[platform] = chat
+
+    async def _warn_low_balance(self, micro: int) -> None:
+        """Tell every admin, privately, that the wallet is running dry."""
+        wallet = self.wallet
+        text = (
+            f"⚠️ The bot's wallet holds {format_usd(micro)} USDC, below the "
+            f"{format_usd(self._settings.low_balance_micro)} set in LOW_BALANCE_USD. Fund "
+            f"{wallet.address} on {wallet.chain.v1_name} so pictures can still be paid for."
+        )
+        for admin in sorted(self._settings.admin_ids):
+            platform, _, user_id = admin.partition(":")
+            send = self._admin_chats.get(platform)
+            if send is None:
+                continue
+            try:
+                await send(user_id, text)
+            except Exception as error:
+                log.warning("could not warn admin %s of the low balance: %r", admin, error)
+
+    def _budget(self, principal: str, controls: Controls) -> Budget:
+        return budget_for(self._settings, principal, controls, MAX_JOBS_PER_USER)
 
     def _chat_allowed(self, sender: Sender) -> bool:
         allowed = self._settings.allowed_chats
@@ -738,6 +852,9 @@ class _Draw:
     stop: asyncio.Event = field(default_factory=asyncio.Event)  # its requester asked to stop it
     ended: asyncio.Event = field(default_factory=asyncio.Event)
 
+
+AdminChat = Callable[[str, str], Awaitable[None]]
+"""(user id, text) -> a private message to that user on one platform."""
 
 ChatFinder = Callable[[str, str], Awaitable["Chat | None"]]
 """(platform, reply address) -> a Chat answering there, or None if that platform is not running."""

@@ -7,7 +7,8 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from bot.chain import ChainResolver
+from bot.balance import WalletWatch
+from bot.chain import ChainResolver, Rpc
 from bot.config import Settings
 from bot.http import gateway_client
 from bot.images import ImageService
@@ -55,7 +56,15 @@ async def open_bot(
                 network=settings.payment_chain,
                 **service_options,
             )
-            bot = ImageBot(settings, images, ledger, journal)
+            chain = settings.payment_chain
+            rpc_url = settings.rpc_url_for(chain.caip2)
+            watch = WalletWatch(
+                wallet.address if wallet is not None else None,
+                chain,
+                Rpc(http, rpc_url) if rpc_url else None,
+                settings.low_balance_micro,
+            )
+            bot = ImageBot(settings, images, ledger, journal, watch)
             checking = None
             if settings.base_rpc_url or settings.base_sepolia_rpc_url:
                 resolver = ChainResolver(

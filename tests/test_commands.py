@@ -8,7 +8,20 @@ from hypothesis import strategies as st
 
 from adapters.console import take_image_paths
 from bot.catalog import MODELS, find_model
-from bot.commands import MENU, CancelJobs, Command, Help, Models, SpendQuery
+from bot.commands import (
+    ADMIN_MENU,
+    MENU,
+    BudgetChange,
+    CancelJobs,
+    Command,
+    Help,
+    LinkAccounts,
+    Models,
+    PauseSpending,
+    SpendQuery,
+    Unlink,
+    WalletQuery,
+)
 from bot.commands import parse as parse_command
 from bot.errors import UsageError
 from bot.requests import (
@@ -392,7 +405,50 @@ def test_check_refuses_bad_options_before_any_picture_is_fetched() -> None:
 
 def test_the_menu_lists_every_command_once() -> None:
     names = [entry.name for entry in MENU]
-    assert names == ["imagegen", "img2img", "cancel", "models", "spend", "help"]
+    assert names == [
+        "imagegen", "img2img", "cancel", "models", "spend", "link", "unlink", "help"
+    ]  # fmt: skip
+    assert [entry.name for entry in ADMIN_MENU] == ["wallet", "budget", "pause", "resume"]
+
+
+@pytest.mark.parametrize(
+    ("text", "command"),
+    [
+        ("/budget telegram:12 2.50", BudgetChange("telegram:12", 2_500_000)),
+        ("/budget @bob $0.5", BudgetChange("@bob", 500_000)),
+        ("/budget @bob", BudgetChange("@bob")),
+        ("/budget discord:7 RESET", BudgetChange("discord:7", reset=True)),
+        ("/budget default 3", BudgetChange(None, 3_000_000)),
+        ("/budget default", BudgetChange(None)),
+        ("/pause", PauseSpending(True)),
+        ("/resume", PauseSpending(False)),
+        ("/wallet", WalletQuery()),
+        ("/link", LinkAccounts(None)),
+        ("/link  abcd-2345 ", LinkAccounts("abcd-2345")),
+        ("/unlink", Unlink()),
+        ("/spend all models", SpendQuery("all", by_model=True)),
+        ("/spend ALL users", SpendQuery("all")),
+    ],
+)
+def test_admin_and_link_commands_parse(text: str, command: Command) -> None:
+    assert parse_command(text) == command
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("/budget", "Use /budget USER AMOUNT"),
+        ("/budget all 1", "Use /budget USER AMOUNT"),
+        ("/budget telegram:1 2 3", "Use /budget USER AMOUNT"),
+        ("/budget default reset", "The default can't be reset"),
+        ("/budget telegram:1 -1", "is not an amount in USD"),
+        ("/budget telegram:1 0.0000001", "is not an amount in USD"),
+        ("/budget nobody 1", "I don't know the user"),
+    ],
+)
+def test_bad_budget_commands_say_what_to_change(text: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        parse_command(text)
 
 
 # --- console-only image paths -----------------------------------------------------------

@@ -272,7 +272,7 @@ async def test_spend_tells_users_their_own_figures_and_only_admins_see_others(
         await bot.handle(ADMIN, admin_own, "/spend")
     assert own.texts == [
         "You have spent $0.0525 today, $0.0525 this month and $0.0525 in all (1 image).\n"
-        "Left today: $0.9475; the limit resets at 00:00 UTC."
+        "Left today: $0.9475 of your $1.00 daily limit; it resets at 00:00 UTC."
     ]
     for refused in (other, everyone):
         assert refused.texts == ["Only the bot's admins can see other people's spending."]

@@ -93,7 +93,9 @@ def photo_size(call: Call) -> tuple[int, int]:
 
 async def test_commands_are_registered_in_the_menu(stack: Stack) -> None:
     names = [command["command"] for command in stack.telegram.commands]
-    assert names == ["imagegen", "img2img", "cancel", "models", "spend", "help"]
+    assert names == [
+        "imagegen", "img2img", "cancel", "models", "spend", "link", "unlink", "help"
+    ]  # fmt: skip
 
 
 async def test_imagegen_replies_with_the_photo_and_clears_the_status(stack: Stack) -> None:

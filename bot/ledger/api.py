@@ -119,6 +119,15 @@ class UserTotal:
 
 
 @dataclass(frozen=True, slots=True)
+class DayTotal:
+    """What one user (or model) was charged on one UTC day."""
+
+    day: date
+    key: str  # the user's display name (else platform:id), or the model id
+    micro: int
+
+
+@dataclass(frozen=True, slots=True)
 class Report:
     """Settled spend per user, largest first; ``pending_micro`` is unresolved payments."""
 
@@ -312,6 +321,10 @@ class Ledger(Protocol):
 
         ``user`` narrows it to one ``platform:id`` (ValueError if it is not one).
         """
+
+    async def daily_spend(self, since: date, *, by_model: bool = False) -> list[DayTotal]:
+        """Settled spend per UTC day from ``since`` on, per user or (``by_model``) per model;
+        days and keys without spend are left out."""
 
     async def find_user(self, name: str) -> str | None:
         """``platform:id`` last seen with the username ``name`` (a leading ``@`` is ignored; ASCII

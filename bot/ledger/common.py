@@ -51,6 +51,11 @@ def day_number(day: date) -> int:
     return day.toordinal() - _EPOCH_ORDINAL
 
 
+def day_of(number: int) -> date:
+    """The UTC day the tables number ``number``."""
+    return date.fromordinal(_EPOCH_ORDINAL + number)
+
+
 def month_days(today: int) -> tuple[int, int]:
     """The first day of ``today``'s UTC month and of the next one, as day numbers."""
     month = date.fromordinal(_EPOCH_ORDINAL + today).replace(day=1)

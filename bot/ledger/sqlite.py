@@ -24,6 +24,7 @@ from bot.ledger.api import (
     Change,
     Clock,
     Controls,
+    DayTotal,
     KeptResult,
     Linked,
     OpenJob,
@@ -47,6 +48,7 @@ from bot.ledger.common import (
     RESULT_DELETE_BATCH,
     RESULT_KEEP_SECONDS,
     day_number,
+    day_of,
     is_result_token,
     kept_result_of,
     month_days,
@@ -358,6 +360,24 @@ class SqliteLedger:
         rows = await self._db.execute_fetchall(sql, params)
         links = await self._db.execute_fetchall("SELECT platform, user_id, person FROM links")
         return report_of(rows, {f"{p}:{u}": person for p, u, person in links})
+
+    async def daily_spend(self, since: date, *, by_model: bool = False) -> list[DayTotal]:
+        """As ``Ledger.daily_spend``: users from the per-day totals, models from the rows."""
+        first = day_number(since)
+        if by_model:
+            sql = f"""SELECT created_at / {DAY_SECONDS}, model, sum(charged_micro)
+                FROM attempts INDEXED BY attempts_by_time
+                WHERE created_at >= ? AND status = 'settled' GROUP BY 1, 2"""
+            params = (first * DAY_SECONDS,)
+        else:
+            sql = """SELECT d.day, coalesce(nullif(t.display_name, ''),
+                    d.platform || ':' || d.user_id), d.settled_micro
+                FROM user_days AS d LEFT JOIN user_totals AS t
+                    ON t.platform = d.platform AND t.user_id = d.user_id
+                WHERE d.day >= ? AND d.settled_micro > 0"""
+            params = (first,)
+        rows = await self._db.execute_fetchall(sql, params)
+        return [DayTotal(day_of(day), key, micro) for day, key, micro in rows]
 
     async def find_user(self, name: str) -> str | None:
         """As ``Ledger.find_user``: the username column only (SQLite's lower() is ASCII-only)."""

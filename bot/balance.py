@@ -1,0 +1,89 @@
+"""The paying wallet's USDC balance, read from the chain, and the low-balance warning.
+
+Read at start-up and after payments (at most once a minute), and whenever an admin asks
+``/wallet``. Below ``LOW_BALANCE_USD`` the admins are warned once; the next warning comes only
+after a reading at or above it again (a top-up).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from bot.chain import ChainUnreadable, Rpc
+from bot.chains import Chain
+
+log = logging.getLogger(__name__)
+
+CHECK_EVERY_SECONDS = 60.0  # after payments, the balance is read at most this often
+
+Warn = Callable[[int], Awaitable[None]]
+"""Tells the admins the balance (micro-USDC) is low."""
+
+
+class WalletWatch:
+    """The wallet the bot pays from: where, on which network, and what it holds."""
+
+    def __init__(
+        self, address: str | None, chain: Chain, rpc: Rpc | None, low_micro: int = 0
+    ) -> None:
+        self.address = address  # None when the gateway pays (ClawRouter)
+        self.chain = chain
+        self.last_micro: int | None = None  # the latest reading
+        self._rpc = rpc
+        self._low_micro = low_micro
+        self._low = False  # warned, and not seen above the threshold since
+        self._checked_at = -CHECK_EVERY_SECONDS
+        self._checking: asyncio.Task[None] | None = None
+        self._warn: Warn | None = None
+        self._judging = asyncio.Lock()  # one warning, however many readings at once
+
+    @property
+    def readable(self) -> bool:
+        """Whether there is a wallet and an RPC URL to read its balance from."""
+        return self.address is not None and self._rpc is not None
+
+    async def balance(self) -> int | None:
+        """The balance now, in micro-USDC; None when it cannot be read (no RPC URL, no answer)."""
+        if self.address is None or self._rpc is None:
+            return None
+        try:
+            micro = await self._rpc.usdc_balance(self.chain, self.address)
+        except ChainUnreadable as error:
+            log.warning("could not read the wallet's balance: %s", error)
+            return None
+        self.last_micro = micro
+        await self._judge(micro)
+        return micro
+
+    def warn_with(self, warn: Warn) -> None:
+        """Warn the admins through ``warn`` from now on."""
+        self._warn = warn
+
+    def paid(self) -> None:
+        """A payment left: read the balance again unless that was done in the last minute."""
+        if not self.readable or not self._low_micro:
+            return
+        if time.monotonic() - self._checked_at < CHECK_EVERY_SECONDS:
+            return
+        if self._checking is None or self._checking.done():
+            self._checked_at = time.monotonic()
+            self._checking = asyncio.create_task(self._check())
+
+    async def _check(self) -> None:
+        try:
+            await self.balance()
+        except Exception:  # a warning that could not be sent is tried at the next reading
+            log.exception("the low-balance check failed")
+
+    async def _judge(self, micro: int) -> None:
+        if not self._low_micro:
+            return
+        async with self._judging:
+            if micro >= self._low_micro:
+                self._low = False
+            elif not self._low and self._warn is not None:
+                await self._warn(micro)
+                self._low = True
