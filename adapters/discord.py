@@ -31,7 +31,20 @@ from PIL import Image
 from adapters.base import RemoteFile, StartupError, StatusChat, download, split_text
 from bot.buttons import DATA_PATTERN, Button
 from bot.catalog import choices, sizes_of
-from bot.commands import MENU, CancelJobs, Command, Help, Models, spend_query
+from bot.commands import (
+    ADMIN_MENU,
+    MENU,
+    CancelJobs,
+    Command,
+    Help,
+    LinkAccounts,
+    Models,
+    PauseSpending,
+    Unlink,
+    WalletQuery,
+    budget_change,
+    spend_query,
+)
 from bot.config import Settings
 from bot.errors import InputUnavailable
 from bot.images import Picture
@@ -197,6 +210,13 @@ def _view(buttons: Sequence[Button]) -> discord.ui.View | None:
     for button in buttons:
         view.add_item(PressedButton.of(button))
     return view
+
+
+async def send_private(client: discord.Client, user_id: str, text: str) -> None:
+    """A direct message to the user ``user_id`` (an admin's warning)."""
+    await client.wait_until_ready()
+    user = await client.fetch_user(int(user_id))
+    await user.send(text[:MAX_CONTENT_CHARS])
 
 
 def follow_gateway(client: discord.Client, url: str) -> None:
@@ -580,7 +600,7 @@ def _fit(picture: Picture) -> tuple[bytes, str] | None:
 
 def _add_slash_commands(tree: app_commands.CommandTree[Any], bot: ImageBot) -> None:
     """The bot's commands as native slash commands, each building its typed command directly."""
-    describe = {entry.name: entry.description for entry in MENU}
+    describe = {entry.name: entry.description for entry in (*MENU, *ADMIN_MENU)}
 
     @tree.command(name="imagegen", description=describe["imagegen"])
     @app_commands.describe(
@@ -633,6 +653,37 @@ def _add_slash_commands(tree: app_commands.CommandTree[Any], bot: ImageBot) -> N
     async def cancel(interaction: discord.Interaction[Any]) -> None:
         await _slash(bot, interaction, CancelJobs, ())
 
+    @tree.command(name="link", description=describe["link"])
+    @app_commands.describe(code="the code /link gave you on the other platform")
+    async def link(interaction: discord.Interaction[Any], code: str | None = None) -> None:
+        await _slash(bot, interaction, partial(LinkAccounts, code), ())
+
+    @tree.command(name="unlink", description=describe["unlink"])
+    async def unlink(interaction: discord.Interaction[Any]) -> None:
+        await _slash(bot, interaction, Unlink, ())
+
+    @tree.command(name="wallet", description=describe["wallet"])
+    async def wallet(interaction: discord.Interaction[Any]) -> None:
+        await _slash(bot, interaction, WalletQuery, ())
+
+    @tree.command(name="budget", description=describe["budget"])
+    @app_commands.describe(
+        who="default, discord:ID, telegram:ID or @name",
+        amount="the daily limit in USD, or reset; leave out to see it",
+    )
+    async def budget(
+        interaction: discord.Interaction[Any], who: str, amount: str | None = None
+    ) -> None:
+        await _slash(bot, interaction, partial(budget_change, f"{who} {amount or ''}"), ())
+
+    @tree.command(name="pause", description=describe["pause"])
+    async def pause(interaction: discord.Interaction[Any]) -> None:
+        await _slash(bot, interaction, partial(PauseSpending, True), ())
+
+    @tree.command(name="resume", description=describe["resume"])
+    async def resume(interaction: discord.Interaction[Any]) -> None:
+        await _slash(bot, interaction, partial(PauseSpending, False), ())
+
     @tree.command(name="help", description=describe["help"])
     async def help_(interaction: discord.Interaction[Any]) -> None:
         await _slash(bot, interaction, Help, ())
@@ -653,7 +704,9 @@ async def _slash(
     """Let the core answer a slash command, fetching the files if it asks."""
 
     def run(sender: Sender, chat: InteractionChat) -> Awaitable[Outcome]:
-        return bot.run(sender, chat, command, partial(_download, files))
+        return bot.run(
+            sender, chat, command, partial(_download, files), answers_private=not drawing
+        )
 
     await _deferred(interaction, run, private=not drawing)
 

@@ -27,6 +27,7 @@ from httpx_aiohttp import AiohttpTransport
 from telegram import (
     Bot,
     BotCommand,
+    BotCommandScopeChat,
     CallbackQuery,
     InlineKeyboardButton,
     InlineKeyboardMarkup,
@@ -51,7 +52,7 @@ from telegram.warnings import PTBDeprecationWarning
 
 from adapters.base import RemoteFile, StartupError, StatusChat, download
 from bot.buttons import Button
-from bot.commands import MENU
+from bot.commands import ADMIN_MENU, MENU
 from bot.config import Settings
 from bot.errors import InputUnavailable
 from bot.http import FREE_WHEN_CLOSED, pool_limits
@@ -77,8 +78,10 @@ CONNECTION_POOL = 64
 WEBHOOK_CONNECTIONS = 40  # Telegram's default; each replica answers in milliseconds
 WEBHOOK_RETRIES = 5  # setWebhook tried again for about 20 s (flood control as replicas start)
 _WEBHOOK = "imagebot.webhook"  # the application's bot_data key for its ``Webhook``
+_ADMINS = "imagebot.admins"  # the application's bot_data key for its admins' Telegram ids
 
 COMMANDS = tuple(BotCommand(entry.name, entry.description) for entry in MENU)
+ADMIN_COMMANDS = COMMANDS + tuple(BotCommand(e.name, e.description) for e in ADMIN_MENU)
 UPDATES = [Update.MESSAGE, Update.CALLBACK_QUERY]  # commands, and presses of the bot's buttons
 MORE_LIKE_THESE = "More like these?"  # the keyboard's own message under an album
 _MIME_EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
@@ -105,6 +108,11 @@ def build_application(
         .build()
     )
     application.bot_data[_WEBHOOK] = webhook
+    application.bot_data[_ADMINS] = sorted(
+        int(user_id)
+        for platform, _, user_id in (admin.partition(":") for admin in settings.admin_ids)
+        if platform == "telegram" and user_id.lstrip("-").isdigit()
+    )
     adapter = TelegramAdapter(bot)
     wanted = filters.UpdateType.MESSAGE & (
         filters.TEXT | filters.CAPTION | filters.PHOTO | filters.Document.IMAGE
@@ -194,6 +202,8 @@ async def serve(
     await _initialize(application)
     async with application:
         await _flood_safe(lambda: application.bot.set_my_commands(COMMANDS))
+        for admin in application.bot_data[_ADMINS]:  # admins see their commands in the menu
+            await _admin_menu(application.bot, admin)
         assert application.updater is not None
         await _receive(application.updater, application.bot_data[_WEBHOOK])
         await application.start()
@@ -202,6 +212,17 @@ async def serve(
         await stop.wait()
         await application.updater.stop()  # PTB's stop deletes no webhook
         await application.stop()
+
+
+async def _admin_menu(bot: Bot, admin: int) -> None:
+    """The menu with the admin commands, in the admin's private chat with the bot; Telegram
+    refuses it until the admin has started that chat, which is fine."""
+    try:
+        await _flood_safe(
+            lambda: bot.set_my_commands(ADMIN_COMMANDS, scope=BotCommandScopeChat(admin))
+        )
+    except TelegramError as error:
+        log.info("no admin menu for a Telegram admin yet: %s", error)
 
 
 async def _receive(updater: Updater, webhook: Webhook | None) -> None:
@@ -408,6 +429,14 @@ async def _read(media: Any) -> bytes:
             raise InputUnavailable(_TOO_BIG) from None
         raise
     return bytes(await file.download_as_bytearray())
+
+
+async def send_private(
+    application: Application[Any, Any, Any, Any, Any, Any], user_id: str, text: str
+) -> None:
+    """A message in the private chat with the user ``user_id`` (an admin's warning); Telegram
+    refuses it unless the user has started a chat with the bot."""
+    await _flood_safe(lambda: application.bot.send_message(int(user_id), text[:MAX_TEXT_CHARS]))
 
 
 def chat_for(application: Application[Any, Any, Any, Any, Any, Any], address: str) -> TelegramChat:

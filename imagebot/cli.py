@@ -133,15 +133,19 @@ async def _serve(settings: Settings) -> int:
             ready = asyncio.Event()
             adapters.append(telegram.serve(application, halt, ready))
             finders["telegram"] = partial(_when_ready, ready, telegram.chat_for, application)
+            send = partial(telegram.send_private, application)
+            bot.reach_admins("telegram", partial(_sending_when_ready, ready, send))
         if settings.discord_bot_token is not None:
             client = discord.build_client(settings, bot)
             token = settings.discord_bot_token.get_secret_value()
             adapters.append(discord.serve(client, token, halt))
             finders["discord"] = partial(discord.chat_for, client)
+            bot.reach_admins("discord", partial(discord.send_private, client))
         running = [asyncio.create_task(_stopping_all(a, stop)) for a in adapters]
         shared = [  # work other runs on the ledger leave to this one
             asyncio.create_task(bot.keep_resuming(partial(_find_chat, finders), finders)),
             asyncio.create_task(bot.watch_cancels()),
+            asyncio.create_task(bot.wallet.balance()),  # a low balance is told at start-up
         ]
         await stop.wait()
         for task in shared:
@@ -160,6 +164,13 @@ async def _when_ready(
 ) -> Chat:
     await ready.wait()
     return make(platform, address)
+
+
+async def _sending_when_ready(
+    ready: asyncio.Event, send: Callable[[str, str], Awaitable[None]], user_id: str, text: str
+) -> None:
+    await ready.wait()
+    await send(user_id, text)
 
 
 async def _find_chat(
