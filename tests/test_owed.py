@@ -18,9 +18,9 @@ from typing import Any
 import aiosqlite
 import pytest
 from aiohttp import web
+from fake_rpc import FakeRpc
 from imagebot_cli import ROOT, cli_env, imagebot
 from local import until
-from test_chain import FakeRpc
 from test_service import RecordingChat
 
 from bot.buttons import Button
