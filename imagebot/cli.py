@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ from bot.principals import parse_principal
 from bot.service import Chat
 from bot.x402 import Wallet
 from imagebot.logs import configure_logging, secrets_of
-from imagebot.reports import iso_utc, report_table, to_json
+from imagebot.reports import CSV_HEADER, csv_row, iso_utc, report_table, to_json
 from imagebot.wiring import open_bot
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     sandbox.set_defaults(handler=_sandbox)
 
     spend = commands.add_parser("spend", help="the ledger report")
-    spend.add_argument("--json", action="store_true", help="one JSON object, amounts as strings")
+    output = spend.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="one JSON object, amounts as strings")
+    output.add_argument("--csv", action="store_true", help="one line per settled payment")
     spend.add_argument("--since", metavar="YYYY-MM-DD", type=_day, help="only from this UTC day on")
     spend.add_argument("--user", metavar="platform:id", type=_principal, help="only this user")
     spend.set_defaults(handler=_spend)
@@ -261,9 +264,21 @@ def _spend(args: argparse.Namespace) -> int:
     settings = _settings()
     if settings.database_url is None and not _ledger_exists(settings):
         return 1
+    if args.csv:
+        asyncio.run(_write_csv(settings, args.since, args.user))
+        return 0
     report = asyncio.run(_report(settings, args.since, args.user))
     print(json.dumps(to_json(report)) if args.json else report_table(report))
     return 0
+
+
+async def _write_csv(settings: Settings, since: date | None, user: str | None) -> None:
+    """One line per settled payment, written as the rows are read."""
+    out = csv.writer(sys.stdout, lineterminator="\n")
+    out.writerow(CSV_HEADER)
+    async with await open_ledger(settings) as ledger:
+        async for charge in ledger.charges(since=since, user=user):
+            out.writerow(csv_row(charge))
 
 
 async def _report(settings: Settings, since: date | None, user: str | None) -> Report:

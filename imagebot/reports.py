@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from bot.ledger import Report
+from bot.ledger import Charge, Report
 from bot.money import usd_string
 
 
@@ -27,12 +27,31 @@ def to_json(report: Report) -> dict[str, Any]:
         if line.pending_micro:
             entry["pending_usd"] = usd_string(line.pending_micro)
         entry["last_at"] = iso_utc(line.last_at)
+        if line.person is not None:
+            entry["person"] = line.person
         users.append(entry)
     result: dict[str, Any] = {"total_usd": usd_string(report.total_micro)}
     if report.pending_micro:
         result["pending_usd"] = usd_string(report.pending_micro)
     result["users"] = users
     return result
+
+
+CSV_HEADER = ("time", "user", "command", "model", "size", "n", "usd", "tx_hash")
+
+
+def csv_row(charge: Charge) -> tuple[str, ...]:
+    """One ``imagebot spend --csv`` line's cells."""
+    return (
+        iso_utc(charge.at),
+        charge.user,
+        charge.command,
+        charge.model,
+        charge.size,
+        str(charge.n),
+        usd_string(charge.micro),
+        charge.tx_hash or "",
+    )
 
 
 def report_table(report: Report) -> str:

@@ -1,11 +1,16 @@
-"""The ``imagebot spend`` report's JSON (README, "The ledger and budgets")."""
+"""The ``imagebot spend`` report: its JSON (README, "The ledger and budgets") and its CSV."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from datetime import UTC, datetime
+from pathlib import Path
 
-from bot.ledger import Report, UserTotal
+from imagebot_cli import cli_env, imagebot
+
+from bot.ledger import Attempt, Budget, Report, SqliteLedger, UserTotal
 from imagebot.reports import to_json
 
 
@@ -58,3 +63,52 @@ def test_to_json_has_the_shape_the_readme_shows() -> None:
         }
     )
     assert to_json(Report(0, 0, [])) == {"total_usd": "0.000000", "users": []}
+
+
+def test_a_linked_user_names_their_person() -> None:
+    at = datetime(2026, 11, 21, 4, 38, 35, tzinfo=UTC)
+    linked = UserTotal("discord:5", "@b", 1, 1, 21_000, 0, at, person="telegram:111")
+    (entry,) = to_json(Report(21_000, 0, [linked]))["users"]
+    assert entry == {
+        "user": "discord:5",
+        "requests": 1,
+        "images": 1,
+        "usd": "0.021000",
+        "last_at": "2026-11-21T04:38:35Z",
+        "person": "telegram:111",
+    }
+
+
+async def test_spend_csv_lists_each_settled_payment_and_json_names_persons(
+    tmp_path: Path,
+) -> None:
+    database = tmp_path / "ledger.sqlite3"
+    clock = lambda: datetime(2026, 11, 21, 4, 38, 35, tzinfo=UTC)  # noqa: E731
+    budget = Budget(user_daily_micro=10_000_000, global_daily_micro=10_000_000, exempt=False)
+    async with await SqliteLedger.open(database, clock=clock) as ledger:
+        for user_id, platform, settle in (("111", "telegram", True), ("5", "discord", True)):
+            attempt = Attempt(platform, user_id, "@x", "c", "imagegen", "m/one", "1024x1024", 2)
+            row = await ledger.reserve(attempt, 42_000, budget)
+            if settle:
+                await ledger.settle(row, 42_000, f"0x{row:064x}")
+        failed = await ledger.reserve(attempt, 42_000, budget)
+        await ledger.fail(failed, "declined")
+        code = await ledger.new_link_code("telegram:111")
+        await ledger.redeem_link_code("discord:5", code)
+    env = cli_env("http://127.0.0.1:9", database)
+
+    code, out = await imagebot("spend", "--csv", env=env, cwd=tmp_path)
+    assert code == 0
+    assert list(csv.reader(io.StringIO(out))) == [
+        ["time", "user", "command", "model", "size", "n", "usd", "tx_hash"],
+        ["2026-11-21T04:38:35Z", "telegram:111", "imagegen", "m/one", "1024x1024", "2",
+         "0.042000", f"0x{1:064x}"],
+        ["2026-11-21T04:38:35Z", "discord:5", "imagegen", "m/one", "1024x1024", "2",
+         "0.042000", f"0x{2:064x}"],
+    ]  # fmt: skip
+    code, out = await imagebot("spend", "--csv", "--user", "discord:5", env=env, cwd=tmp_path)
+    assert [row[1] for row in csv.reader(io.StringIO(out))] == ["user", "discord:5"]
+
+    code, out = await imagebot("spend", "--json", env=env, cwd=tmp_path)
+    persons = {entry["user"]: entry.get("person") for entry in json.loads(out)["users"]}
+    assert persons == {"telegram:111": "telegram:111", "discord:5": "telegram:111"}

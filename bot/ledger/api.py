@@ -7,7 +7,7 @@ Users are written ``platform:id``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
 from datetime import date, datetime
 from enum import StrEnum
@@ -116,6 +116,20 @@ class UserTotal:
     pending_micro: int
     last_at: datetime
     person: str | None = None  # the link joining this identity to others, if any
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """One settled payment, as ``imagebot spend --csv`` lists it."""
+
+    at: datetime
+    user: str
+    command: str
+    model: str
+    size: str
+    n: int
+    micro: int
+    tx_hash: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,6 +335,12 @@ class Ledger(Protocol):
 
         ``user`` narrows it to one ``platform:id`` (ValueError if it is not one).
         """
+
+    def charges(
+        self, *, since: date | None = None, user: str | None = None
+    ) -> AsyncIterator[Charge]:
+        """Every settled payment (from the UTC day ``since``, of ``user``), oldest first, read
+        from the store as it is iterated."""
 
     async def daily_spend(self, since: date, *, by_model: bool = False) -> list[DayTotal]:
         """Settled spend per UTC day from ``since`` on, per user or (``by_model``) per model;

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import Collection
+from collections.abc import AsyncIterator, Collection
 from datetime import date
 from pathlib import Path
 from typing import Any, Self
@@ -22,6 +22,7 @@ from bot.ledger.api import (
     Budget,
     BudgetExceeded,
     Change,
+    Charge,
     Clock,
     Controls,
     DayTotal,
@@ -360,6 +361,24 @@ class SqliteLedger:
         rows = await self._db.execute_fetchall(sql, params)
         links = await self._db.execute_fetchall("SELECT platform, user_id, person FROM links")
         return report_of(rows, {f"{p}:{u}": person for p, u, person in links})
+
+    async def charges(
+        self, *, since: date | None = None, user: str | None = None
+    ) -> AsyncIterator[Charge]:
+        """As ``Ledger.charges``: a cursor, so a million rows never sit in memory at once."""
+        where, params = ["status = 'settled'"], []
+        if since is not None:
+            where.append("created_at >= ?")
+            params.append(day_number(since) * DAY_SECONDS)
+        if user is not None:
+            where.append("platform = ? AND user_id = ?")
+            params.extend(split_user(user))
+        sql = f"""SELECT created_at, platform || ':' || user_id, command, model, size, n,
+                charged_micro, tx_hash
+            FROM attempts WHERE {" AND ".join(where)} ORDER BY id"""
+        async with self._db.execute(sql, params) as cursor:
+            async for at, *rest in cursor:
+                yield Charge(utc_datetime(at), *rest)
 
     async def daily_spend(self, since: date, *, by_model: bool = False) -> list[DayTotal]:
         """As ``Ledger.daily_spend``: users from the per-day totals, models from the rows."""
