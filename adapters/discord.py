@@ -75,9 +75,11 @@ def build_client(settings: Settings, bot: ImageBot) -> ImagebotClient:
     ``DISCORD_SHARD_COUNT``/``DISCORD_SHARD_IDS``; run it with ``serve``."""
     # discord.py keeps the REST base in one class attribute, read for every request.
     discord.http.Route.BASE = settings.discord_api_url.rstrip("/")
-    return ImagebotClient(
+    client = ImagebotClient(
         bot, shard_count=settings.discord_shard_count, shard_ids=settings.discord_shard_ids
     )
+    bot.reach_admins("discord", partial(send_private, client))
+    return client
 
 
 async def serve(client: ImagebotClient, token: str, stop: asyncio.Event) -> None:

@@ -119,6 +119,7 @@ def build_application(
     )
     application.add_handler(MessageHandler(wanted, adapter.on_message))
     application.add_handler(CallbackQueryHandler(adapter.on_press))
+    bot.reach_admins("telegram", partial(send_private, application))
     return application
 
 
@@ -436,6 +437,7 @@ async def send_private(
 ) -> None:
     """A message in the private chat with the user ``user_id`` (an admin's warning); Telegram
     refuses it unless the user has started a chat with the bot."""
+    await application.bot.initialize()  # done already once the application runs
     await _flood_safe(lambda: application.bot.send_message(int(user_id), text[:MAX_TEXT_CHARS]))
 
 

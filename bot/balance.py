@@ -21,6 +21,8 @@ CHECK_EVERY_SECONDS = 60.0  # after payments, the balance is read at most this o
 
 Warn = Callable[[int], Awaitable[None]]
 """Tells the admins the balance (micro-USDC) is low."""
+Seen = Callable[[int], None]
+"""Told every reading (micro-USDC)."""
 
 
 class WalletWatch:
@@ -38,6 +40,7 @@ class WalletWatch:
         self._checked_at = -CHECK_EVERY_SECONDS
         self._checking: asyncio.Task[None] | None = None
         self._warn: Warn | None = None
+        self._seen: Seen | None = None
         self._judging = asyncio.Lock()  # one warning, however many readings at once
 
     @property
@@ -55,12 +58,14 @@ class WalletWatch:
             log.warning("could not read the wallet's balance: %s", error)
             return None
         self.last_micro = micro
+        if self._seen is not None:
+            self._seen(micro)
         await self._judge(micro)
         return micro
 
-    def warn_with(self, warn: Warn) -> None:
-        """Warn the admins through ``warn`` from now on."""
-        self._warn = warn
+    def report_to(self, warn: Warn, seen: Seen) -> None:
+        """From now on, warn the admins through ``warn`` and tell ``seen`` every reading."""
+        self._warn, self._seen = warn, seen
 
     def paid(self) -> None:
         """A payment left: read the balance again unless that was done in the last minute."""

@@ -53,6 +53,7 @@ DOWNLOAD_DEADLINE = 60.0  # seconds for one picture's download
 # many multi-MB results land together or the chat platform uploads slowly.
 MAX_RESULTS_IN_HAND = 64
 WaitHook = Callable[[float], Awaitable[None]]  # told the seconds a slow job has run, per poll
+ExchangeHook = Callable[[float], None]  # told the seconds each gateway exchange took
 _THREAD_THRESHOLD = 256 * 1024  # decode bigger bodies off the event loop
 
 
@@ -146,8 +147,13 @@ class ImageService:
         download_deadline: float = DOWNLOAD_DEADLINE,
         max_results_in_hand: int = MAX_RESULTS_IN_HAND,
         network: Chain | None = None,
+        on_exchange: ExchangeHook | None = None,
     ) -> None:
-        """``network`` is the one the bot pays on; by default the one ``api_url`` implies."""
+        """``network`` is the one the bot pays on; by default the one ``api_url`` implies.
+
+        ``on_exchange`` is told how long each gateway exchange took (the quote, the paid
+        request, each poll), whether it ended in an answer, an error or a timeout.
+        """
         self._http = http
         self._payer = payer
         self._api_url = api_url.rstrip("/")
@@ -158,6 +164,7 @@ class ImageService:
         self._poll_deadline = poll_deadline
         self._download_deadline = download_deadline
         self._in_hand = asyncio.Semaphore(max_results_in_hand)
+        self._on_exchange = on_exchange
 
     async def generate(
         self,
@@ -256,12 +263,15 @@ class ImageService:
     ) -> PaidResponse:
         """The paid exchange, whole answer included, within ``exchange_deadline``."""
         signed = False
+        exchange = _Stopwatch(self._on_exchange)  # the quote, then the paid request
 
         async def record(intent: PaymentIntent) -> None:
             nonlocal signed
+            exchange.stop()
             if on_payment is not None:
                 await on_payment(intent)
             signed = True  # the header is signed and sent next
+            exchange.start()
 
         try:
             async with asyncio.timeout(self._exchange_deadline):
@@ -275,6 +285,8 @@ class ImageService:
         except httpx.TransportError as error:
             log.warning("image gateway unreachable: %s", type(error).__name__)
             raise GatewayError(f"I couldn't reach the image service. {_NOTHING}") from None
+        finally:
+            exchange.stop()
 
     async def _finish(
         self,
@@ -348,11 +360,14 @@ class ImageService:
         with the same payment header; 402 means the settlement failed. Any answer with a
         settlement receipt marks the job charged, whatever its status.
         """
+        exchange = _Stopwatch(self._on_exchange)
         try:
             async with asyncio.timeout(self._poll_deadline):
                 response = await self._payer.get(job.job.poll_url, job.job.header)
         except (httpx.TransportError, PaymentOutcomeUnknown, TimeoutError):
             return _STILL_RUNNING
+        finally:
+            exchange.stop()
         job.receipt = read_receipt(response) or job.receipt
         if response.status_code == 200:  # unreadable: it may have said "completed"
             return await _json_body(response, charged=True if job.receipt else None)
@@ -477,6 +492,23 @@ class _Polling:
         error = JobAbandoned(f"{what} {_CHARGED_ANYWAY}")
         error.charged = True
         return error
+
+
+class _Stopwatch:
+    """Times one exchange at a time from ``start`` (or creation) to ``stop`` for ``on_exchange``;
+    a stop without a start in between tells nothing."""
+
+    def __init__(self, on_exchange: ExchangeHook | None) -> None:
+        self._on_exchange = on_exchange
+        self._started: float | None = time.monotonic()
+
+    def start(self) -> None:
+        self._started = time.monotonic()
+
+    def stop(self) -> None:
+        started, self._started = self._started, None
+        if started is not None and self._on_exchange is not None:
+            self._on_exchange(time.monotonic() - started)
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,7 @@ from bot.ledger import (
 )
 from bot.ledger.journal import SettlementJournal
 from bot.line import Line, Ticket, Withdrawn
+from bot.metrics import CommandKind, Metrics
 from bot.money import format_usd
 from bot.principals import principal
 from bot.replies import help_text, models_text, report_text, spend_text
@@ -200,15 +201,18 @@ class ImageBot:
         ledger: Ledger,
         journal: SettlementJournal,
         wallet: WalletWatch,
+        metrics: Metrics,
     ) -> None:
         self._settings = settings
         self._images = images
         self._ledger = ledger
         self._journal = journal
         self.wallet = wallet
+        self.metrics = metrics
         self._desk = AdminDesk(settings, ledger, wallet)
         self._admin_chats: dict[str, AdminChat] = {}  # by platform, once its adapter runs
-        wallet.warn_with(self._warn_low_balance)
+        wallet.report_to(self._warn_low_balance, metrics.set_balance)
+        metrics.count_jobs(self._drawing, self._waiting)
         self._jobs: Counter[str] = Counter()  # image jobs in flight per user
         self._line = Line(settings.max_concurrent_jobs)
         self._draws: dict[asyncio.Task[Any], _Draw] = {}
@@ -361,7 +365,9 @@ class ImageBot:
             return Outcome.REFUSED
         if made is None:
             return Outcome.IGNORED
-        return await self._answer(made, sender, chat, inputs, answers_private)
+        outcome = await self._answer(made, sender, chat, inputs, answers_private)
+        self.metrics.command_done(_kind(made), outcome.value)
+        return outcome
 
     async def press(
         self, sender: Sender, chat: Chat, data: str, fetch: Refetch, pressed: Sequence[str] = ()
@@ -375,6 +381,7 @@ class ImageBot:
         press = read_press(data)
         if press is None:
             await chat.send_text(_EXPIRED)
+            self.metrics.command_done("press", "refused")
             return Outcome.REFUSED
         if press.action == "cancel":
             outcome = await self.cancel_job(sender.principal, int(press.key))
@@ -388,6 +395,7 @@ class ImageBot:
             return Outcome.REFUSED
         if kept is None or kept.platform != sender.platform:
             await chat.send_text(_EXPIRED)
+            self.metrics.command_done("press", "refused")
             return Outcome.REFUSED
         if press.action == "again":
             command, refs = again_command(kept), input_refs(kept)
@@ -624,7 +632,7 @@ class ImageBot:
         if not draw.stop.is_set():  # withdrawn because the bot is stopping
             if chat is not None:
                 await _said(chat, _RESTARTING)
-            await _logged(self._ledger.fail(draw.row_id, "the bot stopped before signing"))
+            await _logged(self._fail(draw.row_id, "the bot stopped before signing"))
             return
         draw.cancelled = True
         log.info("request %d cancelled by its requester", draw.row_id)
@@ -646,7 +654,7 @@ class ImageBot:
     ) -> None:
         """Settle the row (kept in the journal while the ledger is busy), then send the pictures,
         with Again and Vary when their request (``kept``) could be kept."""
-        recorded = await self._journal.settle(row_id, result.charged_micro, result.tx_hash)
+        recorded = await self._settle(row_id, result.charged_micro, result.tx_hash)
         if not recorded:  # the ledger is busy: no buttons either, rather than a late picture
             caption += f"\n{_LEDGER_LATE}"
         self.wallet.paid()
@@ -673,9 +681,9 @@ class ImageBot:
     ) -> None:
         """Record how a request ended in error: charged, not, or not known yet."""
         if error.charged is None:
-            await self._ledger.mark_unknown(row_id, error.user_message)
+            await self._mark_unknown(row_id, error.user_message)
         elif error.charged:
-            await self._journal.settle(row_id, charged_micro, None)
+            await self._settle(row_id, charged_micro, None)
         else:
             await self._close_uncharged(row_id, error.user_message, network)
 
@@ -683,9 +691,9 @@ class ImageBot:
         """The gateway charged nothing; a payment signed on a network the bot can read is left
         to the chain (the authorization stays valid until its validBefore)."""
         if network is not None and self._settings.rpc_url_for(network):
-            await self._ledger.mark_unknown(row_id, f"{_CHAIN_DECIDES}: {reason}")
+            await self._mark_unknown(row_id, f"{_CHAIN_DECIDES}: {reason}")
         else:
-            await self._ledger.fail(row_id, reason)
+            await self._fail(row_id, reason)
 
     async def tell_settled(self, payment: Payment) -> None:
         """The chain shows a payment went through that its user was not sent pictures for.
@@ -727,9 +735,29 @@ class ImageBot:
 
     async def _close_interrupted(self, row_id: int, payment: LedgerPayment, reason: str) -> None:
         if payment.signed_micro is None:
-            await self._ledger.fail(row_id, reason)
+            await self._fail(row_id, reason)
         else:
-            await self._ledger.mark_unknown(row_id, reason)
+            await self._mark_unknown(row_id, reason)
+
+    async def _settle(self, row_id: int, charged_micro: int, tx_hash: str | None) -> bool:
+        """Settle the row (kept in the journal while the ledger is busy); False if journaled."""
+        self.metrics.payment_closed("settled", charged_micro)
+        return await self._journal.settle(row_id, charged_micro, tx_hash)
+
+    async def _fail(self, row_id: int, reason: str) -> None:
+        await self._ledger.fail(row_id, reason)
+        self.metrics.payment_closed("failed", 0)
+
+    async def _mark_unknown(self, row_id: int, reason: str) -> None:
+        await self._ledger.mark_unknown(row_id, reason)
+        self.metrics.payment_closed("unknown", 0)
+
+    def _drawing(self) -> int:
+        """Jobs holding a slot now (resumed slow jobs too)."""
+        return sum(1 for draw in self._draws.values() if not (draw.ticket and draw.ticket.waiting))
+
+    def _waiting(self) -> int:
+        return sum(1 for draw in self._draws.values() if draw.ticket and draw.ticket.waiting)
 
     async def _spend(self, query: SpendQuery, sender: Sender, chat: Chat) -> Outcome:
         if query.who is None:
@@ -791,6 +819,11 @@ class ImageBot:
             text = _LEDGER_DOWN
         await chat.send_text(text)
         return Outcome.DONE
+
+    async def ledger_answers(self) -> bool:
+        """Whether the ledger answers a read (the health check)."""
+        await self._ledger.controls("console:local")
+        return True
 
     def reach_admins(self, platform: str, chat: AdminChat) -> None:
         """Send ``platform``'s admins private messages through ``chat`` (its adapter runs)."""
@@ -923,6 +956,24 @@ async def _logged(write: Awaitable[None]) -> None:
         await write
     except Exception as error:
         log.error("ledger write failed: %s", error)
+
+
+_KINDS: dict[type, CommandKind] = {
+    SpendQuery: "spend",
+    Help: "help",
+    Models: "models",
+    CancelJobs: "cancel",
+    LinkAccounts: "link",
+    Unlink: "unlink",
+    WalletQuery: "wallet",
+    BudgetChange: "budget",
+    PauseSpending: "pause",
+}
+
+
+def _kind(command: Command) -> CommandKind:
+    """The metrics' name for a command's kind."""
+    return command.kind if isinstance(command, ImageCommand) else _KINDS[type(command)]
 
 
 def _caption(request: GenerateRequest | EditRequest, result: ImageResult) -> str:

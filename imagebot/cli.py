@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import json
 import logging
@@ -27,8 +28,9 @@ from bot.ledger import Payment, Report, Status, open_ledger
 from bot.ledger.postgres import DATABASE_ERRORS
 from bot.money import usd_string
 from bot.principals import parse_principal
-from bot.service import Chat
+from bot.service import Chat, ImageBot
 from bot.x402 import Wallet
+from imagebot.health import serving_health
 from imagebot.logs import configure_logging, secrets_of
 from imagebot.reports import CSV_HEADER, csv_row, iso_utc, report_table, to_json
 from imagebot.wiring import open_bot
@@ -128,22 +130,27 @@ async def _serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    async with open_bot(settings) as bot:
+    async with open_bot(settings) as bot, contextlib.AsyncExitStack() as health:
         adapters: list[Awaitable[None]] = []
         finders: dict[str, Callable[[str], Awaitable[Chat]]] = {}
+        connected: list[Callable[[], bool]] = [lambda: not stop.is_set()]
         if settings.telegram_bot_token is not None:
             application = telegram.build_application(settings, bot)
             ready = asyncio.Event()
             adapters.append(telegram.serve(application, halt, ready))
             finders["telegram"] = partial(_when_ready, ready, telegram.chat_for, application)
-            send = partial(telegram.send_private, application)
-            bot.reach_admins("telegram", partial(_sending_when_ready, ready, send))
+            connected.append(ready.is_set)
         if settings.discord_bot_token is not None:
             client = discord.build_client(settings, bot)
             token = settings.discord_bot_token.get_secret_value()
             adapters.append(discord.serve(client, token, halt))
             finders["discord"] = partial(discord.chat_for, client)
-            bot.reach_admins("discord", partial(discord.send_private, client))
+            connected.append(lambda: client.is_ready() and not client.is_closed())
+        if settings.metrics_listen is not None:
+            healthy = partial(_healthy, bot, connected)
+            await health.enter_async_context(
+                serving_health(settings.metrics_listen, bot.metrics, healthy)
+            )
         running = [asyncio.create_task(_stopping_all(a, stop)) for a in adapters]
         shared = [  # work other runs on the ledger leave to this one
             asyncio.create_task(bot.keep_resuming(partial(_find_chat, finders), finders)),
@@ -162,18 +169,16 @@ async def _serve(settings: Settings) -> int:
     return 0
 
 
+async def _healthy(bot: ImageBot, connected: list[Callable[[], bool]]) -> bool:
+    """Every adapter connected (and the bot not stopping), and the ledger answering."""
+    return all(check() for check in connected) and await bot.ledger_answers()
+
+
 async def _when_ready(
     ready: asyncio.Event, make: Callable[[Any, str], Chat], platform: Any, address: str
 ) -> Chat:
     await ready.wait()
     return make(platform, address)
-
-
-async def _sending_when_ready(
-    ready: asyncio.Event, send: Callable[[str, str], Awaitable[None]], user_id: str, text: str
-) -> None:
-    await ready.wait()
-    await send(user_id, text)
 
 
 async def _find_chat(

@@ -14,6 +14,7 @@ from bot.http import gateway_client
 from bot.images import ImageService
 from bot.ledger import open_ledger
 from bot.ledger.journal import SettlementJournal
+from bot.metrics import Metrics
 from bot.service import ImageBot
 from bot.x402 import Wallet, X402Payer
 
@@ -49,11 +50,13 @@ async def open_bot(
             )
         async with gateway_client() as http:
             payer = X402Payer(http, wallet, max_micro=settings.max_micro_per_request)
+            metrics = Metrics()
             images = ImageService(
                 http,
                 payer,
                 settings.image_api_url,
                 network=settings.payment_chain,
+                on_exchange=metrics.observe_gateway,
                 **service_options,
             )
             chain = settings.payment_chain
@@ -64,7 +67,7 @@ async def open_bot(
                 Rpc(http, rpc_url) if rpc_url else None,
                 settings.low_balance_micro,
             )
-            bot = ImageBot(settings, images, ledger, journal, watch)
+            bot = ImageBot(settings, images, ledger, journal, watch, metrics)
             checking = None
             if settings.base_rpc_url or settings.base_sepolia_rpc_url:
                 resolver = ChainResolver(
