@@ -217,8 +217,8 @@ def _view(buttons: Sequence[Button]) -> discord.ui.View | None:
 async def send_private(client: discord.Client, user_id: str, text: str) -> None:
     """A direct message to the user ``user_id`` (an admin's warning)."""
     await client.wait_until_ready()
-    user = await client.fetch_user(int(user_id))
-    await user.send(text[:MAX_CONTENT_CHARS])
+    channel = await client.create_dm(discord.Object(int(user_id)))
+    await channel.send(text[:MAX_CONTENT_CHARS])
 
 
 def follow_gateway(client: discord.Client, url: str) -> None:
