@@ -6,12 +6,16 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from aiohttp import web
-from local import free_port
+from fake_telegram import FakeTelegram
+from imagebot_cli import cli_env, imagebot_run
+from local import free_port, until
 from prometheus_client.parser import text_string_to_metric_families
 
 from bot.commands import parse
@@ -217,3 +221,55 @@ async def test_a_payment_refused_after_the_quote_times_the_quote_only() -> None:
         await generate("/imagegen a fox", metrics.observe_gateway, refuse)
     assert metrics.registry.get_sample_value("imagebot_gateway_seconds_count") == 1
     assert metrics.registry.get_sample_value("imagebot_gateway_seconds_sum") < 0.2
+
+
+async def test_imagebot_run_serves_metrics_and_is_unhealthy_once_its_ledger_is_gone(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """``imagebot run`` with METRICS_LISTEN: a command shows in /metrics (read by Prometheus'
+    own parser), /healthz is 200, then 503 once the PostgreSQL ledger stops answering."""
+    telegram, gateway = FakeTelegram(), Sandbox()
+    await telegram.start()
+    await gateway.start()
+    port = free_port()
+    env = cli_env(
+        gateway.url,
+        tmp_path / "journal.sqlite3",
+        TELEGRAM_BOT_TOKEN=telegram.token,
+        TELEGRAM_API_URL=telegram.url,
+        DATABASE_URL=postgres_url,
+        METRICS_LISTEN=f"127.0.0.1:{port}",
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with imagebot_run(env, tmp_path / "run.log"), httpx.AsyncClient() as client:
+            await until(lambda: len(telegram.calls("setMyCommands")) == 1, seconds=30)
+            alice = telegram.private_chat(111, "Alice")
+            telegram.send_text(alice, alice.user, "/imagegen -m flux a fox")
+            await telegram.wait_for("sendPhoto", timeout=30)
+            scraped = samples((await client.get(f"{base}/metrics")).text)
+            healthy = (await client.get(f"{base}/healthz")).status_code
+            await _cut_off(postgres_url)
+            unhealthy = (await client.get(f"{base}/healthz", timeout=10)).status_code
+    finally:
+        await gateway.close()
+        await telegram.close()
+    assert scraped[("imagebot_commands_total", labels(kind="imagegen", outcome="done"))] == 1
+    assert scraped[("imagebot_payments_total", labels(status="settled"))] == 1
+    assert scraped[("imagebot_settled_micro_usdc_total", labels())] == 42_000
+    assert scraped[("imagebot_gateway_seconds_count", labels())] == 2  # the quote, the payment
+    assert scraped[("imagebot_jobs_in_flight", labels())] == 0
+    assert (healthy, unhealthy) == (200, 503)
+
+
+async def _cut_off(url: str) -> None:
+    """The database refuses new connections and drops those it has, as if its server died."""
+    name = url.rsplit("/", 1)[1]
+    admin = await asyncpg.connect(url.rsplit("/", 1)[0] + "/postgres")
+    try:
+        await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name
+        )
+    finally:
+        await admin.close()
