@@ -24,7 +24,7 @@ from bot.chains import CHAINS
 from bot.config import POSTGRES_URL, Settings, load_settings, url_passwords
 from bot.errors import ConfigError
 from bot.http import gateway_client
-from bot.ledger import Payment, Report, Status, open_ledger
+from bot.ledger import Change, Payment, Report, Status, open_ledger
 from bot.ledger.postgres import DATABASE_ERRORS
 from bot.money import usd_string
 from bot.principals import parse_principal
@@ -32,7 +32,15 @@ from bot.service import Chat, ImageBot
 from bot.x402 import Wallet
 from imagebot.health import serving_health
 from imagebot.logs import configure_logging, secrets_of
-from imagebot.reports import CSV_HEADER, csv_row, iso_utc, report_table, to_json
+from imagebot.reports import (
+    CSV_HEADER,
+    change_json,
+    changes_table,
+    csv_row,
+    iso_utc,
+    report_table,
+    to_json,
+)
 from imagebot.wiring import open_bot
 
 log = logging.getLogger(__name__)
@@ -92,6 +100,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     payments.add_argument("--json", action="store_true", help="one JSON object, amounts as strings")
     payments.set_defaults(handler=_payments)
+
+    changes = commands.add_parser(
+        "changes", help="what admins changed from the chat (pause, limits), newest first"
+    )
+    changes.add_argument("--json", action="store_true", help="one JSON object")
+    changes.set_defaults(handler=_changes)
 
     migrate = commands.add_parser(
         "migrate", help="copy the SQLite ledger into an empty PostgreSQL database"
@@ -316,6 +330,23 @@ def _payments(args: argparse.Namespace) -> int:
         )
     print(_payments_table(payments))
     return 0
+
+
+def _changes(args: argparse.Namespace) -> int:
+    settings = _settings()
+    if settings.database_url is None and not _ledger_exists(settings):
+        return 1
+    changes = asyncio.run(_read_changes(settings))
+    if args.json:
+        print(json.dumps({"changes": [change_json(change) for change in changes]}))
+    else:
+        print(changes_table(changes))
+    return 0
+
+
+async def _read_changes(settings: Settings) -> list[Change]:
+    async with await open_ledger(settings) as ledger:
+        return await ledger.changes()
 
 
 async def _list_payments(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from bot.ledger import Charge, Report
+from bot.ledger import Change, Charge, Report
 from bot.money import usd_string
 
 
@@ -35,6 +35,33 @@ def to_json(report: Report) -> dict[str, Any]:
         result["pending_usd"] = usd_string(report.pending_micro)
     result["users"] = users
     return result
+
+
+def change_json(change: Change) -> dict[str, Any]:
+    """One admin change for ``imagebot changes --json``; a limit in USD as a string."""
+    return {
+        "at": iso_utc(change.at),
+        "admin": change.admin,
+        "action": change.action,
+        "target": change.target,
+        "usd": None if change.micro is None else usd_string(change.micro),
+    }
+
+
+def changes_table(changes: list[Change]) -> str:
+    """``imagebot changes``: one line per change, newest first."""
+    if not changes:
+        return "No changes made from the chat."
+    return "\n".join(
+        "  ".join(
+            (iso_utc(c.at), c.admin, c.action, c.target or "-", _usd_or_dash(c.micro))
+        ).rstrip()
+        for c in changes
+    )
+
+
+def _usd_or_dash(micro: int | None) -> str:
+    return "-" if micro is None else usd_string(micro)
 
 
 CSV_HEADER = ("time", "user", "command", "model", "size", "n", "usd", "tx_hash")

@@ -487,3 +487,25 @@ async def test_spend_all_answers_with_the_report_and_a_chart_picture(
             lambda call: call.method == "sendPhoto" and call.chat_id == ADMIN, since=since
         )
         assert by_model.params["caption"] == "Spend by model, last 30 days (UTC days)"
+
+
+async def test_imagebot_changes_lists_who_changed_what_and_when(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with both(tmp_path, monkeypatch) as stack:
+        admin = stack.telegram.private_chat(ADMIN, "Boss")
+        await telegram_says(stack.telegram, admin, "/budget telegram:111 0.25")
+        await telegram_says(stack.telegram, admin, "/pause")
+    env = cli_env(stack.gateway.url, stack.database)
+    code, out = await imagebot("changes", "--json", env=env, cwd=tmp_path)
+    assert code == 0
+    changes = json.loads(out)["changes"]
+    assert [{k: v for k, v in change.items() if k != "at"} for change in changes] == [
+        {"admin": f"telegram:{ADMIN}", "action": "pause", "target": None, "usd": None},
+        {"admin": f"telegram:{ADMIN}", "action": "budget", "target": "telegram:111",
+         "usd": "0.250000"},
+    ]  # fmt: skip
+    code, out = await imagebot("changes", env=env, cwd=tmp_path)
+    lines = out.splitlines()
+    assert lines[0].endswith(f"telegram:{ADMIN}  pause  -  -")
+    assert lines[1].endswith(f"telegram:{ADMIN}  budget  telegram:111  0.250000")
