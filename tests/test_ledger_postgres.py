@@ -1,6 +1,6 @@
 """The PostgreSQL ledger alone: its schema versions, leases instead of lock files, races among
-processes, the journal while the server is away, and kept results copied by ``imagebot migrate``.
-Every test takes ``postgres_url``."""
+processes, links raced by replicas, the journal while the server is away, and kept results and
+admin settings copied by ``imagebot migrate``. Every test takes ``postgres_url``."""
 
 from __future__ import annotations
 
@@ -13,18 +13,20 @@ from typing import Any
 import asyncpg
 import pytest
 from local import until
-from test_ledger import NOW, PRICE, ROOMY, THREE_FIT, Clock, attempt, kept, price
+from test_ledger import NOW, PRICE, ROOMY, THREE_FIT, Clock, attempt, kept, price, split
 
 from bot.config import load_settings
 from bot.errors import ConfigError
 from bot.ledger import (
     Budget,
     BudgetExceeded,
+    Linked,
     PostgresLedger,
     SqliteLedger,
     Status,
     open_ledger,
 )
+from bot.ledger.common import LINK_TRIES
 from bot.ledger.copying import TotalsDiffer, copy_ledger
 from bot.ledger.journal import SettlementJournal
 from bot.ledger.postgres_schema import MIGRATIONS, SCHEMA_VERSION
@@ -106,6 +108,49 @@ async def test_a_v1_database_gains_kept_results_in_place(postgres_url: str) -> N
         assert (await ledger.report()).total_micro == 20_000
         token = await ledger.keep_result(kept())
         assert await ledger.kept_result(token) == kept()
+    assert await query(postgres_url, "SELECT array_agg(version) FROM schema_version") == [
+        SCHEMA_VERSION
+    ]
+
+
+async def test_a_v3_database_gains_links_and_budgets_of_the_person_in_place(
+    postgres_url: str,
+) -> None:
+    db = await asyncpg.connect(postgres_url)
+    try:
+        async with db.transaction():  # as a v3 imagebot left it, with a reservation running
+            await db.execute("CREATE TABLE schema_version (version integer NOT NULL)")
+            await db.execute("INSERT INTO schema_version VALUES (3)")
+            for step in MIGRATIONS[:3]:
+                for statement in step:
+                    await db.execute(statement)
+            budget = Budget(THREE_FIT, 10**9, exempt=False)
+            await db.execute(
+                "SELECT reserve_attempt('gone', 'discord', '5', 'Ann', NULL, 'c', 'imagegen',"
+                " 'm', '1024x1024', 1, $1, $2, false, $3, $4, NULL)",
+                PRICE,
+                int(NOW.timestamp()),
+                budget.user_daily_micro,
+                budget.global_daily_micro,
+            )
+    finally:
+        await db.close()
+    async with await PostgresLedger.open(postgres_url, clock=Clock(NOW)) as ledger:
+        code = await ledger.new_link_code("telegram:111")
+        assert await ledger.redeem_link_code("discord:5", code) is Linked.LINKED
+        capped = Budget(THREE_FIT, 10**9, exempt=False, max_pending=3)
+        first = await ledger.reserve(attempt("111"), PRICE, capped)
+        with pytest.raises(BudgetExceeded) as refused:  # a higher quote: the person's third
+            await price(ledger, first, THREE_FIT - PRICE + 1, capped, 1)
+        assert refused.value.scope == "user"
+        await ledger.reserve(attempt("111"), PRICE, capped)
+        with pytest.raises(BudgetExceeded) as refused:
+            await ledger.reserve(attempt("111"), PRICE, capped)
+        assert refused.value.scope == "pending"
+        spend = await ledger.user_spend("telegram:111", capped)
+        assert (spend.unknown_micro, spend.left_today_micro) == (3 * PRICE, THREE_FIT - 3 * PRICE)
+        await ledger.set_paused("telegram:999", True)
+        assert (await ledger.controls("discord:5")).paused
     assert await query(postgres_url, "SELECT array_agg(version) FROM schema_version") == [
         SCHEMA_VERSION
     ]
@@ -238,6 +283,92 @@ async def test_three_processes_racing_cannot_pass_a_cap(postgres_url: str, race:
     assert await query(postgres_url, "SELECT count(*) FROM attempts") == 3
 
 
+# Links raced by two runs: a code is used once, wrong codes stop at the limit, a person gets one
+# identity per platform, and a person's requests in flight are counted together
+
+
+async def test_two_runs_redeeming_one_code_at_once_link_exactly_one_identity(
+    postgres_url: str,
+) -> None:
+    async with (
+        await PostgresLedger.open(postgres_url) as one,
+        await PostgresLedger.open(postgres_url) as two,
+    ):
+        for maker in range(20):
+            code = await one.new_link_code(f"telegram:{maker}")
+            outcomes = await asyncio.gather(
+                one.redeem_link_code(f"discord:{maker}-a", code),
+                two.redeem_link_code(f"discord:{maker}-b", code),
+            )
+            assert sorted(outcomes) == [Linked.LINKED, Linked.WRONG]
+        linked = await query(postgres_url, "SELECT count(*) FROM links WHERE platform = 'discord'")
+        assert linked == 20
+        assert await query(postgres_url, "SELECT count(*) FROM link_codes") == 0
+
+
+async def test_wrong_codes_tried_at_once_from_two_runs_stop_at_the_limit(
+    postgres_url: str,
+) -> None:
+    async with (
+        await PostgresLedger.open(postgres_url) as one,
+        await PostgresLedger.open(postgres_url) as two,
+    ):
+        code = await one.new_link_code("telegram:111")
+        outcomes = await asyncio.gather(
+            *(run.redeem_link_code("discord:5", "WRONGONE") for run in [one, two] * LINK_TRIES)
+        )
+        assert sorted(outcomes) == sorted([Linked.WRONG, Linked.TOO_MANY] * LINK_TRIES)
+        assert await two.redeem_link_code("discord:5", code) is Linked.TOO_MANY
+        assert await two.redeem_link_code("discord:6", code) is Linked.LINKED
+
+
+async def test_two_identities_on_one_platform_redeeming_at_once_join_one(
+    postgres_url: str,
+) -> None:
+    async with (
+        await PostgresLedger.open(postgres_url) as one,
+        await PostgresLedger.open(postgres_url) as two,
+    ):
+        for maker in range(10):
+            first = await one.new_link_code(f"telegram:{maker}")
+            second = await one.new_link_code(f"telegram:{maker}")
+            outcomes = await asyncio.gather(
+                one.redeem_link_code(f"discord:{maker}-a", first),
+                two.redeem_link_code(f"discord:{maker}-b", second),
+            )
+            assert sorted(outcomes) == [Linked.ALREADY, Linked.LINKED]
+        per_person = await query(
+            postgres_url,
+            "SELECT array_agg(DISTINCT n) FROM (SELECT count(*) AS n FROM links"
+            " GROUP BY person, platform) AS counts",
+        )
+        assert per_person == [1]
+
+
+async def test_a_persons_identities_racing_from_two_runs_keep_max_pending(
+    postgres_url: str,
+) -> None:
+    capped = Budget(10**9, 10**9, exempt=False, max_pending=3)
+    async with (
+        await PostgresLedger.open(postgres_url) as one,
+        await PostgresLedger.open(postgres_url) as two,
+    ):
+        code = await one.new_link_code("telegram:111")
+        assert await two.redeem_link_code("discord:5", code) is Linked.LINKED
+        outcomes = await asyncio.gather(
+            *(
+                run.reserve(attempt(user_id, platform=platform), PRICE, capped)
+                for run, (user_id, platform) in zip(
+                    [one, two] * 20, [("111", "telegram"), ("5", "discord")] * 20, strict=True
+                )
+            ),
+            return_exceptions=True,
+        )
+    rows, refusals = split(outcomes)
+    assert len(rows) == 3
+    assert {refusal.scope for refusal in refusals} == {"pending"}
+
+
 # The hot row and the journal
 
 
@@ -287,7 +418,7 @@ async def test_the_journal_keeps_a_settlement_while_the_server_refuses_the_ledge
     assert server not in caplog.text
 
 
-# imagebot migrate: the kept results go along, counted on both sides
+# imagebot migrate: the kept results and admin settings go along, compared on both sides
 
 
 async def a_ledger_keeping(path: Path, *prompts: str) -> list[str]:
@@ -315,3 +446,19 @@ async def test_kept_results_that_differ_fail_the_check_and_change_nothing(
         await copy_ledger(tmp_path / "ledger.sqlite3", postgres_url)
     assert error.value.differing == ["kept results"]
     assert await query(postgres_url, "SELECT array_agg(token) FROM results") == [already]
+
+
+async def test_admin_settings_already_in_the_target_fail_the_check_and_change_nothing(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    async with await PostgresLedger.open(postgres_url, clock=Clock(NOW)) as target:
+        await target.set_paused("telegram:9", True)
+    async with await SqliteLedger.open(tmp_path / "ledger.sqlite3", clock=Clock(NOW)) as source:
+        await source.set_paused("discord:5", False)
+        code = await source.new_link_code("telegram:1")
+        assert await source.redeem_link_code("discord:5", code) is Linked.LINKED
+    with pytest.raises(TotalsDiffer) as error:
+        await copy_ledger(tmp_path / "ledger.sqlite3", postgres_url)
+    assert error.value.differing == ["switches", "changes"]
+    assert await query(postgres_url, "SELECT array_agg(admin) FROM changes") == ["telegram:9"]
+    assert await query(postgres_url, "SELECT count(*) FROM links") == 0

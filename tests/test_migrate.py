@@ -12,14 +12,14 @@ import aiosqlite
 import asyncpg
 from imagebot_cli import cli_env, imagebot
 
-from bot.ledger import Attempt, Budget, SqliteLedger, Status
+from bot.ledger import Attempt, Budget, Linked, PostgresLedger, SqliteLedger, Status
 
 ROOMY = Budget(user_daily_micro=10**9, global_daily_micro=10**9, exempt=False)
 
 
-def attempt(user_id: str, name: str) -> Attempt:
+def attempt(user_id: str, name: str, platform: str = "telegram") -> Attempt:
     return Attempt(
-        "telegram", user_id, name, "chat", "imagegen", "google/nano-banana", "1024x1024", 2
+        platform, user_id, name, "chat", "imagegen", "google/nano-banana", "1024x1024", 2
     )
 
 
@@ -144,3 +144,48 @@ async def test_an_unreachable_database_is_one_line_without_the_password(tmp_path
         else:
             assert "argument --to: expected postgresql://" in lines[-1]
         assert b"hunter2secret" not in err
+
+
+async def a_ledger_with_admin_settings(path: Path) -> str:
+    """A pause, a default and a person's own limit, a link and payments of both its identities;
+    a link code still unused."""
+    async with await SqliteLedger.open(path) as ledger:
+        await ledger.set_paused("telegram:9", True)
+        await ledger.set_daily_limit("telegram:9", None, 2_000_000)
+        code = await ledger.new_link_code("telegram:1")
+        assert await ledger.redeem_link_code("discord:5", code) is Linked.LINKED
+        await ledger.set_daily_limit("telegram:9", "discord:5", 250_000)
+        await ledger.set_daily_limit("telegram:9", "telegram:2", 0)
+        for user_id, platform in (("1", "telegram"), ("5", "discord"), ("2", "telegram")):
+            row = await ledger.reserve(attempt(user_id, "@ann", platform), 21_000, ROOMY)
+            await ledger.settle(row, 20_000, None)
+        return await ledger.new_link_code("telegram:2")
+
+
+async def test_migrate_copies_what_admins_set_and_the_links(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    source = tmp_path / "ledger.sqlite3"
+    unused_code = await a_ledger_with_admin_settings(source)
+
+    code, out = await imagebot(
+        "migrate", "--to", postgres_url, env=cli_env("http://127.0.0.1:9", source), cwd=tmp_path
+    )
+    assert code == 0, out
+
+    users = ["telegram:1", "discord:5", "telegram:2", "telegram:3"]
+    async with (
+        await SqliteLedger.open(source) as sqlite,
+        await PostgresLedger.open(postgres_url) as postgres,
+    ):
+        for user in users:
+            assert await postgres.controls(user) == await sqlite.controls(user)
+            assert await postgres.user_spend(user, ROOMY) == await sqlite.user_spend(user, ROOMY)
+        assert (await postgres.controls("discord:5")).own_daily_micro == 250_000
+        assert await postgres.changes() == await sqlite.changes()
+        assert await postgres.report() == await sqlite.report()
+        assert await postgres.redeem_link_code("discord:6", unused_code) is Linked.WRONG
+        await postgres.set_paused("discord:5", False)  # recorded after the copied changes
+        assert [change.action for change in await postgres.changes(limit=2)] == [
+            "resume", "budget"
+        ]  # fmt: skip

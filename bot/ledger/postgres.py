@@ -1,9 +1,10 @@
 """The PostgreSQL ledger: the ``Ledger`` interface over an asyncpg pool, for replicas.
 
-Every write is one statement or one call of a ``postgres_schema`` function, hence one
-transaction. A reservation and a higher quote lock their day's totals row, so budgets hold among
-processes and machines. A run is alive while it renews its lease, a ``runs`` row expiring by the
-database's clock; ``recover`` and ``claim_jobs`` take over the rows of runs whose lease is gone.
+Every write is one transaction: one statement, one call of a ``postgres_schema`` function, or a
+few statements in an explicit transaction. A reservation and a higher quote lock their day's
+totals row, so budgets hold among processes and machines. A run is alive while it renews its
+lease, a ``runs`` row expiring by the database's clock; ``recover`` and ``claim_jobs`` take over
+the rows of runs whose lease is gone.
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ from bot.ledger.api import (
     Attempt,
     Budget,
     BudgetExceeded,
+    Change,
     Clock,
+    Controls,
     KeptResult,
+    Linked,
     OpenJob,
     Payment,
     Report,
@@ -35,6 +39,11 @@ from bot.ledger.common import (
     ALBUM_MAX_PARTS,
     CANCEL_KEEP_SECONDS,
     DAY_SECONDS,
+    DEFAULT_DAILY,
+    LINK_CODE_SECONDS,
+    LINK_TRIES,
+    LINK_TRY_SECONDS,
+    PAUSED,
     PAYMENT_COLUMNS,
     RESULT_COLUMNS,
     RESULT_DELETE_BATCH,
@@ -43,15 +52,17 @@ from bot.ledger.common import (
     is_result_token,
     kept_result_of,
     month_days,
+    new_link_code,
     new_result_token,
     payment_of,
     report_of,
     result_row,
     split_user,
     user_spend_of,
+    utc_datetime,
     utc_now,
 )
-from bot.ledger.postgres_schema import migrate, report_sums
+from bot.ledger.postgres_schema import LOCK_LINKS, members, migrate, report_sums
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +104,32 @@ _PRICE = (
     "SELECT outcome, user_counted FROM price_attempt($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
 )
 
-_USER_DAY = "FROM user_days WHERE platform = $1 AND user_id = $2"
+# The user ``$1``, ``$2`` and every identity linked to it: one person, one budget.
+_MEMBERS = members("$1::text", "$2::text")
+_PERSON_DAYS = f"FROM user_days WHERE (platform, user_id) IN ({_MEMBERS})"
+_USER_SPEND = f"""SELECT
+        coalesce((SELECT display_name FROM user_totals WHERE platform = $1 AND user_id = $2), ''),
+        coalesce(sum(t.requests), 0)::bigint, coalesce(sum(t.images), 0)::bigint,
+        coalesce(sum(t.settled_micro), 0)::bigint, coalesce(sum(t.pending_micro), 0)::bigint,
+        max(t.last_at),
+        coalesce((SELECT sum(counted_micro) {_PERSON_DAYS} AND day = $3), 0)::bigint,
+        coalesce((SELECT counted_micro FROM day_totals WHERE day = $3), 0),
+        coalesce((SELECT sum(settled_micro) {_PERSON_DAYS} AND day = $3), 0)::bigint,
+        coalesce((SELECT sum(settled_micro) {_PERSON_DAYS} AND day >= $4 AND day < $5),
+            0)::bigint
+    FROM user_totals AS t WHERE (t.platform, t.user_id) IN ({_MEMBERS})"""
+
+_CONTROLS = """SELECT (SELECT micro FROM switches WHERE name = $1),
+        (SELECT micro FROM switches WHERE name = $2),
+        (SELECT daily_micro FROM limits WHERE person = coalesce(who.person, $5)),
+        who.person
+    FROM (SELECT 1) AS one LEFT JOIN links AS who ON who.platform = $3 AND who.user_id = $4"""
+_PERSON_OF = "SELECT coalesce((SELECT person FROM links WHERE platform = $1 AND user_id = $2), $3)"
+_NEW_LINK_CODE = """WITH expired AS (DELETE FROM link_codes WHERE expires_at < $4)
+    INSERT INTO link_codes VALUES ($1, $2, $3, $5)"""
+# Another link of the person on the redeemer's platform ($2), or of the redeemer to anyone.
+_LINKED_ALREADY = """SELECT EXISTS (SELECT 1 FROM links
+    WHERE platform = $2 AND (person = $1 OR user_id = $3))"""
 
 # The compare-and-set on run_id: a job another claimer took first fails the re-check.
 _CLAIM_JOBS = f"""WITH dead AS (
@@ -301,25 +337,11 @@ class PostgresLedger:
         return payment_of(row)
 
     async def user_spend(self, user: str, budget: Budget) -> UserSpend:
-        """One user's settled spend today, this UTC month and in all, and today's headroom."""
+        """One user's settled spend today, this UTC month and in all, and today's headroom;
+        the sums are over the user's person (every identity linked to it)."""
         platform, user_id = split_user(user)
         today = self._now() // DAY_SECONDS
-        row = await self._pool.fetchrow(
-            f"""SELECT coalesce(t.display_name, ''), coalesce(t.requests, 0),
-                coalesce(t.images, 0), coalesce(t.settled_micro, 0), coalesce(t.pending_micro, 0),
-                t.last_at,
-                coalesce((SELECT counted_micro {_USER_DAY} AND day = $3), 0),
-                coalesce((SELECT counted_micro FROM day_totals WHERE day = $3), 0),
-                coalesce((SELECT settled_micro {_USER_DAY} AND day = $3), 0),
-                coalesce((SELECT sum(settled_micro) {_USER_DAY} AND day >= $4 AND day < $5),
-                    0)::bigint
-            FROM (SELECT 1) AS one LEFT JOIN user_totals AS t
-                ON t.platform = $1 AND t.user_id = $2""",
-            platform,
-            user_id,
-            today,
-            *month_days(today),
-        )
+        row = await self._pool.fetchrow(_USER_SPEND, platform, user_id, today, *month_days(today))
         return user_spend_of(f"{platform}:{user_id}", budget, row)
 
     async def report(self, *, since: date | None = None, user: str | None = None) -> Report:
@@ -344,7 +366,9 @@ class PostgresLedger:
                     GROUP BY platform, user_id
                 ) AS lines JOIN user_totals AS t USING (platform, user_id)
                 {_REPORT_ORDER}"""
-        return report_of(await self._pool.fetch(sql, *params))
+        rows = await self._pool.fetch(sql, *params)
+        links = await self._pool.fetch("SELECT platform, user_id, person FROM links")
+        return report_of(rows, {f"{p}:{u}": person for p, u, person in links})
 
     async def find_user(self, name: str) -> str | None:
         """As ``Ledger.find_user``: the username column only; lower() under "C" is ASCII-only."""
@@ -419,6 +443,138 @@ class PostgresLedger:
         )
         return None if row is None else kept_result_of(row)
 
+    async def controls(self, user: str) -> Controls:
+        """As ``Ledger.controls``: one statement, so one snapshot."""
+        platform, user_id = split_user(user)
+        paused, default, own, person = await self._pool.fetchrow(
+            _CONTROLS, PAUSED, DEFAULT_DAILY, platform, user_id, f"{platform}:{user_id}"
+        )
+        return Controls(bool(paused), default, own, person)
+
+    async def set_paused(self, admin: str, paused: bool) -> None:
+        """As ``Ledger.set_paused``: the switch and its record in one transaction."""
+        async with self._pool.acquire() as db, db.transaction():
+            await _switch(db, PAUSED, int(paused))
+            await self._record(db, admin, "pause" if paused else "resume", None, None)
+
+    async def set_daily_limit(self, admin: str, user: str | None, micro: int | None) -> None:
+        """As ``Ledger.set_daily_limit``: the limit and its record in one transaction; a
+        fractional ``micro`` is refused (a check violation)."""
+        async with self._pool.acquire() as db, db.transaction():
+            if user is None:
+                await _switch(db, DEFAULT_DAILY, micro)
+                await self._record(db, admin, "budget default", None, micro)
+                return
+            platform, user_id = split_user(user)
+            person = await db.fetchval(_PERSON_OF, platform, user_id, f"{platform}:{user_id}")
+            if micro is None:
+                await db.execute("DELETE FROM limits WHERE person = $1", person)
+            else:
+                await db.execute(
+                    "INSERT INTO limits VALUES ($1, $2::whole) ON CONFLICT (person)"
+                    " DO UPDATE SET daily_micro = excluded.daily_micro",
+                    person,
+                    micro,
+                )
+            action = "budget" if micro is not None else "budget reset"
+            await self._record(db, admin, action, person, micro)
+
+    async def changes(self, limit: int = 1000) -> list[Change]:
+        """As ``Ledger.changes``."""
+        rows = await self._pool.fetch(
+            "SELECT at, admin, action, target, micro FROM changes ORDER BY id DESC LIMIT $1",
+            limit,
+        )
+        return [Change(utc_datetime(at), *rest) for at, *rest in rows]
+
+    async def new_link_code(self, user: str) -> str:
+        """As ``Ledger.new_link_code``; expired codes are deleted on the way."""
+        platform, user_id = split_user(user)
+        now, code = self._now(), new_link_code()
+        await self._pool.execute(
+            _NEW_LINK_CODE, code, platform, user_id, now, now + LINK_CODE_SECONDS
+        )
+        return code
+
+    async def redeem_link_code(self, user: str, code: str) -> Linked:
+        """As ``Ledger.redeem_link_code``: one transaction, under a lock every run takes to
+        change links, so a code is used once, the wrong tries counted hold their limit and a
+        person gets one identity per platform; the code is deleted as it is used."""
+        platform, user_id = split_user(user)
+        now = self._now()
+        async with self._pool.acquire() as db, db.transaction():
+            await db.execute("SELECT pg_advisory_xact_lock($1, 0)", LOCK_LINKS)
+            tries = await db.fetchval(
+                "SELECT count(*) FROM link_tries WHERE platform = $1 AND user_id = $2 AND at >= $3",
+                platform,
+                user_id,
+                now - LINK_TRY_SECONDS,
+            )
+            if tries >= LINK_TRIES:
+                return Linked.TOO_MANY
+            maker = await db.fetchrow(
+                "SELECT platform, user_id FROM link_codes WHERE code = $1 AND expires_at >= $2",
+                code,
+                now,
+            )
+            if maker is None:
+                await db.execute("DELETE FROM link_tries WHERE at < $1", now - LINK_TRY_SECONDS)
+                await db.execute(
+                    "INSERT INTO link_tries VALUES ($1, $2, $3)", platform, user_id, now
+                )
+                return Linked.WRONG
+            maker_platform, maker_id = maker
+            if maker_platform == platform:
+                return Linked.SAME_PLATFORM
+            maker_user = f"{maker_platform}:{maker_id}"
+            person = await db.fetchval(_PERSON_OF, maker_platform, maker_id, maker_user)
+            if await db.fetchval(_LINKED_ALREADY, person, platform, user_id):
+                return Linked.ALREADY
+            if await db.fetchval("DELETE FROM link_codes WHERE code = $1 RETURNING 1", code):
+                await db.executemany(
+                    "INSERT INTO links VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                    [(maker_platform, maker_id, person, now), (platform, user_id, person, now)],
+                )
+                return Linked.LINKED
+            return Linked.WRONG  # deleted since it was read, as expired by another run's clock
+
+    async def unlink(self, user: str) -> bool:
+        """As ``Ledger.unlink``: under the lock ``redeem_link_code`` takes."""
+        platform, user_id = split_user(user)
+        async with self._pool.acquire() as db, db.transaction():
+            await db.execute("SELECT pg_advisory_xact_lock($1, 0)", LOCK_LINKS)
+            person = await db.fetchval(
+                "DELETE FROM links WHERE platform = $1 AND user_id = $2 RETURNING person",
+                platform,
+                user_id,
+            )
+            if person is None:
+                return False
+            await db.execute(
+                "DELETE FROM links WHERE person = $1"
+                " AND (SELECT count(*) FROM links WHERE person = $1) = 1",
+                person,
+            )
+            return True
+
+    async def _record(
+        self,
+        db: asyncpg.Connection,
+        admin: str,
+        action: str,
+        target: str | None,
+        micro: int | None,
+    ) -> None:
+        await db.execute(
+            "INSERT INTO changes (at, admin, action, target, micro)"
+            " VALUES ($1, $2, $3, $4, $5::whole)",
+            self._now(),
+            admin,
+            action,
+            target,
+            micro,
+        )
+
     async def _renew_lease(self) -> None:
         """Push this run's lease on every third of it; a failure is logged and tried again."""
         interval = self._lease_seconds / 3
@@ -461,6 +617,15 @@ class PostgresLedger:
 async def _keep_session(_: asyncpg.Connection) -> None:
     """The ledger leaves no session state (no SET, LISTEN, cursor or session lock), so a
     connection back in the pool needs no RESET ALL round trip."""
+
+
+async def _switch(db: asyncpg.Connection, name: str, micro: int | None) -> None:
+    await db.execute(
+        "INSERT INTO switches VALUES ($1, $2::whole)"
+        " ON CONFLICT (name) DO UPDATE SET micro = excluded.micro",
+        name,
+        micro,
+    )
 
 
 def _caps(budget: Budget) -> tuple[bool, int, int]:

@@ -17,8 +17,10 @@ from bot.ledger.common import DAY_SECONDS
 
 # pg_advisory_xact_lock(space, key) spaces, so the locks of this schema never meet another's.
 LOCK_MIGRATIONS = 402_001  # key 0: one process migrates at a time
-LOCK_USER = 402_002  # key hashtext('platform:id'): one reservation of a user at a time
+LOCK_USER = 402_002  # key hashtext(person): one reservation of a person at a time
 LOCK_ALBUM = 402_003  # key hashtext(album): one part added to an album at a time
+LOCK_LINKS = 402_004  # key 0: one /link redemption or unlink at a time, in every run
+# A person is the name of the link joining identities, else the identity's 'platform:id'.
 
 
 # What one row adds to the totals, as SQL over the row variable ``r`` (``new`` or ``old``).
@@ -44,6 +46,17 @@ def report_sums(r: str) -> str:
         f"sum({_requests(r)})::bigint AS requests, sum({_images(r)})::bigint AS images,"
         f" sum({_settled(r)})::bigint AS micro, sum({_pending(r)})::bigint AS pending_micro"
     )
+
+
+def members(platform: str, user_id: str) -> str:
+    """The identities that are one person with the user of the SQL values ``platform`` and
+    ``user_id``: the user, and every identity linked to it; (platform, user_id) rows.
+
+    The v4 step's functions are built from it: change it only with a new step that replaces them.
+    """
+    return f"""SELECT {platform}, {user_id} UNION SELECT m.platform, m.user_id
+        FROM links AS l JOIN links AS m ON m.person = l.person
+        WHERE l.platform = {platform} AND l.user_id = {user_id}"""
 
 
 # The totals tables made again from the rows, for rows written with the triggers off (the copy
@@ -333,8 +346,119 @@ _V2_RESULTS = (
 # Cancels asked for requests in flight, read by whichever run holds them.
 _V3_CANCELS = ("CREATE TABLE cancels (row_id bigint PRIMARY KEY, asked_at bigint NOT NULL)",)
 
+_MEMBERS = members("p_platform", "p_user_id")
+
+# What admins set from the chat (the pause switch, daily limits, each change recorded) and the
+# links joining one person's identities on several platforms, with their one-time codes. A
+# person's identities share one budget: the budget functions are replaced to sum over them, and
+# to lock the person (the link's name, else ``platform:id``) for the pending check.
+_V4_ADMIN = (
+    "CREATE TABLE switches (name text PRIMARY KEY, micro bigint)",
+    """CREATE TABLE limits (
+        person text PRIMARY KEY,
+        daily_micro bigint NOT NULL CHECK (daily_micro >= 0)
+    )""",
+    """CREATE TABLE changes (
+        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        at bigint NOT NULL,
+        admin text NOT NULL,
+        action text NOT NULL,
+        target text,
+        micro bigint
+    )""",
+    """CREATE TABLE links (
+        platform text NOT NULL,
+        user_id text NOT NULL,
+        person text NOT NULL,
+        linked_at bigint NOT NULL,
+        PRIMARY KEY (platform, user_id)
+    )""",
+    "CREATE INDEX links_by_person ON links (person)",
+    """CREATE TABLE link_codes (
+        code text PRIMARY KEY,
+        platform text NOT NULL,
+        user_id text NOT NULL,
+        expires_at bigint NOT NULL
+    )""",
+    """CREATE TABLE link_tries (
+        platform text NOT NULL,
+        user_id text NOT NULL,
+        at bigint NOT NULL
+    )""",
+    "CREATE INDEX link_tries_by_user ON link_tries (platform, user_id, at)",
+    f"""CREATE OR REPLACE FUNCTION reserve_attempt(
+        p_run_id text, p_platform text, p_user_id text, p_display_name text, p_username text,
+        p_chat_id text, p_command text, p_model text, p_size text, p_n whole, p_amount whole,
+        p_now bigint, p_exempt boolean, p_user_cap bigint, p_global_cap bigint,
+        p_max_pending bigint,
+        OUT row_id bigint, OUT user_counted bigint, OUT user_pending bigint
+    ) LANGUAGE plpgsql AS $$
+    DECLARE
+        today bigint := p_now / {DAY_SECONDS};
+        global_counted bigint;
+    BEGIN
+        PERFORM set_config('synchronous_commit', 'off', true);
+        SELECT counted_micro INTO global_counted FROM day_totals WHERE day = today FOR UPDATE;
+        IF NOT FOUND THEN
+            INSERT INTO day_totals VALUES (today, 0) ON CONFLICT DO NOTHING;
+            SELECT counted_micro INTO global_counted FROM day_totals WHERE day = today
+                FOR UPDATE;
+        END IF;
+        user_pending := 0;
+        IF p_max_pending IS NOT NULL THEN
+            -- Pending rows of every day count: a reservation dated another day takes this too.
+            PERFORM pg_advisory_xact_lock({LOCK_USER}, hashtext(coalesce(
+                (SELECT person FROM links WHERE platform = p_platform AND user_id = p_user_id),
+                p_platform || ':' || p_user_id)));
+            SELECT count(*) INTO user_pending FROM attempts
+            WHERE (platform, user_id) IN ({_MEMBERS}) AND status = 'pending';
+        END IF;
+        user_counted := coalesce((SELECT sum(counted_micro) FROM user_days
+            WHERE day = today AND (platform, user_id) IN ({_MEMBERS})), 0);
+        IF (p_max_pending IS NOT NULL AND user_pending >= p_max_pending)
+            OR (NOT p_exempt AND user_counted + p_amount > p_user_cap)
+            OR global_counted + p_amount > p_global_cap THEN
+            RETURN;
+        END IF;
+        INSERT INTO attempts (run_id, platform, user_id, display_name, username, chat_id,
+            command, model, size, n, quoted_micro, status, created_at, updated_at)
+        VALUES (p_run_id, p_platform, p_user_id, p_display_name, p_username, p_chat_id,
+            p_command, p_model, p_size, p_n, p_amount, 'pending', p_now, p_now)
+        RETURNING id INTO row_id;
+    END $$""",
+    f"""CREATE OR REPLACE FUNCTION price_attempt(
+        p_id bigint, p_amount whole, p_network text, p_payer text, p_nonce text,
+        p_valid_before whole, p_reply_to text, p_now bigint, p_exempt boolean,
+        p_user_cap bigint, p_global_cap bigint,
+        OUT outcome text, OUT user_counted bigint
+    ) LANGUAGE plpgsql AS $$
+    DECLARE
+        a attempts;
+        global_counted bigint;
+    BEGIN
+        SELECT * INTO a FROM attempts WHERE id = p_id AND status = 'pending' AND nonce IS NULL;
+        IF FOUND AND p_amount > a.quoted_micro THEN
+            SELECT counted_micro - a.quoted_micro INTO global_counted FROM day_totals
+            WHERE day = a.created_at / {DAY_SECONDS} FOR UPDATE;
+            SELECT sum(counted_micro) - a.quoted_micro INTO user_counted FROM user_days
+            WHERE day = a.created_at / {DAY_SECONDS}
+                AND (platform, user_id) IN ({members("a.platform", "a.user_id")});
+            IF (NOT p_exempt AND user_counted + p_amount > p_user_cap)
+                OR global_counted + p_amount > p_global_cap THEN
+                outcome := 'refused';
+                RETURN;
+            END IF;
+        END IF;
+        UPDATE attempts SET quoted_micro = p_amount, network = p_network, payer = p_payer,
+            nonce = p_nonce, valid_before = p_valid_before, reply_to = p_reply_to,
+            updated_at = p_now
+        WHERE id = p_id AND status = 'pending' AND nonce IS NULL;
+        outcome := CASE WHEN FOUND THEN 'priced' ELSE 'not pending' END;
+    END $$""",
+)
+
 # Applied in order from the version in schema_version; never edit a released step, add one.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2_RESULTS, _V3_CANCELS)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2_RESULTS, _V3_CANCELS, _V4_ADMIN)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
