@@ -2,7 +2,8 @@
 
 Read at start-up and after payments (at most once a minute), and whenever an admin asks
 ``/wallet``. Below ``LOW_BALANCE_USD`` the admins are warned once; the next warning comes only
-after a reading at or above it again (a top-up).
+after a reading at or above it again (a top-up). Whether it was seen low is kept in the
+ledger, so of several runs sharing it one warns.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from bot.chain import ChainUnreadable, Rpc
 from bot.chains import Chain
+from bot.ledger import Ledger
 
 log = logging.getLogger(__name__)
 
@@ -29,19 +31,23 @@ class WalletWatch:
     """The wallet the bot pays from: where, on which network, and what it holds."""
 
     def __init__(
-        self, address: str | None, chain: Chain, rpc: Rpc | None, low_micro: int = 0
+        self,
+        address: str | None,
+        chain: Chain,
+        rpc: Rpc | None,
+        ledger: Ledger,
+        low_micro: int = 0,
     ) -> None:
         self.address = address  # None when the gateway pays (ClawRouter)
         self.chain = chain
         self.last_micro: int | None = None  # the latest reading
         self._rpc = rpc
+        self._ledger = ledger
         self._low_micro = low_micro
-        self._low = False  # warned, and not seen above the threshold since
         self._checked_at = -CHECK_EVERY_SECONDS
         self._checking: asyncio.Task[None] | None = None
         self._warn: Warn | None = None
         self._seen: Seen | None = None
-        self._judging = asyncio.Lock()  # one warning, however many readings at once
 
     @property
     def readable(self) -> bool:
@@ -80,15 +86,11 @@ class WalletWatch:
     async def _check(self) -> None:
         try:
             await self.balance()
-        except Exception:  # a warning that could not be sent is tried at the next reading
+        except Exception:  # the ledger failed us: the next payment reads again
             log.exception("the low-balance check failed")
 
     async def _judge(self, micro: int) -> None:
-        if not self._low_micro:
+        if not self._low_micro or self._warn is None:
             return
-        async with self._judging:
-            if micro >= self._low_micro:
-                self._low = False
-            elif not self._low and self._warn is not None:
-                await self._warn(micro)
-                self._low = True
+        if await self._ledger.note_low_balance(micro < self._low_micro):
+            await self._warn(micro)

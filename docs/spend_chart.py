@@ -67,7 +67,7 @@ async def main() -> None:
             journal = SettlementJournal(ledger, SettlementJournal.beside(database))
             payer = X402Payer(http, Wallet.create(), max_micro=settings.max_micro_per_request)
             images = ImageService(http, payer, gateway.url, poll_interval=0.01)
-            watch = WalletWatch(None, BASE_SEPOLIA, None)
+            watch = WalletWatch(None, BASE_SEPOLIA, None, ledger)
             bot = ImageBot(settings, images, ledger, journal, watch, Metrics())
             for back in range(DAYS - 1, -1, -1):
                 clock[0] = last_day - timedelta(days=back)

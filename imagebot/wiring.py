@@ -65,6 +65,7 @@ async def open_bot(
                 wallet.address if wallet is not None else None,
                 chain,
                 Rpc(http, rpc_url) if rpc_url else None,
+                ledger,
                 settings.low_balance_micro,
             )
             bot = ImageBot(settings, images, ledger, journal, watch, metrics)

@@ -31,7 +31,9 @@ from bot.ledger import (
     Budget,
     BudgetExceeded,
     Change,
+    Charge,
     Controls,
+    DayTotal,
     KeptResult,
     Ledger,
     Linked,
@@ -793,6 +795,18 @@ async def test_pause_limits_and_the_default_are_shared_and_every_change_is_recor
         assert len(await one.changes(limit=2)) == 2
 
 
+async def test_of_all_runs_one_is_told_the_balance_turned_low_until_it_is_seen_above(
+    ledger_backend: Backend,
+) -> None:
+    async with await ledger_backend.open() as one, await ledger_backend.open() as two:
+        assert not await one.note_low_balance(False)
+        turned = await asyncio.gather(one.note_low_balance(True), two.note_low_balance(True))
+        assert sorted(turned) == [False, True]
+        assert not await two.note_low_balance(True)  # still low: no second warning
+        assert not await one.note_low_balance(False)  # a top-up
+        assert await two.note_low_balance(True)
+
+
 async def test_a_code_links_two_platforms_once_and_they_share_one_budget(
     ledger: Ledger, clock: Clock
 ) -> None:
@@ -875,6 +889,55 @@ async def test_the_report_names_each_linked_users_person(ledger: Ledger) -> None
     assert {line.user: line.person for line in (await ledger.report(since=NOW.date())).users} == (
         persons
     )
+
+
+async def test_charges_list_each_settled_payment_in_order_filtered(
+    ledger: Ledger, clock: Clock
+) -> None:
+    first = await ledger.reserve(attempt("111"), PRICE, ROOMY)
+    await ledger.settle(first, PRICE, "0xaa")
+    clock.at += timedelta(days=1)
+    second = await ledger.reserve(attempt("5", platform="discord", n=2), PRICE, ROOMY)
+    await ledger.settle(second, 2 * PRICE, None)
+    failed = await ledger.reserve(attempt("111"), PRICE, ROOMY)
+    await ledger.fail(failed, "declined")
+    await ledger.reserve(attempt("111"), PRICE, ROOMY)  # pending
+
+    every = [charge async for charge in ledger.charges()]
+    model = "openai/gpt-image-1"
+    assert every == [
+        Charge(NOW, "telegram:111", "imagegen", model, "1024x1024", 1, PRICE, "0xaa"),
+        Charge(clock.at, "discord:5", "imagegen", model, "1024x1024", 2, 2 * PRICE, None),
+    ]
+    later = [charge.user async for charge in ledger.charges(since=clock.at.date())]
+    assert later == ["discord:5"]
+    assert [c.user async for c in ledger.charges(user="telegram:111")] == ["telegram:111"]
+
+
+async def test_daily_spend_per_user_and_per_model(ledger: Ledger, clock: Clock) -> None:
+    for user_id, model in (("111", "a/one"), ("111", "a/two"), ("222", "a/one")):
+        row = await ledger.reserve(replace(attempt(user_id, f"@u{user_id}"), model=model), PRICE,
+                                   ROOMY)  # fmt: skip
+        await ledger.settle(row, PRICE, None)
+    clock.at += timedelta(days=1)
+    row = await ledger.reserve(attempt("111", "@u111"), PRICE, ROOMY)
+    await ledger.settle(row, PRICE, None)
+    today, yesterday = clock.at.date(), NOW.date()
+    by_user = sorted(await ledger.daily_spend(yesterday), key=lambda t: (t.day, t.key))
+    assert by_user == [
+        DayTotal(yesterday, "@u111", 2 * PRICE),
+        DayTotal(yesterday, "@u222", PRICE),
+        DayTotal(today, "@u111", PRICE),
+    ]
+    assert await ledger.daily_spend(today) == [DayTotal(today, "@u111", PRICE)]
+    by_model = sorted(
+        await ledger.daily_spend(yesterday, by_model=True), key=lambda t: (t.day, t.key)
+    )
+    assert by_model == [
+        DayTotal(yesterday, "a/one", 2 * PRICE),
+        DayTotal(yesterday, "a/two", PRICE),
+        DayTotal(today, "openai/gpt-image-1", PRICE),
+    ]
 
 
 # Reports

@@ -398,6 +398,10 @@ class Ledger(Protocol):
         """Set (or with None remove) ``user``'s person's own daily limit, or with ``user`` None
         the default for everyone; recorded with ``admin`` and the time."""
 
+    async def note_low_balance(self, low: bool) -> bool:
+        """Record whether the wallet's balance is low, for every run; True only for the one call
+        (of all runs) that turns it low, so the admins are warned once."""
+
     async def changes(self, limit: int = 1000) -> list[Change]:
         """The admins' changes, newest first."""
 

@@ -30,6 +30,7 @@ LINK_CODE_LENGTH = 8  # of 32 characters: 1.1e12 codes against 5 tries per 10 mi
 _LINK_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I
 PAUSED = "paused"  # the switches row of the pause switch (micro 1: paused)
 DEFAULT_DAILY = "default daily"  # the switches row of /budget default
+LOW_BALANCE = "low balance"  # the switches row saying the wallet was seen low (micro 1)
 _EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 _RESULT_TOKEN = re.compile(r"[A-Za-z0-9_-]{22}")  # secrets.token_urlsafe(16)
 

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Collection
+from collections.abc import AsyncIterator, Collection
 from datetime import date
 from typing import Any, Self
 
@@ -24,8 +24,10 @@ from bot.ledger.api import (
     Budget,
     BudgetExceeded,
     Change,
+    Charge,
     Clock,
     Controls,
+    DayTotal,
     KeptResult,
     Linked,
     OpenJob,
@@ -43,12 +45,14 @@ from bot.ledger.common import (
     LINK_CODE_SECONDS,
     LINK_TRIES,
     LINK_TRY_SECONDS,
+    LOW_BALANCE,
     PAUSED,
     PAYMENT_COLUMNS,
     RESULT_COLUMNS,
     RESULT_DELETE_BATCH,
     RESULT_KEEP_SECONDS,
     day_number,
+    day_of,
     is_result_token,
     kept_result_of,
     month_days,
@@ -72,6 +76,7 @@ _ASK_CANCEL = """INSERT INTO cancels (row_id, asked_at)
     ON CONFLICT (row_id) DO UPDATE SET asked_at = excluded.asked_at
     RETURNING row_id"""
 
+CURSOR_BATCH = 1000  # rows a cursor fetches at once
 POOL_SIZE = 5  # reservations of a day queue on one row: more connections only wait longer
 CONNECT_TIMEOUT_SECONDS = 10.0
 COMMAND_TIMEOUT_SECONDS = 10.0
@@ -369,6 +374,58 @@ class PostgresLedger:
         rows = await self._pool.fetch(sql, *params)
         links = await self._pool.fetch("SELECT platform, user_id, person FROM links")
         return report_of(rows, {f"{p}:{u}": person for p, u, person in links})
+
+    async def note_low_balance(self, low: bool) -> bool:
+        """As ``Ledger.note_low_balance``: one upsert that answers only when it changed."""
+        changed = await self._pool.fetch(
+            "INSERT INTO switches VALUES ($1, $2) ON CONFLICT (name) DO UPDATE"
+            " SET micro = excluded.micro WHERE switches.micro IS DISTINCT FROM excluded.micro"
+            " RETURNING micro",
+            LOW_BALANCE,
+            int(low),
+        )
+        return low and bool(changed)
+
+    def charges(
+        self, *, since: date | None = None, user: str | None = None
+    ) -> AsyncIterator[Charge]:
+        """As ``Ledger.charges``: a server-side cursor, read in batches."""
+        where, params = ["status = 'settled'"], []
+        if since is not None:
+            params.append(day_number(since) * DAY_SECONDS)
+            where.append(f"created_at >= ${len(params)}")
+        if user is not None:
+            params.extend(split_user(user))
+            where.append(f"platform = ${len(params) - 1} AND user_id = ${len(params)}")
+        sql = f"""SELECT created_at, platform || ':' || user_id, command, model, size, n,
+                charged_micro, tx_hash
+            FROM attempts WHERE {" AND ".join(where)} ORDER BY id"""
+        return self._cursor(sql, params)
+
+    async def _cursor(self, sql: str, params: list[Any]) -> AsyncIterator[Charge]:
+        async with self._pool.acquire() as db, db.transaction(readonly=True):
+            async for at, *rest in db.cursor(sql, *params, prefetch=CURSOR_BATCH):
+                yield Charge(utc_datetime(at), *rest)
+
+    async def daily_spend(self, since: date, *, by_model: bool = False) -> list[DayTotal]:
+        """As ``Ledger.daily_spend``: users from the per-day totals, models from the rows."""
+        first = day_number(since)
+        if by_model:
+            rows = await self._pool.fetch(
+                f"""SELECT created_at / {DAY_SECONDS}, model, sum(charged_micro)
+                FROM attempts WHERE created_at >= $1 AND status = 'settled' GROUP BY 1, 2""",
+                first * DAY_SECONDS,
+            )
+        else:
+            rows = await self._pool.fetch(
+                """SELECT d.day, coalesce(nullif(t.display_name, ''),
+                    d.platform || ':' || d.user_id), d.settled_micro
+                FROM user_days AS d LEFT JOIN user_totals AS t
+                    ON t.platform = d.platform AND t.user_id = d.user_id
+                WHERE d.day >= $1 AND d.settled_micro > 0""",
+                first,
+            )
+        return [DayTotal(day_of(day), key, micro) for day, key, micro in rows]
 
     async def find_user(self, name: str) -> str | None:
         """As ``Ledger.find_user``: the username column only; lower() under "C" is ASCII-only."""

@@ -43,6 +43,7 @@ from bot.ledger.common import (
     LINK_CODE_SECONDS,
     LINK_TRIES,
     LINK_TRY_SECONDS,
+    LOW_BALANCE,
     PAUSED,
     PAYMENT_COLUMNS,
     RESULT_COLUMNS,
@@ -513,6 +514,16 @@ class SqliteLedger:
                 (person, micro),
             )
         await self._record(admin, "budget" if micro is not None else "budget reset", person, micro)
+
+    async def note_low_balance(self, low: bool) -> bool:
+        """As ``Ledger.note_low_balance``: one upsert that answers only when it changed."""
+        changed = await self._db.execute_fetchall(
+            "INSERT INTO switches VALUES (?, ?) ON CONFLICT (name) DO UPDATE"
+            " SET micro = excluded.micro WHERE switches.micro IS NOT excluded.micro"
+            " RETURNING micro",
+            (LOW_BALANCE, int(low)),
+        )
+        return low and bool(changed)
 
     async def changes(self, limit: int = 1000) -> list[Change]:
         """As ``Ledger.changes``."""
