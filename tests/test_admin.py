@@ -90,79 +90,34 @@ async def platforms(tmp_path: Path) -> AsyncIterator[Stack]:
 
 
 @asynccontextmanager
-async def telegram_process(stack: Stack, **settings: Any) -> AsyncIterator[ImageBot]:
-    """The Telegram side of one ``imagebot run`` on the stack's ledger."""
-    loaded = load_settings(
-        _env_file=None,
-        telegram_bot_token=stack.telegram.token,
-        telegram_api_url=stack.telegram.url,
-        **stack.settings(**settings),
-    )
-    stop, ready = asyncio.Event(), asyncio.Event()
-    async with open_bot(loaded, stack.wallet, poll_interval=0.05) as bot:
-        polling = asyncio.create_task(serve_telegram(build_application(loaded, bot), stop, ready))
-        await ready.wait()
-        try:
-            yield bot
-        finally:
-            await bot.drain(5)
-            stop.set()
-            await polling
-
-
-@asynccontextmanager
-async def discord_process(
-    stack: Stack, monkeypatch: pytest.MonkeyPatch, **settings: Any
+async def process(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, *platforms: str, **settings: Any
 ) -> AsyncIterator[ImageBot]:
-    """The Discord side of another ``imagebot run`` on the same ledger."""
-    fake = stack.discord
+    """One ``imagebot run`` on the stack's ledger serving ``platforms`` with one bot."""
     monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)  # restored after
-    loaded = load_settings(
-        _env_file=None,
-        discord_bot_token=fake.token,
-        discord_api_url=fake.api_url,
-        **stack.settings(**settings),
-    )
-    stop, since = asyncio.Event(), len(fake.sent)
+    telegram, fake = stack.telegram, stack.discord
+    tokens: dict[str, Any] = {}
+    if "telegram" in platforms:
+        tokens |= {"telegram_bot_token": telegram.token, "telegram_api_url": telegram.url}
+    if "discord" in platforms:
+        tokens |= {"discord_bot_token": fake.token, "discord_api_url": fake.api_url}
+    loaded = load_settings(_env_file=None, **tokens, **stack.settings(**settings))
+    stop, ready, since = asyncio.Event(), asyncio.Event(), len(fake.sent)
     async with open_bot(loaded, stack.wallet, poll_interval=0.05) as bot:
-        served = asyncio.create_task(serve_discord(build_client(loaded, bot), fake.token, stop))
-        await fake.wait_ready()
-        await fake.wait_for("bulk_overwrite_global_commands", since=since)
+        adapters = []
+        if "telegram" in platforms:
+            application = build_application(loaded, bot)
+            adapters.append(asyncio.create_task(serve_telegram(application, stop, ready)))
+            await ready.wait()
+        if "discord" in platforms:
+            client = build_client(loaded, bot)
+            adapters.append(asyncio.create_task(serve_discord(client, fake.token, stop)))
+            await fake.wait_for("bulk_overwrite_global_commands", since=since)
+            await fake.wait_ready()
         try:
             yield bot
         finally:
-            await bot.drain(5)
-            stop.set()
-            await served
-
-
-@asynccontextmanager
-async def one_process(
-    stack: Stack, monkeypatch: pytest.MonkeyPatch, **settings: Any
-) -> AsyncIterator[ImageBot]:
-    """One ``imagebot run`` serving both platforms with one bot."""
-    monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)  # restored after
-    fake = stack.discord
-    loaded = load_settings(
-        _env_file=None,
-        telegram_bot_token=stack.telegram.token,
-        telegram_api_url=stack.telegram.url,
-        discord_bot_token=fake.token,
-        discord_api_url=fake.api_url,
-        **stack.settings(**settings),
-    )
-    stop, ready = asyncio.Event(), asyncio.Event()
-    async with open_bot(loaded, stack.wallet, poll_interval=0.05) as bot:
-        adapters = [
-            asyncio.create_task(serve_telegram(build_application(loaded, bot), stop, ready)),
-            asyncio.create_task(serve_discord(build_client(loaded, bot), fake.token, stop)),
-        ]
-        await ready.wait()
-        await fake.wait_ready()
-        try:
-            yield bot
-        finally:
-            await bot.drain(5)
+            await bot.drain(5)  # as imagebot run stops: the bot first, then the adapters
             stop.set()
             await asyncio.gather(*adapters)
 
@@ -173,8 +128,8 @@ async def both(
 ) -> AsyncIterator[Stack]:
     async with (
         platforms(tmp_path) as stack,
-        telegram_process(stack, **settings),
-        discord_process(stack, monkeypatch, **settings),
+        process(stack, monkeypatch, "telegram", **settings),
+        process(stack, monkeypatch, "discord", **settings),
     ):
         yield stack
 
@@ -234,8 +189,8 @@ async def test_wallet_shows_the_balance_with_an_rpc_and_says_when_there_is_none(
         stack.rpc.hold(stack.wallet.address, 12_500_000)
         admin = stack.telegram.private_chat(ADMIN, "Boss")
         async with (
-            telegram_process(stack, base_sepolia_rpc_url=stack.rpc.url),
-            discord_process(stack, monkeypatch),
+            process(stack, monkeypatch, "telegram", base_sepolia_rpc_url=stack.rpc.url),
+            process(stack, monkeypatch, "discord"),
         ):
             await picture_of(stack.telegram, admin, "/imagegen -m flux a fox")
             with_rpc = await telegram_says(stack.telegram, admin, "/wallet")
@@ -273,7 +228,7 @@ async def test_a_low_balance_warns_each_admin_once_and_again_only_after_a_top_up
             in_discord = [m for m in fake.messages_in(admin_dm) if "below" in m["content"]]
             return len(in_telegram), len(in_discord)
 
-        async with one_process(stack, monkeypatch, **settings) as telegram_bot:
+        async with process(stack, monkeypatch, "telegram", "discord", **settings) as telegram_bot:
             await telegram_bot.wallet.balance()  # as imagebot run does at start-up
             await until(lambda: warnings() == (1, 1))
             await picture_of(telegram, user, "/imagegen -m flux a fox")

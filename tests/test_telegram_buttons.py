@@ -280,15 +280,23 @@ async def status_with(telegram: FakeTelegram, chat: Chat, start: str) -> dict[st
     return message
 
 
+async def one_slot_taken(
+    telegram: FakeTelegram,
+) -> tuple[Chat, User, User, dict[str, Any]]:
+    """A group where Alice's slow job that never finishes takes the one slot: the group, Alice,
+    Bob, and the job's status (with its Cancel)."""
+    group = telegram.group_chat(-100123, "Artists")
+    alice, bob = User(111, "Alice", "alice"), User(222, "Bob", "bob")
+    telegram.send_text(group, alice, "/imagegen -m flux a slow fox #never")
+    return group, alice, bob, await status_with(telegram, group, "Drawing with")
+
+
 async def test_cancel_stops_a_waiting_job_and_a_polled_one_for_free_and_only_for_its_owner(
     tmp_path: Path,
 ) -> None:
     async with running(tmp_path, max_concurrent_jobs=1) as stack:
         telegram = stack.telegram
-        group = telegram.group_chat(-100123, "Artists")
-        alice, bob = User(111, "Alice", "alice"), User(222, "Bob", "bob")
-        telegram.send_text(group, alice, "/imagegen -m flux a slow fox #never")
-        polling = await status_with(telegram, group, "Drawing with")
+        group, alice, bob, polling = await one_slot_taken(telegram)
         telegram.send_text(group, bob, "/imagegen -m flux a cat")
         waiting = await status_with(telegram, group, "Waiting in line")
         assert "yours is next" in waiting["text"]
@@ -313,10 +321,7 @@ async def test_cancel_stops_a_waiting_job_and_a_polled_one_for_free_and_only_for
 async def test_cancel_command_stops_both_of_a_users_waiting_jobs(tmp_path: Path) -> None:
     async with running(tmp_path, max_concurrent_jobs=1) as stack:
         telegram = stack.telegram
-        group = telegram.group_chat(-100123, "Artists")
-        alice, bob = User(111, "Alice", "alice"), User(222, "Bob", "bob")
-        telegram.send_text(group, alice, "/imagegen -m flux a slow fox #never")
-        polling = await status_with(telegram, group, "Drawing with")
+        group, alice, bob, polling = await one_slot_taken(telegram)
         telegram.send_text(group, bob, "/imagegen -m flux a cat")
         telegram.send_text(group, bob, "/imagegen -m flux a dog")
         await until(lambda: len(statuses(telegram, group)) == 3)
