@@ -43,4 +43,4 @@ def test_a_layer_imports_nothing_it_must_not(package: str) -> None:
 
 
 def test_the_scan_sees_lazy_imports() -> None:
-    assert "adapters.console" in imports_of("imagebot")["imagebot/cli.py"]
+    assert "adapters.console" in imports_of("imagebot")["imagebot/running.py"]
