@@ -26,6 +26,7 @@ from eth_account import Account
 from paid_requests import Gateway, sandbox_process
 from telegram_load import (
     SCENARIOS,
+    STATUS_PREFIXES,
     BotProcess,
     Outcome,
     Scenario,
@@ -46,7 +47,6 @@ KINDS = ("message", "slash")
 ISSUE_USERS = 200  # the issue's targets are for this crowd; other sizes are measured only
 POLL_SECONDS = 0.02
 READY_TIMEOUT = 60.0
-STATUS_PREFIXES = ("Drawing", "Editing", "Waiting in line")
 PICTURE_ROUTES = ("create_message", "edit_original_response", "create_followup")
 
 
