@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     max_micro_per_request: int = Field(500_000, validation_alias="MAX_USD_PER_REQUEST")
     user_daily_micro: int = Field(1_000_000, validation_alias="USER_DAILY_LIMIT_USD")
     global_daily_micro: int = Field(20_000_000, validation_alias="GLOBAL_DAILY_LIMIT_USD")
-    max_concurrent_jobs: int = 4
+    max_concurrent_jobs: int = 256  # each costs a socket; bot/images.py bounds the memory
     admin_ids: Principals = frozenset()
     allowed_users: Principals = frozenset()
     allowed_chats: Principals = frozenset()

@@ -8,7 +8,14 @@ import aiohttp
 import httpx
 from httpx_aiohttp import AiohttpTransport, HttpxAiohttpClient
 
-GATEWAY_CONNECTIONS = 100
+from bot.images import MAX_RESULTS_IN_HAND
+from bot.requests import MAX_N
+from bot.x402 import MAX_EXCHANGES_IN_FLIGHT
+
+# A connection for every exchange in flight and every picture link the results in hand fetch.
+# An exchange whose answer waits for an in-hand slot keeps its connection, so with fewer the
+# results in hand could wait on the pool for the links they must download to give a slot back.
+GATEWAY_CONNECTIONS = MAX_EXCHANGES_IN_FLIGHT + MAX_RESULTS_IN_HAND * MAX_N
 
 
 def gateway_client(max_connections: int = GATEWAY_CONNECTIONS) -> httpx.AsyncClient:

@@ -32,6 +32,7 @@ from bot.fetching import MAX_PICTURE_BYTES, is_public, plain_reason, too_large
 from bot.money import MICRO_PER_USD, format_usd
 from bot.requests import MAX_N, EditRequest, GenerateRequest, ImageInput, detect_mime
 from bot.x402 import (
+    AnswerHook,
     PaidResponse,
     PaymentHeader,
     PaymentHook,
@@ -49,9 +50,12 @@ MAX_PICTURE_PIXELS = 64_000_000  # checked from the header, before anything deco
 EXCHANGE_DEADLINE = 180.0  # seconds for one paid request and its whole answer
 POLL_DEADLINE = 60.0  # seconds for one poll of a 202 job and its whole answer
 DOWNLOAD_DEADLINE = 60.0  # seconds for one picture's download
-# Paid answers read, decoded and handed to the caller at once: bounds the bot's memory when
-# many multi-MB results land together or the chat platform uploads slowly.
-MAX_RESULTS_IN_HAND = 64
+# Calls holding pictures at once: bounds the bot's memory when many multi-MB results land
+# together or the chat platform uploads slowly. A call takes its slot when its answer's headers
+# are in (an edit, when it builds its request), so waiting for the gateway holds none, and gives
+# it back once the pictures are handed over. Every slot in use holds bytes, several MB for a
+# 1.4 MB picture at its peak: 48 keeps 200 such results at once under 400 MB (bench/README).
+MAX_RESULTS_IN_HAND = 48
 WaitHook = Callable[[float], Awaitable[None]]  # told the seconds a slow job has run, per poll
 ExchangeHook = Callable[[float], None]  # told the seconds each gateway exchange took
 _THREAD_THRESHOLD = 256 * 1024  # decode bigger bodies off the event loop
@@ -180,16 +184,7 @@ class ImageService:
         ``on_job`` is told of a 202 job before it is polled, so it can be resumed after a restart;
         ``stop`` cancels such a job as ``finish_job`` says.
         """
-        body: dict[str, Any] = {
-            "model": request.model.id,
-            "prompt": request.prompt,
-            "size": request.size,
-            "n": request.n,
-        }
-        if request.quality:
-            body["quality"] = request.quality
-        hooks = _Hooks(on_payment, on_wait, on_result, on_job, stop)
-        return await self._call("/v1/images/generations", body, request.estimate_micro, hooks)
+        return await self._call(request, _Hooks(on_payment, on_wait, on_result, on_job, stop))
 
     async def edit(
         self,
@@ -200,40 +195,38 @@ class ImageService:
         on_job: JobHook | None = None,
         stop: asyncio.Event | None = None,
     ) -> ImageResult:
-        """Edit or fuse ``request.images``; the hooks are as for ``generate``."""
-        images = await _to_thread_if_big(
-            sum(len(image.data) for image in request.images), _data_uris, request.images
-        )
-        body: dict[str, Any] = {
-            "model": request.model.id,
-            "prompt": request.prompt,
-            "image": images[0] if len(images) == 1 else images,
-            "size": request.size,
-            "n": request.n,
-        }
-        if request.mask is not None:
-            body["mask"] = _data_uris((request.mask,))[0]
-        if request.quality:
-            body["quality"] = request.quality
-        hooks = _Hooks(on_payment, on_wait, on_result, on_job, stop)
-        return await self._call("/v1/images/image2image", body, request.estimate_micro, hooks)
+        """Edit or fuse ``request.images``; the hooks are as for ``generate``.
 
-    async def _call(
-        self, path: str, body: dict[str, Any], estimate_micro: int, hooks: _Hooks
-    ) -> ImageResult:
-        n = body["n"]
-        async with self._in_hand:
-            paid = await self._post(path, body, hooks.on_payment)
+        The input pictures are pictures in memory too: an edit holds its in-hand slot from
+        building its request (data URIs) until its result is handed over, or its job is polled.
+        """
+        return await self._call(request, _Hooks(on_payment, on_wait, on_result, on_job, stop))
+
+    async def _call(self, request: GenerateRequest | EditRequest, hooks: _Hooks) -> ImageResult:
+        hand = _Hand(self._in_hand)
+        try:
+            if isinstance(request, EditRequest):
+                await hand.take()
+                path, body = "/v1/images/image2image", await _edit_body(request)
+            else:
+                path, body = "/v1/images/generations", _generation_body(request)
+            paid = await self._post(path, body, hooks.on_payment, hand)
+            del body  # an edit's pictures: not kept while its job is polled
             reply = await self._answer(paid)
-            charged = _charged_micro(paid.payment, reply, estimate_micro)
-            if paid.response.status_code != 202:
-                return await self._finish(charged, paid.receipt, reply, n, hooks.on_result)
+            payment, receipt, status = paid.payment, paid.receipt, paid.response.status_code
+            del paid  # its body (MBs of base64) is parsed: not kept through the hand-over
+            charged = _charged_micro(payment, reply, request.estimate_micro)
+            if status != 202:
+                await hand.take()  # already held: the answer was a 200
+                return await self._finish(charged, receipt, reply, request.n, hooks.on_result)
+        finally:
+            hand.give_back()
         job = SlowJob(
-            poll_url=self._poll_url(reply, charged if paid.receipt else 0),
-            header=paid.payment.header if paid.payment else None,
+            poll_url=self._poll_url(reply, charged if receipt else 0),
+            header=payment.header if payment else None,
             charged_micro=charged,
-            receipt_tx=paid.receipt.tx_hash if paid.receipt else None,
-            n=n,
+            receipt_tx=receipt.tx_hash if receipt else None,
+            n=request.n,
         )
         if hooks.on_job is not None:
             await hooks.on_job(job)
@@ -248,20 +241,25 @@ class ImageService:
     ) -> ImageResult:
         """Poll a 202 job to its end and hand over its pictures; also resumes one after a restart.
 
-        Polling holds no in-hand slot; nothing is signed. Once ``stop`` is set, polling ends
-        before the next poll with JobCancelled (BlockRun charges on the first poll that sees the
-        job completed: one in flight is let finish, and a completed one is delivered); a job
-        already charged (a receipt seen) is polled on, to deliver what was paid for.
+        Polling holds no in-hand slot until an answer with pictures arrives; nothing is signed.
+        Once ``stop`` is set, polling ends before the next poll with JobCancelled (BlockRun
+        charges on the first poll that sees the job completed: one in flight is let finish, and
+        a completed one is delivered); a job already charged (a receipt seen) is polled on, to
+        deliver what was paid for.
         """
-        polling = _Polling(job)
-        reply = await self._wait_for_job(polling, on_wait, stop)
-        async with self._in_hand:
+        polling = _Polling(job, _Hand(self._in_hand))
+        try:
+            reply = await self._wait_for_job(polling, on_wait, stop)
+            await polling.hand.take()  # already held: a completed answer is a 200
             return await self._finish(job.charged_micro, polling.receipt, reply, job.n, on_result)
+        finally:
+            polling.hand.give_back()
 
     async def _post(
-        self, path: str, body: dict[str, Any], on_payment: PaymentHook | None
+        self, path: str, body: dict[str, Any], on_payment: PaymentHook | None, hand: _Hand
     ) -> PaidResponse:
-        """The paid exchange, whole answer included, within ``exchange_deadline``."""
+        """The paid exchange, whole answer included, within ``exchange_deadline``; a 200's body
+        is read holding ``hand``'s slot, and the time spent waiting for it is not counted."""
         signed = False
         exchange = _Stopwatch(self._on_exchange)  # the quote, then the paid request
 
@@ -274,9 +272,13 @@ class ImageService:
             exchange.start()
 
         try:
-            async with asyncio.timeout(self._exchange_deadline):
+            async with asyncio.timeout(self._exchange_deadline) as deadline:
                 return await self._payer.post(
-                    self._api_url + path, json=body, on_payment=record, network=self._network
+                    self._api_url + path,
+                    json=body,
+                    on_payment=record,
+                    network=self._network,
+                    on_answer=hand.taker(deadline, exchange),
                 )
         except TimeoutError:
             if signed:
@@ -296,12 +298,17 @@ class ImageService:
         n: int,
         on_result: ResultHook | None,
     ) -> ImageResult:
-        """Fetch or decode the first ``n`` pictures of a completed reply; hand them over."""
-        pictures = await self._fetch_all(reply, charged, n)
+        """Fetch or decode the first ``n`` pictures of a completed reply; hand them over.
+
+        The pictures as the reply carried them (data URIs: MBs each) are taken out of it and let
+        go once decoded, so the hand-over holds only the decoded ones."""
+        items = reply.pop("data", None)
+        pictures = await self._fetch_all(items, charged, n)
         stated = reply.get("payment")
         tx_hash = _text(stated.get("tx_hash")) if isinstance(stated, dict) else None
         tx_hash = tx_hash or (receipt.tx_hash if receipt else None)
-        revised = next((_text(item.get("revised_prompt")) for item in reply["data"]), None)
+        revised = next((_text(item.get("revised_prompt")) for item in items), None)
+        del items
         result = ImageResult(pictures, charged, tx_hash, revised)
         if on_result is not None:
             await on_result(result)
@@ -342,6 +349,7 @@ class ImageService:
                 status = reply.get("status")
                 if status == "completed":
                     return reply
+                job.hand.give_back()  # nothing to hand over: the slot waits for no poll
                 if status == "failed":
                     reason = _error_message(reply) or "the job failed"
                     raise job.abandoned(f"The image service could not make it ({reason}).")
@@ -362,8 +370,9 @@ class ImageService:
         """
         exchange = _Stopwatch(self._on_exchange)
         try:
-            async with asyncio.timeout(self._poll_deadline):
-                response = await self._payer.get(job.job.poll_url, job.job.header)
+            async with asyncio.timeout(self._poll_deadline) as deadline:
+                taker = job.hand.taker(deadline, exchange)
+                response = await self._payer.get(job.job.poll_url, job.job.header, taker)
         except (httpx.TransportError, PaymentOutcomeUnknown, TimeoutError):
             return _STILL_RUNNING
         finally:
@@ -383,10 +392,7 @@ class ImageService:
             )
         raise _error_for(response, job.job.header, job.receipt is not None)
 
-    async def _fetch_all(
-        self, reply: dict[str, Any], charged_micro: int, n: int
-    ) -> tuple[Picture, ...]:
-        items = reply.get("data")
+    async def _fetch_all(self, items: Any, charged_micro: int, n: int) -> tuple[Picture, ...]:
         if not isinstance(items, list) or not items:
             raise _bad_reply(charged_micro, "sent no image")
         if len(items) > n:
@@ -474,11 +480,51 @@ class SlowJob:
         )
 
 
+class _Hand:
+    """One call's in-hand slot: taken once an answer with pictures starts to arrive, given back
+    after they are handed over (or the call failed)."""
+
+    def __init__(self, slots: asyncio.Semaphore) -> None:
+        self._slots = slots
+        self._held = False
+
+    async def take(self) -> None:
+        """Hold a slot; at once if this call holds one already."""
+        if not self._held:
+            await self._slots.acquire()
+            self._held = True
+
+    def give_back(self) -> None:
+        if self._held:
+            self._held = False
+            self._slots.release()
+
+    def taker(self, deadline: asyncio.Timeout, exchange: _Stopwatch) -> AnswerHook:
+        """The payer's ``on_answer``: a 200 (pictures) waits for a slot before its body is read;
+        the wait is ours, not the gateway's, so ``deadline`` and ``exchange`` leave it out."""
+
+        async def on_answer(response: httpx.Response) -> None:
+            if response.status_code != 200 or self._held or deadline.expired():
+                return
+            when, started = deadline.when(), time.monotonic()  # the loop's clock
+            deadline.reschedule(None)
+            try:
+                await self.take()
+            finally:
+                waited = time.monotonic() - started
+                exchange.skip(waited)
+                if when is not None:
+                    deadline.reschedule(when + waited)
+
+        return on_answer
+
+
 @dataclass
 class _Polling:
-    """A 202 job being polled, and any settlement receipt seen for it so far."""
+    """A 202 job being polled, any settlement receipt seen for it so far, and its slot."""
 
     job: SlowJob
+    hand: _Hand
     receipt: Receipt | None = None
 
     def __post_init__(self) -> None:
@@ -504,6 +550,11 @@ class _Stopwatch:
 
     def start(self) -> None:
         self._started = time.monotonic()
+
+    def skip(self, seconds: float) -> None:
+        """Leave ``seconds`` that were not the gateway's out of the exchange being timed."""
+        if self._started is not None:
+            self._started += seconds
 
     def stop(self) -> None:
         started, self._started = self._started, None
@@ -665,6 +716,36 @@ async def _json_body(response: httpx.Response, charged: bool | None) -> dict[str
 def _text(value: Any) -> str | None:
     """A gateway field that should be text, or None when it is anything else."""
     return value if isinstance(value, str) and value else None
+
+
+def _generation_body(request: GenerateRequest) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": request.model.id,
+        "prompt": request.prompt,
+        "size": request.size,
+        "n": request.n,
+    }
+    if request.quality:
+        body["quality"] = request.quality
+    return body
+
+
+async def _edit_body(request: EditRequest) -> dict[str, Any]:
+    images = await _to_thread_if_big(
+        sum(len(image.data) for image in request.images), _data_uris, request.images
+    )
+    body: dict[str, Any] = {
+        "model": request.model.id,
+        "prompt": request.prompt,
+        "image": images[0] if len(images) == 1 else images,
+        "size": request.size,
+        "n": request.n,
+    }
+    if request.mask is not None:
+        body["mask"] = _data_uris((request.mask,))[0]
+    if request.quality:
+        body["quality"] = request.quality
+    return body
 
 
 def _data_uris(images: tuple[ImageInput, ...]) -> list[str]:

@@ -17,6 +17,7 @@ import logging
 import re
 import secrets
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,8 +43,14 @@ logger = logging.getLogger(__name__)
 MAX_VALIDITY_SECONDS = 3600
 CLOCK_SKEW_SECONDS = 600
 FIRST_RESEND_DELAY_SECONDS = 0.5
-# Paid exchanges and polls at once: bounds the CPU burst when many replies land together.
-MAX_EXCHANGES_IN_FLIGHT = 64
+# Paid exchanges and polls at once. Each costs a connection, not memory: a paid answer's body
+# is read only once the caller's ``on_answer`` lets it (bot/images.py's in-hand slots). Sized so
+# a crowd of 200 waits for one gateway round; bot/http.py sizes the gateway pool from it.
+MAX_EXCHANGES_IN_FLIGHT = 256
+# Exchanges started, and quotes worked (read, signed, resent), per event-loop pass: hundreds of
+# answers landing together are worked through over several passes, so the loop stays responsive
+# (bench/README: worst loop lag < 50 ms) without making anyone wait another gateway round.
+EXCHANGES_PER_PASS = 16
 
 _TRANSFER_TYPEHASH = keccak(
     text="TransferWithAuthorization(address from,address to,uint256 value,"
@@ -174,6 +181,8 @@ class Receipt:
 
 
 PaymentHook = Callable[[PaymentIntent], Awaitable[None]]
+AnswerHook = Callable[[httpx.Response], Awaitable[None]]
+"""Awaited once an answer's status and headers are in, before its body is read."""
 
 
 @dataclass(frozen=True)
@@ -247,6 +256,39 @@ def _address_word(address: str) -> bytes:
     return bytes.fromhex(address.removeprefix("0x")).rjust(32, b"\0")
 
 
+class _Pacer:
+    """Lets callers on in the order they came, at most ``per_pass`` per event-loop pass, so
+    timers and I/O run between them."""
+
+    def __init__(self, per_pass: int) -> None:
+        self._per_pass = per_pass
+        self._waiting: deque[asyncio.Future[None]] = deque()
+        self._due = False
+
+    async def turn(self) -> None:
+        turn = asyncio.get_running_loop().create_future()
+        self._waiting.append(turn)
+        self._let_on_soon()
+        await turn
+
+    def _let_on_soon(self) -> None:
+        if not self._due:
+            self._due = True
+            asyncio.get_running_loop().call_soon(self._let_on)  # in the next pass
+
+    def _let_on(self) -> None:
+        """Wake the next few; they run in the next pass, as does this for the rest."""
+        self._due = False
+        woken = 0
+        while self._waiting and woken < self._per_pass:
+            turn = self._waiting.popleft()
+            if not turn.done():  # not cancelled while waiting
+                turn.set_result(None)
+                woken += 1
+        if self._waiting:
+            self._let_on_soon()
+
+
 class X402Payer:
     """Sends requests to the gateway and pays a 402 at most once per request."""
 
@@ -259,6 +301,7 @@ class X402Payer:
         clock: Callable[[], float] = time.time,
         resend_attempts: int = 2,
         max_in_flight: int = MAX_EXCHANGES_IN_FLIGHT,
+        per_pass: int = EXCHANGES_PER_PASS,
     ) -> None:
         self._http = http
         self._wallet = wallet
@@ -266,6 +309,7 @@ class X402Payer:
         self._clock = clock
         self._resend_attempts = resend_attempts
         self._in_flight = asyncio.Semaphore(max_in_flight)
+        self._pace = _Pacer(per_pass)
 
     async def post(
         self,
@@ -274,18 +318,22 @@ class X402Payer:
         json: dict[str, Any],
         on_payment: PaymentHook | None = None,
         network: Chain | None = None,
+        on_answer: AnswerHook | None = None,
     ) -> PaidResponse:
         """POST json; on a 402 check the quote, let the hook record it, sign once and retry.
 
-        With ``network``, quotes on any other network are refused before signing.
+        With ``network``, quotes on any other network are refused before signing. ``on_answer``
+        sees every answer (the quote's too) before its body is read, e.g. to wait for room.
         """
         async with self._in_flight:
-            return await self._pay(url, json, on_payment, network)
+            return await self._pay(url, json, on_payment, network, on_answer)
 
-    async def get(self, url: str, header: PaymentHeader | None) -> httpx.Response:
+    async def get(
+        self, url: str, header: PaymentHeader | None, on_answer: AnswerHook | None = None
+    ) -> httpx.Response:
         """GET, e.g. to poll a 202 job, with the same payment header; resends like post."""
         async with self._in_flight:
-            return await self._send("GET", url, header, None)
+            return await self._send("GET", url, header, None, on_answer)
 
     async def _pay(
         self,
@@ -293,10 +341,12 @@ class X402Payer:
         json: dict[str, Any],
         on_payment: PaymentHook | None,
         network: Chain | None,
+        on_answer: AnswerHook | None,
     ) -> PaidResponse:
-        response = await self._exchange("POST", url, {}, json)
+        response = await self._exchange("POST", url, {}, json, on_answer)
         if response.status_code != 402:
             return PaidResponse(response, None, read_receipt(response))
+        await self._pace.turn()
         quotes = parse_requirements(response)
         if network is not None:
             offered = list(dict.fromkeys(q.chain.caip2 for q in quotes))
@@ -313,7 +363,7 @@ class X402Payer:
         if on_payment is not None:
             await on_payment(intent)
         payment = _signed(intent, self._wallet.sign(intent))
-        response = await self._send("POST", url, payment.header, json)
+        response = await self._send("POST", url, payment.header, json, on_answer)
         return PaidResponse(response, payment, read_receipt(response))
 
     def _intent(self, quote: Quote, payer: str) -> PaymentIntent:
@@ -336,7 +386,12 @@ class X402Payer:
         return intent
 
     async def _send(
-        self, method: str, url: str, payment: PaymentHeader | None, json: dict[str, Any] | None
+        self,
+        method: str,
+        url: str,
+        payment: PaymentHeader | None,
+        json: dict[str, Any] | None,
+        on_answer: AnswerHook | None,
     ) -> httpx.Response:
         """Send, resending the identical request on transport errors; never re-signs."""
         headers = {payment.name: payment.value} if payment else {}
@@ -344,7 +399,7 @@ class X402Payer:
             if attempt:
                 await asyncio.sleep(FIRST_RESEND_DELAY_SECONDS * 2 ** (attempt - 1))
             try:
-                return await self._exchange(method, url, headers, json)
+                return await self._exchange(method, url, headers, json, on_answer)
             except httpx.TransportError as exc:
                 lost = exc
                 logger.warning(
@@ -365,10 +420,18 @@ class X402Payer:
         raise PaymentOutcomeUnknown() from lost
 
     async def _exchange(
-        self, method: str, url: str, headers: dict[str, str], json: dict[str, Any] | None
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        json: dict[str, Any] | None,
+        on_answer: AnswerHook | None,
     ) -> httpx.Response:
         """One request and its whole answer: a 200 up to the paid cap, anything else far less."""
+        await self._pace.turn()
         async with self._http.stream(method, url, json=json, headers=headers) as response:
+            if on_answer is not None:
+                await on_answer(response)
             limit = MAX_ANSWER_BYTES if response.status_code == 200 else MAX_SMALL_BODY_BYTES
             return await read_capped(response, limit)
 

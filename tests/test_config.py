@@ -60,7 +60,7 @@ def test_defaults_are_the_documented_ones() -> None:
     assert settings.max_micro_per_request == 500_000
     assert settings.user_daily_micro == 1_000_000
     assert settings.global_daily_micro == 20_000_000
-    assert settings.max_concurrent_jobs == 4
+    assert settings.max_concurrent_jobs == 256
     assert settings.admin_ids == settings.allowed_users == settings.allowed_chats == frozenset()
     assert settings.database_path == Path("data/imagebot.sqlite3")
     assert settings.log_level == "INFO"

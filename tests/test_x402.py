@@ -883,3 +883,60 @@ async def test_exchanges_in_flight_are_capped(
 
     assert peak == 3
     assert wallet.signatures == 10
+
+
+async def test_a_wait_before_reading_an_answer_signs_nothing_more(
+    gateway: Gateway, http: httpx.AsyncClient, wallet: CountingWallet
+) -> None:
+    """``on_answer`` (where the image service waits for room to hold pictures) sees the quote
+    and the paid answer once each, before their bodies are read; the payment is unchanged."""
+    seen: list[tuple[int, bool]] = []
+
+    async def on_answer(response: httpx.Response) -> None:
+        seen.append((response.status_code, response.is_stream_consumed))
+        await asyncio.sleep(0.05)
+
+    hook = Hook(gateway)
+    payer = X402Payer(http, wallet, max_micro=CAP)
+    paid = await payer.post(
+        gateway.url + GENERATIONS, json={}, on_payment=hook, on_answer=on_answer
+    )
+
+    assert seen == [(402, False), (200, False)]
+    assert paid.response.json() == SETTLED_BODY
+    assert paid.payment is not None and paid.payment.intent == hook.intents[0]
+    assert paid.payment.intent.quote.amount_micro == 52_500
+    assert (wallet.signatures, len(gateway.paid), hook.paid_requests_before) == (1, 1, [0])
+
+
+async def test_quotes_landing_together_are_signed_a_few_per_loop_pass(
+    gateway: Gateway, http: httpx.AsyncClient, wallet: CountingWallet
+) -> None:
+    """Hundreds of exchanges in flight must not mean hundreds of quotes parsed and signed in
+    one pass of the event loop, with nothing else (heartbeats, the chat) running meanwhile."""
+    loop = asyncio.get_running_loop()
+    passes = 0
+    counting = True
+
+    def count_pass() -> None:  # call_soon from a callback runs in the next pass: one per pass
+        nonlocal passes
+        passes += 1
+        if counting:
+            loop.call_soon(count_pass)
+
+    signed_in_pass: dict[int, int] = {}
+
+    async def record(_: PaymentIntent) -> None:
+        signed_in_pass[passes] = signed_in_pass.get(passes, 0) + 1
+
+    payer = X402Payer(http, wallet, max_micro=CAP, per_pass=4)
+    count_pass()
+    try:
+        await asyncio.gather(
+            *(payer.post(gateway.url + GENERATIONS, json={}, on_payment=record) for _ in range(60))
+        )
+    finally:
+        counting = False
+
+    assert sum(signed_in_pass.values()) == wallet.signatures == 60
+    assert max(signed_in_pass.values()) <= 4
