@@ -247,14 +247,20 @@ async def test_imagebot_run_serves_metrics_and_is_unhealthy_once_its_ledger_is_g
             alice = telegram.private_chat(111, "Alice")
             telegram.send_text(alice, alice.user, "/imagegen -m flux a fox")
             await telegram.wait_for("sendPhoto", timeout=30)
-            scraped = samples((await client.get(f"{base}/metrics")).text)
+            done = ("imagebot_commands_total", labels(kind="imagegen", outcome="done"))
+            scraped: Samples = {}
+
+            async def counted() -> bool:  # the command ends just after its picture is sent
+                scraped.update(samples((await client.get(f"{base}/metrics")).text))
+                return scraped[done] == 1
+
+            await until(counted)
             healthy = (await client.get(f"{base}/healthz")).status_code
             await _cut_off(postgres_url)
             unhealthy = (await client.get(f"{base}/healthz", timeout=10)).status_code
     finally:
         await gateway.close()
         await telegram.close()
-    assert scraped[("imagebot_commands_total", labels(kind="imagegen", outcome="done"))] == 1
     assert scraped[("imagebot_payments_total", labels(status="settled"))] == 1
     assert scraped[("imagebot_settled_micro_usdc_total", labels())] == 42_000
     assert scraped[("imagebot_gateway_seconds_count", labels())] == 2  # the quote, the payment
