@@ -440,6 +440,19 @@ class ImageBot:
                     return Outcome.IGNORED
                 await chat.send_text("Sorry, this bot makes pictures only for its members.")
                 return Outcome.REFUSED
+        except ImagebotError as error:
+            await chat.send_text(error.user_message)
+            return Outcome.REFUSED
+        try:  # before any download: a pause or an unreachable ledger is said at once
+            controls = await self._ledger.controls(sender.principal)
+        except Exception as error:  # no controls, so no budget: say so rather than nothing
+            log.error("could not read the ledger's controls: %r", error)
+            await chat.send_text(f"{_LEDGER_DOWN} Nothing was charged.")
+            return Outcome.REFUSED
+        if controls.paused:
+            await chat.send_text(PAUSED)
+            return Outcome.REFUSED
+        try:
             request = command.build(await inputs() if command.kind == "img2img" else ())
             if isinstance(request, EditRequest):
                 async with self._decoding:  # a decode may hold ~160 MB: bound how many at once
@@ -449,15 +462,6 @@ class ImageBot:
             return Outcome.REFUSED
         if self._draining:
             await chat.send_text(_RESTARTING)
-            return Outcome.REFUSED
-        try:
-            controls = await self._ledger.controls(sender.principal)
-        except Exception as error:  # no controls, so no budget: say so rather than nothing
-            log.error("could not read the ledger's controls: %r", error)
-            await chat.send_text(f"{_LEDGER_DOWN} Nothing was charged.")
-            return Outcome.REFUSED
-        if controls.paused:
-            await chat.send_text(PAUSED)
             return Outcome.REFUSED
         if self._jobs[sender.principal] >= MAX_JOBS_PER_USER:
             await chat.send_text("Wait for your previous image to finish first.")
