@@ -81,9 +81,10 @@ class WalletWatch:
             return
         if self._checking is None or self._checking.done():
             self._checked_at = time.monotonic()
-            self._checking = asyncio.create_task(self._check())
+            self._checking = asyncio.create_task(self.check())
 
-    async def _check(self) -> None:
+    async def check(self) -> None:
+        """Read the balance (warning the admins if it turned low); a failure is logged."""
         try:
             await self.balance()
         except Exception:  # the ledger failed us: the next payment reads again

@@ -84,7 +84,7 @@ async def _serve(settings: Settings) -> int:
         shared = [  # work other runs on the ledger leave to this one
             asyncio.create_task(bot.keep_resuming(partial(_find_chat, finders), finders)),
             asyncio.create_task(bot.watch_cancels()),
-            asyncio.create_task(bot.wallet.balance()),  # a low balance is told at start-up
+            asyncio.create_task(bot.wallet.check()),  # a low balance is told at start-up
         ]
         await stop.wait()
         for task in shared:
