@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import sys
 import tempfile
 import time
@@ -22,7 +21,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from eth_account import Account
 from paid_requests import Gateway, sandbox_process
 from telegram_load import (
     SCENARIOS,
@@ -30,10 +28,13 @@ from telegram_load import (
     BotProcess,
     Outcome,
     Scenario,
+    Watcher,
     bot_command,
+    bot_environment,
     holdings,
     percentile,
     settlement_times,
+    spawn_bot,
     summary,
     until,
 )
@@ -103,10 +104,11 @@ class DiscordOutcome(Outcome):
         return len(self.added_by_kind.get(kind, []))
 
 
-class Tracker:
+class Tracker(Watcher):
     """Follows the bot's REST calls for a set of commands, scanning ``sent`` as it grows."""
 
     def __init__(self, fake: FakeDiscord) -> None:
+        super().__init__()
         self.fake = fake
         self.index = len(fake.sent)
         self.kind_of: dict[int, str] = {}  # channel id -> its command's kind
@@ -117,7 +119,6 @@ class Tracker:
         self.deleted: set[int] = set()
         self.failed: dict[str, int] = {}
         self.routes: Counter[str] = Counter()
-        self.rss: list[tuple[float, float]] = []  # (time.monotonic(), the bot's RSS in MB)
 
     def expect(self, commands: list[Command]) -> None:
         for command in commands:
@@ -152,22 +153,12 @@ class Tracker:
         answered = self.photos.keys() | self.replies.keys()
         return answered >= self.kind_of.keys() and self.deleted >= self.statuses
 
-    async def wait(self, bot: BotProcess, limit: float) -> None:
-        deadline = time.monotonic() + limit
-        while True:
-            self.scan()
-            if self.done:
-                return
-            bot.check_alive("the pictures")
-            with contextlib.suppress(OSError):
-                self.rss.append((time.monotonic(), bot.memory_mb("VmRSS")))
-            if time.monotonic() > deadline:
-                missing = len(self.kind_of.keys() - self.photos.keys() - self.replies.keys())
-                raise TimeoutError(
-                    f"{missing} of {len(self.kind_of)} commands got no answer in {limit:g} s "
-                    f"({len(self.statuses - self.deleted)} status messages left)"
-                )
-            await asyncio.sleep(POLL_SECONDS)
+    def shortfall(self, limit: float) -> str:
+        missing = len(self.kind_of.keys() - self.photos.keys() - self.replies.keys())
+        return (
+            f"{missing} of {len(self.kind_of)} commands got no answer in {limit:g} s "
+            f"({len(self.statuses - self.deleted)} status messages left)"
+        )
 
 
 def content(call: Call) -> str:
@@ -190,44 +181,14 @@ def slash_options(command: str) -> dict[str, str]:
     return {"prompt": words}
 
 
-def bot_environment(
-    fake: FakeDiscord, gateway: Gateway, home: Path, jobs: int | None
-) -> dict[str, str]:
-    """Only what ``imagebot run`` needs: nothing of this shell's bot settings leaks in."""
-    # PYTHONPATH too, so the bench can run the bot of another checkout (e.g. a commit's export).
-    kept = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH")
-    environment = {name: os.environ[name] for name in kept if name in os.environ}
-    environment |= {
-        "DISCORD_BOT_TOKEN": fake.token,
-        "DISCORD_API_URL": fake.api_url,
-        "IMAGE_API_URL": gateway.url,
-        "WALLET_PRIVATE_KEY": bytes(Account.create().key).hex(),  # throwaway
-        "DATABASE_PATH": str(home / "ledger.sqlite3"),
-        "USER_DAILY_LIMIT_USD": "5",
-        "GLOBAL_DAILY_LIMIT_USD": "1000",
-        "LOG_LEVEL": "WARNING",
-    }
-    if jobs is not None:
-        environment["MAX_CONCURRENT_JOBS"] = str(jobs)
-    return environment
-
-
 async def start_bot(
     fake: FakeDiscord, gateway: Gateway, home: Path, jobs: int | None
 ) -> BotProcess:
-    """Start ``imagebot run`` in ``home`` (no .env there); wait for its gateway session and its
-    slash commands."""
-    log = home / "bot.log"
-    with log.open("wb") as output:
-        process = await asyncio.create_subprocess_exec(
-            *bot_command(),
-            cwd=home,
-            env=bot_environment(fake, gateway, home, jobs),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=output,
-            stderr=output,
-        )
-    bot = BotProcess(process, log)
+    """Start ``imagebot run`` in ``home``; wait for its gateway session and its slash commands."""
+    platform = {"DISCORD_BOT_TOKEN": fake.token, "DISCORD_API_URL": fake.api_url}
+    if jobs is not None:
+        platform["MAX_CONCURRENT_JOBS"] = str(jobs)
+    bot = await spawn_bot(home, bot_environment(gateway, home, platform))
     try:
         await until(lambda: fake.command_syncs > 0, bot, "the slash commands")
         await until(lambda: any(not s.ended and s.connection for s in fake.sessions), bot, "READY")

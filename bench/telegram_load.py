@@ -185,10 +185,48 @@ class BotProcess:
             return None
 
 
-class Tracker:
+class Watcher:
+    """Scans a fake's calls until every command of the batch is answered, sampling the bot's
+    RSS meanwhile; a platform's tracker says what it scans and when it is done."""
+
+    answers = "the pictures"  # what ``wait`` waits for, as an error names it
+
+    def __init__(self) -> None:
+        self.rss: list[tuple[float, float]] = []  # (time.monotonic(), the bot's RSS in MB)
+
+    def scan(self) -> None:
+        """Read the calls the fake got since the last scan."""
+        raise NotImplementedError
+
+    @property
+    def done(self) -> bool:
+        raise NotImplementedError
+
+    def shortfall(self, limit: float) -> str:
+        """What is still unanswered after ``limit`` seconds, for the error."""
+        raise NotImplementedError
+
+    async def wait(self, bot: BotProcess, limit: float) -> None:
+        deadline = time.monotonic() + limit
+        while True:
+            self.scan()
+            if self.done:
+                return
+            bot.check_alive(self.answers)
+            with contextlib.suppress(OSError):
+                self.rss.append((time.monotonic(), bot.memory_mb("VmRSS")))
+            if time.monotonic() > deadline:
+                raise TimeoutError(self.shortfall(limit))
+            await asyncio.sleep(POLL_SECONDS)
+
+
+class Tracker(Watcher):
     """Follows the bot's calls to the fake for a set of chats, scanning ``sent`` as it grows."""
 
+    answers = "the photos"
+
     def __init__(self, fake: FakeTelegram, chats: set[int]) -> None:
+        super().__init__()
         self.fake = fake
         self.chats = chats
         self.index = len(fake.sent)
@@ -196,7 +234,6 @@ class Tracker:
         self.replies: dict[int, Call] = {}  # answers other than the status: errors
         self.deleted: set[int] = set()
         self.failed: dict[str, int] = {}
-        self.rss: list[tuple[float, float]] = []  # (time.monotonic(), the bot's RSS in MB)
 
     def scan(self) -> None:
         sent = self.fake.sent
@@ -223,22 +260,12 @@ class Tracker:
         answered = self.photos.keys() | self.replies.keys()
         return answered >= self.chats and self.deleted >= self.chats
 
-    async def wait(self, bot: BotProcess, limit: float) -> None:
-        deadline = time.monotonic() + limit
-        while True:
-            self.scan()
-            if self.done:
-                return
-            bot.check_alive("the photos")
-            with contextlib.suppress(OSError):
-                self.rss.append((time.monotonic(), bot.memory_mb("VmRSS")))
-            if time.monotonic() > deadline:
-                missing = len(self.chats - self.photos.keys() - self.replies.keys())
-                raise TimeoutError(
-                    f"{missing} of {len(self.chats)} chats got no answer in {limit:g} s "
-                    f"({len(self.deleted)} status messages deleted)"
-                )
-            await asyncio.sleep(POLL_SECONDS)
+    def shortfall(self, limit: float) -> str:
+        missing = len(self.chats - self.photos.keys() - self.replies.keys())
+        return (
+            f"{missing} of {len(self.chats)} chats got no answer in {limit:g} s "
+            f"({len(self.deleted)} status messages deleted)"
+        )
 
 
 def bot_command() -> list[str]:
@@ -249,13 +276,12 @@ def bot_command() -> list[str]:
     return [sys.executable, "-m", "imagebot.cli", "run"]
 
 
-def bot_environment(fake: FakeTelegram, gateway: Gateway, home: Path) -> dict[str, str]:
-    """Only what ``imagebot run`` needs: nothing of this shell's bot settings leaks in."""
-    kept = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR")
+def bot_environment(gateway: Gateway, home: Path, platform: dict[str, str]) -> dict[str, str]:
+    """Only what ``imagebot run`` needs, with the chat ``platform``'s settings: nothing of this
+    shell's bot settings leaks in (PYTHONPATH does, to run another checkout's bot)."""
+    kept = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH")
     environment = {name: os.environ[name] for name in kept if name in os.environ}
-    environment |= {
-        "TELEGRAM_BOT_TOKEN": fake.token,
-        "TELEGRAM_API_URL": fake.url,
+    environment |= platform | {
         "IMAGE_API_URL": gateway.url,
         "WALLET_PRIVATE_KEY": bytes(Account.create().key).hex(),  # throwaway
         "DATABASE_PATH": str(home / "ledger.sqlite3"),
@@ -275,19 +301,25 @@ async def until(check: Callable[[], bool], bot: BotProcess, what: str) -> None:
         await asyncio.sleep(POLL_SECONDS)
 
 
-async def start_bot(fake: FakeTelegram, gateway: Gateway, home: Path) -> BotProcess:
-    """Start ``imagebot run`` in ``home`` (no .env there) and wait until it long-polls."""
+async def spawn_bot(home: Path, environment: dict[str, str]) -> BotProcess:
+    """``imagebot run`` in ``home`` (no .env there) with ``environment``, its output in a log."""
     log = home / "bot.log"
     with log.open("wb") as output:
         process = await asyncio.create_subprocess_exec(
             *bot_command(),
             cwd=home,
-            env=bot_environment(fake, gateway, home),
+            env=environment,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=output,
             stderr=output,
         )
-    bot = BotProcess(process, log)
+    return BotProcess(process, log)
+
+
+async def start_bot(fake: FakeTelegram, gateway: Gateway, home: Path) -> BotProcess:
+    """Start ``imagebot run`` in ``home`` and wait until it long-polls."""
+    platform = {"TELEGRAM_BOT_TOKEN": fake.token, "TELEGRAM_API_URL": fake.url}
+    bot = await spawn_bot(home, bot_environment(gateway, home, platform))
     try:
         await until(lambda: bool(fake.calls("setMyCommands")), bot, "setMyCommands")
         await until(lambda: fake.polls_waiting > 0, bot, "a long poll")
