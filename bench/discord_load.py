@@ -32,7 +32,9 @@ from telegram_load import (
     bot_command,
     bot_environment,
     holdings,
+    load_parser,
     percentile,
+    scenario_names,
     settlement_times,
     spawn_bot,
     summary,
@@ -391,10 +393,7 @@ async def run(args: argparse.Namespace, gateway: Gateway, names: list[str]) -> l
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--users", type=int, default=ISSUE_USERS, help="users sending at once")
-    parser.add_argument("--latency", type=float, default=1.0, help="sandbox latency, seconds")
-    parser.add_argument("--results", default="small,large", help="comma-separated: small,large")
+    parser = load_parser(__doc__)
     parser.add_argument(
         "--kinds", default="message,slash", help="comma-separated, given to users in turn"
     )
@@ -407,10 +406,7 @@ def main() -> int:
         help="seconds to wait for every picture (default 120 + users x latency)",
     )
     args = parser.parse_args()
-    names = [name.strip() for name in args.results.split(",") if name.strip()]
-    unknown = [name for name in names if name not in SCENARIOS]
-    if unknown:
-        parser.error(f"unknown result size {unknown}; use {', '.join(SCENARIOS)}")
+    names = scenario_names(parser, args)
     kinds = [kind.strip() for kind in args.kinds.split(",") if kind.strip()]
     if not kinds or any(kind not in KINDS for kind in kinds):
         parser.error(f"--kinds takes {', '.join(KINDS)}")

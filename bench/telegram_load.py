@@ -550,11 +550,26 @@ async def run(args: argparse.Namespace, gateway: Gateway, names: list[str]) -> l
     return outcomes
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+def load_parser(description: str | None) -> argparse.ArgumentParser:
+    """The options every load bench takes: how many users, the gateway's latency, the sizes."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--users", type=int, default=200, help="users sending at once")
     parser.add_argument("--latency", type=float, default=1.0, help="sandbox latency, seconds")
     parser.add_argument("--results", default="small,large", help="comma-separated: small,large")
+    return parser
+
+
+def scenario_names(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The result sizes ``--results`` names; an unknown one is a usage error."""
+    names = [name.strip() for name in args.results.split(",") if name.strip()]
+    unknown = [name for name in names if name not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown result size {unknown}; use {', '.join(SCENARIOS)}")
+    return names
+
+
+def main() -> int:
+    parser = load_parser(__doc__)
     parser.add_argument(
         "--timeout", type=float, default=120.0, help="seconds to wait for every photo"
     )
@@ -565,10 +580,7 @@ def main() -> int:
         help="record the bot with py-spy over each batch (it slows the bot: not for the figures)",
     )
     args = parser.parse_args()
-    names = [name.strip() for name in args.results.split(",") if name.strip()]
-    unknown = [name for name in names if name not in SCENARIOS]
-    if unknown:
-        parser.error(f"unknown result size {unknown}; use {', '.join(SCENARIOS)}")
+    names = scenario_names(parser, args)
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)
 
