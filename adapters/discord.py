@@ -557,7 +557,7 @@ async def _batches(
 ) -> tuple[list[list[discord.File]], str]:
     """The pictures as files in messages of at most 10 MiB and 10 files each (at least one
     message), and the caption, first saying which pictures were too large to send."""
-    fitted = await asyncio.gather(*(asyncio.to_thread(_fit, picture) for picture in pictures))
+    fitted = await asyncio.gather(*(_fitted(picture) for picture in pictures))
     batches: list[list[discord.File]] = [[]]
     size, notes = 0, []
     for index, (picture, fit) in enumerate(zip(pictures, fitted, strict=True), 1):
@@ -570,18 +570,40 @@ async def _batches(
         if size + len(data) > MAX_UPLOAD_BYTES or len(batches[-1]) >= MAX_FILES_PER_MESSAGE:
             batches.append([])
             size = 0
-        batches[-1].append(discord.File(io.BytesIO(data), f"image-{index}.{extension}"))
+        batches[-1].append(discord.File(_Upload(data), f"image-{index}.{extension}"))
         size += len(data)
     return batches, "\n".join([*notes, caption])
 
 
-def _fit(picture: Picture) -> tuple[bytes, str] | None:
-    """The picture as it is, or re-encoded as WebP (then smaller) until it fits one message;
-    None when decoding it would take more than ``MAX_FIT_PIXELS`` (a JPEG decodes scaled down).
+class _Upload(io.BytesIO):
+    """A picture for ``discord.File``, sent as the bytes it holds.
+
+    aiohttp sends a plain ``BytesIO`` by asking for its buffer, which makes the BytesIO copy
+    the picture first; this type is registered to go out as the bytes themselves.
     """
-    extension = picture.mime.removeprefix("image/").replace("jpeg", "jpg")
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.data = data
+
+
+aiohttp.payload.register_payload(
+    lambda upload, *args, **kwargs: aiohttp.payload.BytesPayload(upload.data, *args, **kwargs),
+    _Upload,
+    order=aiohttp.payload.Order.try_first,
+)
+
+
+async def _fitted(picture: Picture) -> tuple[bytes, str] | None:
+    """The picture as it is when it fits one message, else ``_shrunk`` in a thread."""
     if len(picture.data) <= MAX_UPLOAD_BYTES:
-        return picture.data, extension
+        return picture.data, picture.mime.removeprefix("image/").replace("jpeg", "jpg")
+    return await asyncio.to_thread(_shrunk, picture)
+
+
+def _shrunk(picture: Picture) -> tuple[bytes, str] | None:
+    """The picture re-encoded as WebP (then smaller) until it fits one message; None when
+    decoding it would take more than ``MAX_FIT_PIXELS`` (a JPEG decodes scaled down)."""
     with Image.open(io.BytesIO(picture.data)) as image:
         pixels = image.width * image.height
         scale = next((s for s in (2, 4) if pixels <= MAX_FIT_PIXELS * s * s), 8)

@@ -23,7 +23,6 @@ from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from httpx_aiohttp import AiohttpTransport
 from telegram import (
     Bot,
     BotCommand,
@@ -47,15 +46,14 @@ from telegram.ext import (
     Updater,
     filters,
 )
-from telegram.request import HTTPXRequest
 from telegram.warnings import PTBDeprecationWarning
 
 from adapters.base import RemoteFile, StartupError, StatusChat, download
+from adapters.bot_api_http import BotApiRequest
 from bot.buttons import Button
 from bot.commands import ADMIN_MENU, MENU
 from bot.config import Settings
 from bot.errors import InputUnavailable
-from bot.http import FREE_WHEN_CLOSED, pool_limits
 from bot.images import Picture
 from bot.requests import ImageInput
 from bot.service import ImageBot, Sender
@@ -103,8 +101,8 @@ def build_application(
         .base_file_url(f"{api}/file/bot")
         .update_queue(HeldUpdates(MAX_HELD_UPDATES, refuse_when_full=webhook is not None))
         .concurrent_updates(CONCURRENT_UPDATES)
-        .request(_bot_api_request(CONNECTION_POOL, media_write_timeout=60))
-        .get_updates_request(_bot_api_request(1))
+        .request(BotApiRequest(CONNECTION_POOL, media_write_timeout=60))
+        .get_updates_request(BotApiRequest(1))
         .build()
     )
     application.bot_data[_WEBHOOK] = webhook
@@ -176,17 +174,6 @@ class HeldUpdates(asyncio.Queue[object]):
     def task_done(self) -> None:
         super().task_done()
         self._room.release()
-
-
-def _bot_api_request(connections: int, **options: float) -> HTTPXRequest:
-    """PTB's httpx requests over aiohttp's pool (httpcore's pool was most of the bot's CPU under
-    load), freeing each answer and its upload when done (bench/README: telegram_load)."""
-    transport = AiohttpTransport(limits=pool_limits(connections))
-    return HTTPXRequest(
-        connection_pool_size=connections,
-        httpx_kwargs={"transport": transport, "event_hooks": FREE_WHEN_CLOSED},
-        **options,
-    )
 
 
 async def serve(

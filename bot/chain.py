@@ -9,7 +9,6 @@ and a size cap; an RPC URL may carry an API key, so it is never logged.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -19,6 +18,7 @@ from typing import Any
 import httpx
 from eth_utils import keccak
 
+from bot.answer_json import loads
 from bot.chains import Chain, chain_for
 from bot.ledger import Ledger, Payment, Status
 
@@ -181,7 +181,7 @@ class Rpc:
         except Exception as error:  # any transport failure; its text may hold the URL
             raise ChainUnreadable(type(error).__name__) from None
         try:
-            answer = json.loads(data)
+            answer = loads(data)
         except ValueError:
             raise ChainUnreadable("answer is not JSON") from None
         if not isinstance(answer, dict) or "result" not in answer:

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from bot.answer_json import AnswerDecoder, DecodedAnswer
 from bot.requests import MAX_N
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,7 @@ _DATA_URI_BYTES = len("data:image/webp;base64,") + 4 * -(-MAX_PICTURE_BYTES // 3
 MAX_ANSWER_BYTES = MAX_N * _DATA_URI_BYTES + MAX_SMALL_BODY_BYTES
 
 _TOO_LARGE = "imagebot_too_large"
+_DECODED = "imagebot_decoded"
 _ENCODING_HEADERS = frozenset({"content-encoding", "content-length", "transfer-encoding"})
 _MARKDOWN_LINK = re.compile(r"\[([^\]]*)\]\([^)]*\)")
 _LINK = re.compile(
@@ -33,13 +35,17 @@ _MENTION = re.compile(r"<[@#][!&]?\d*>|@\S*")
 _MARKUP = str.maketrans("", "", "*`~|<>[]#\\")
 
 
-async def read_capped(response: httpx.Response, limit: int) -> httpx.Response:
+async def read_capped(
+    response: httpx.Response, limit: int, *, pictures: bool = False
+) -> httpx.Response:
     """A streamed ``response`` read to its end, at most ``limit`` decompressed bytes.
 
-    Over the limit, the result has no body and ``too_large`` says so. The caller closes the
-    streamed response.
+    Over the limit, the result has no body and ``too_large`` says so. With ``pictures``, data-URI
+    pictures are decoded as they arrive: the body keeps the JSON around them, and
+    ``decoded_answer`` has them. The caller closes the streamed response.
     """
     chunks: list[bytes] = []
+    decoder = AnswerDecoder() if pictures else None
     size = 0
     async for chunk in response.aiter_bytes():  # decoded: a gzip bomb counts as what it inflates to
         size += len(chunk)
@@ -47,9 +53,14 @@ async def read_capped(response: httpx.Response, limit: int) -> httpx.Response:
             log.warning(
                 "gateway answer (HTTP %d) over %d bytes; dropped", response.status_code, limit
             )
-            chunks = []
+            chunks, decoder = [], None
             break
-        chunks.append(chunk)
+        if decoder is not None:
+            decoder.feed(chunk)
+        else:
+            chunks.append(chunk)
+    answer = decoder.finish() if decoder is not None else DecodedAnswer(b"".join(chunks))
+    del chunks, decoder
     headers = [
         (name, value)
         for name, value in response.headers.multi_items()
@@ -58,10 +69,16 @@ async def read_capped(response: httpx.Response, limit: int) -> httpx.Response:
     return httpx.Response(
         response.status_code,
         headers=headers,
-        content=b"".join(chunks),
+        content=answer.text,
         request=response.request,
-        extensions={**response.extensions, _TOO_LARGE: size > limit},
+        extensions={**response.extensions, _TOO_LARGE: size > limit, _DECODED: answer},
     )
+
+
+def decoded_answer(response: httpx.Response) -> DecodedAnswer:
+    """The body ``read_capped`` read, with the pictures it decoded on the way."""
+    answer = response.extensions.get(_DECODED)
+    return answer if isinstance(answer, DecodedAnswer) else DecodedAnswer(response.content)
 
 
 def too_large(response: httpx.Response) -> bool:

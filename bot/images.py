@@ -10,7 +10,6 @@ text.
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import contextlib
 import io
@@ -24,11 +23,19 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import httpx
+import pybase64
 from PIL import Image
 
+from bot.answer_json import loads
 from bot.chains import Chain, gateway_chain
 from bot.errors import GatewayError
-from bot.fetching import MAX_PICTURE_BYTES, is_public, plain_reason, too_large
+from bot.fetching import (
+    MAX_PICTURE_BYTES,
+    decoded_answer,
+    is_public,
+    plain_reason,
+    too_large,
+)
 from bot.money import MICRO_PER_USD, format_usd
 from bot.requests import MAX_N, EditRequest, GenerateRequest, ImageInput, detect_mime
 from bot.x402 import (
@@ -58,7 +65,9 @@ DOWNLOAD_DEADLINE = 60.0  # seconds for one picture's download
 MAX_RESULTS_IN_HAND = 48
 WaitHook = Callable[[float], Awaitable[None]]  # told the seconds a slow job has run, per poll
 ExchangeHook = Callable[[float], None]  # told the seconds each gateway exchange took
-_THREAD_THRESHOLD = 256 * 1024  # decode bigger bodies off the event loop
+# Bodies bigger than this are parsed (and pictures coded) off the event loop: pybase64 codes
+# about 1 GB/s, so below it a parse holds the loop for a few milliseconds at most.
+_THREAD_THRESHOLD = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -402,6 +411,8 @@ class ImageService:
 
     async def _fetch(self, item: Any, charged_micro: int) -> Picture:
         url = item.get("url") or item.get("b64_json") if isinstance(item, dict) else None
+        if isinstance(url, bytes):  # a data URI, decoded with the answer
+            return _picture(url, charged_micro)
         if not isinstance(url, str):
             raise _bad_reply(charged_micro, "sent an image without an address")
         if url.startswith("data:") or not url.startswith(("http://", "https://")):
@@ -690,14 +701,15 @@ def _error_message(body: Any) -> str | None:
 
 def _safe_json(response: httpx.Response) -> Any:
     try:
-        return response.json()
+        return loads(response.content)
     except ValueError:
         return None
 
 
 async def _json_body(response: httpx.Response, charged: bool | None) -> dict[str, Any]:
     try:
-        body = await _to_thread_if_big(len(response.content), json.loads, response.content)
+        answer = decoded_answer(response)
+        body = await _to_thread_if_big(len(answer.text), answer.parse)
     except ValueError:
         body = None
     if not isinstance(body, dict):
@@ -749,13 +761,15 @@ async def _edit_body(request: EditRequest) -> dict[str, Any]:
 
 
 def _data_uris(images: tuple[ImageInput, ...]) -> list[str]:
-    return [f"data:{image.mime};base64,{base64.b64encode(image.data).decode()}" for image in images]
+    return [
+        f"data:{image.mime};base64,{pybase64.b64encode_as_string(image.data)}" for image in images
+    ]
 
 
 def _decode_data_uri(uri: str) -> bytes | None:
     _, _, payload = uri.partition(",") if uri.startswith("data:") else ("", "", uri)
     try:
-        return base64.b64decode(payload, validate=True)
+        return pybase64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         return None
 

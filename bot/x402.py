@@ -27,6 +27,7 @@ import httpx
 from eth_account import Account
 from eth_utils import keccak, to_checksum_address
 
+from bot.answer_json import loads
 from bot.chains import Chain, chain_for
 from bot.errors import GatewayError, PaymentRefused
 from bot.fetching import (
@@ -432,8 +433,9 @@ class X402Payer:
         async with self._http.stream(method, url, json=json, headers=headers) as response:
             if on_answer is not None:
                 await on_answer(response)
-            limit = MAX_ANSWER_BYTES if response.status_code == 200 else MAX_SMALL_BODY_BYTES
-            return await read_capped(response, limit)
+            if response.status_code == 200:  # pictures, decoded as they arrive
+                return await read_capped(response, MAX_ANSWER_BYTES, pictures=True)
+            return await read_capped(response, MAX_SMALL_BODY_BYTES)
 
 
 def _signed(intent: PaymentIntent, signature: str) -> SignedPayment:
@@ -504,7 +506,7 @@ def _payment_required(response: httpx.Response) -> dict[str, Any]:
         raise BadPaymentRequest("too large")
     if header is None:
         try:
-            body = response.json()
+            body = loads(response.content)
         except ValueError:
             body = None
         if not isinstance(body, dict) or "accepts" not in body:
@@ -515,7 +517,7 @@ def _payment_required(response: httpx.Response) -> dict[str, Any]:
     except (binascii.Error, ValueError):
         raise BadPaymentRequest("bad base64") from None
     try:
-        offer = jsonlib.loads(raw)
+        offer = loads(raw)
     except ValueError:
         raise BadPaymentRequest("bad JSON") from None
     if not isinstance(offer, dict):
@@ -582,7 +584,7 @@ def read_receipt(response: httpx.Response) -> Receipt | None:
         if header is None:
             continue
         try:
-            settled = jsonlib.loads(base64.b64decode(header, validate=True))
+            settled = loads(base64.b64decode(header, validate=True))
         except (binascii.Error, ValueError):
             continue
         if isinstance(settled, dict):
@@ -590,7 +592,7 @@ def read_receipt(response: httpx.Response) -> Receipt | None:
             if receipt is not None:
                 return receipt
     try:
-        body = response.json()
+        body = loads(response.content)
     except ValueError:
         return None
     payment = body.get("payment") if isinstance(body, dict) else None

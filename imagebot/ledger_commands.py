@@ -26,7 +26,7 @@ from imagebot.reports import (
     csv_row,
     iso_utc,
     report_table,
-    to_json,
+    write_json,
 )
 
 if TYPE_CHECKING:
@@ -47,9 +47,10 @@ def spend(args: argparse.Namespace) -> int:
         return 1
     if args.csv:
         asyncio.run(_write_csv(settings, args.since, args.user))
-        return 0
-    report = asyncio.run(_report(settings, args.since, args.user))
-    print(json.dumps(to_json(report)) if args.json else report_table(report))
+    elif args.json:
+        asyncio.run(_write_json(settings, args.since, args.user))
+    else:
+        print(report_table(asyncio.run(_report(settings, args.since, args.user))))
     return 0
 
 
@@ -60,6 +61,15 @@ async def _write_csv(settings: Settings, since: date | None, user: str | None) -
     async with await open_ledger(settings) as ledger:
         async for charge in ledger.charges(since=since, user=user):
             out.writerow(csv_row(charge))
+
+
+async def _write_json(settings: Settings, since: date | None, user: str | None) -> None:
+    """The report as JSON, written as the ledger's cursor reads it."""
+    async with (
+        await open_ledger(settings) as ledger,
+        ledger.report_stream(since=since, user=user) as stream,
+    ):
+        await write_json(stream, sys.stdout)
 
 
 async def _report(settings: Settings, since: date | None, user: str | None) -> Report:

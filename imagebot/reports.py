@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
-from typing import Any
+from typing import Any, TextIO
 
-from bot.ledger import Change, Charge, Report
+from bot.ledger import Change, Charge, Report, ReportStream, UserTotal
 from bot.money import usd_string
 
 
@@ -14,27 +15,33 @@ def iso_utc(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def to_json(report: Report) -> dict[str, Any]:
-    """The ``imagebot spend --json`` object; ``pending_usd`` only where something is unresolved."""
-    users = []
-    for line in report.users:
-        entry: dict[str, Any] = {
-            "user": line.user,
-            "requests": line.requests,
-            "images": line.images,
-            "usd": usd_string(line.micro),
-        }
-        if line.pending_micro:
-            entry["pending_usd"] = usd_string(line.pending_micro)
-        entry["last_at"] = iso_utc(line.last_at)
-        if line.person is not None:
-            entry["person"] = line.person
-        users.append(entry)
-    result: dict[str, Any] = {"total_usd": usd_string(report.total_micro)}
-    if report.pending_micro:
-        result["pending_usd"] = usd_string(report.pending_micro)
-    result["users"] = users
-    return result
+async def write_json(stream: ReportStream, out: TextIO) -> None:
+    """The ``imagebot spend --json`` object, written line by line as the report is read:
+    ``pending_usd`` only where something is unresolved."""
+    head: dict[str, Any] = {"total_usd": usd_string(stream.total_micro)}
+    if stream.pending_micro:
+        head["pending_usd"] = usd_string(stream.pending_micro)
+    out.write(json.dumps(head)[:-1] + ', "users": [')
+    separator = ""
+    async for line in stream.users:
+        out.write(separator + json.dumps(_user_json(line)))
+        separator = ", "
+    out.write("]}\n")
+
+
+def _user_json(line: UserTotal) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "user": line.user,
+        "requests": line.requests,
+        "images": line.images,
+        "usd": usd_string(line.micro),
+    }
+    if line.pending_micro:
+        entry["pending_usd"] = usd_string(line.pending_micro)
+    entry["last_at"] = iso_utc(line.last_at)
+    if line.person is not None:
+        entry["person"] = line.person
+    return entry
 
 
 def change_json(change: Change) -> dict[str, Any]:

@@ -277,7 +277,7 @@ def test_a_big_jpeg_is_decoded_scaled_down_to_fit() -> None:
     picture = Picture(out.getvalue(), "image/jpeg", 6000, 5000)
     assert len(picture.data) > adapters.discord.MAX_UPLOAD_BYTES
 
-    fitted = adapters.discord._fit(picture)
+    fitted = adapters.discord._shrunk(picture)
 
     assert fitted is not None and fitted[1] == "webp"
     assert len(fitted[0]) <= adapters.discord.MAX_UPLOAD_BYTES

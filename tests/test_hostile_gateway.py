@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import sys
 import tracemalloc
 import zlib
 from collections.abc import AsyncIterator, Callable
@@ -212,6 +213,30 @@ async def test_a_gzip_bomb_as_a_quote_or_an_error_is_cut_off_far_sooner(
     assert peak < 64 * MiB
     assert isinstance(raised, ImagebotError) and raised.charged is False
     assert "Nothing was charged." in raised.user_message
+
+
+@pytest.mark.parametrize("where", ["402", "paid error", "paid answer"])
+async def test_json_nested_past_the_c_stack_is_a_clear_message_not_a_crash(
+    http: httpx.AsyncClient, unused_tcp_port: int, where: str
+) -> None:
+    """eth-account (py_ecc) raises Python's recursion limit, so json's C parser alone would
+    recurse through a body of '[' (a quote or error at its 64 KiB cap, or a bigger paid answer)
+    until the C stack overflows and the process dies rather than raise."""
+    assert sys.getrecursionlimit() >= 100_000
+    status = {"402": 402, "paid error": 500, "paid answer": 200}[where]
+    depth = 200_000 if where == "paid answer" else MAX_SMALL_BODY_BYTES
+
+    def deep() -> web.Response:
+        return web.Response(body=b"[" * depth, status=status, content_type="application/json")
+
+    async def unpaid(request: web.Request) -> web.Response:
+        return deep()
+
+    route = unpaid if where == "402" else quoting(deep)
+    async with serving(unused_tcp_port, ("POST", GENERATIONS, route)) as url:
+        with pytest.raises(ImagebotError) as raised:
+            await run(service_for(http, url), "/imagegen a fox")
+    assert raised.value.user_message
 
 
 # 4. answers that never finish

@@ -2,34 +2,60 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from imagebot_cli import cli_env, imagebot
 
-from bot.ledger import Attempt, Budget, Report, SqliteLedger, UserTotal
-from imagebot.reports import to_json
+from bot.ledger import Attempt, Budget, Report, ReportStream, SqliteLedger, UserTotal
+from imagebot.reports import write_json
 
 
-def test_to_json_has_the_shape_the_readme_shows() -> None:
+def written(report: Report) -> str:
+    """What ``imagebot spend --json`` writes for ``report``, read as a stream."""
+
+    async def users() -> AsyncIterator[UserTotal]:
+        for line in report.users:
+            yield line
+
+    out = io.StringIO()
+    stream = ReportStream(report.total_micro, report.pending_micro, users())
+    asyncio.run(write_json(stream, out))
+    return out.getvalue()
+
+
+def to_json(report: Report) -> Any:
+    return json.loads(written(report))
+
+
+def test_the_json_has_the_shape_the_readme_shows_byte_for_byte() -> None:
     at = datetime(2026, 11, 21, 4, 38, 35, tzinfo=UTC)
     settled_only = Report(157_500, 0, [UserTotal("telegram:111", "@a", 3, 3, 157_500, 0, at)])
-    assert json.dumps(to_json(settled_only)) == json.dumps(
-        {
-            "total_usd": "0.157500",
-            "users": [
-                {
-                    "user": "telegram:111",
-                    "requests": 3,
-                    "images": 3,
-                    "usd": "0.157500",
-                    "last_at": "2026-11-21T04:38:35Z",
-                }
-            ],
-        }
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert f"\n{written(settled_only)}```" in readme  # the README's example, as printed
+    assert (
+        written(settled_only)
+        == json.dumps(
+            {
+                "total_usd": "0.157500",
+                "users": [
+                    {
+                        "user": "telegram:111",
+                        "requests": 3,
+                        "images": 3,
+                        "usd": "0.157500",
+                        "last_at": "2026-11-21T04:38:35Z",
+                    }
+                ],
+            }
+        )
+        + "\n"
     )
     with_unknown = Report(
         1_000_000,
@@ -39,28 +65,32 @@ def test_to_json_has_the_shape_the_readme_shows() -> None:
             UserTotal("telegram:111", "@a", 0, 0, 0, 21_000, at),
         ],
     )
-    assert json.dumps(to_json(with_unknown)) == json.dumps(
-        {
-            "total_usd": "1.000000",
-            "pending_usd": "0.021000",
-            "users": [
-                {
-                    "user": "discord:5",
-                    "requests": 1,
-                    "images": 4,
-                    "usd": "1.000000",
-                    "last_at": "2026-11-21T04:38:35Z",
-                },
-                {
-                    "user": "telegram:111",
-                    "requests": 0,
-                    "images": 0,
-                    "usd": "0.000000",
-                    "pending_usd": "0.021000",
-                    "last_at": "2026-11-21T04:38:35Z",
-                },
-            ],
-        }
+    assert (
+        written(with_unknown)
+        == json.dumps(
+            {
+                "total_usd": "1.000000",
+                "pending_usd": "0.021000",
+                "users": [
+                    {
+                        "user": "discord:5",
+                        "requests": 1,
+                        "images": 4,
+                        "usd": "1.000000",
+                        "last_at": "2026-11-21T04:38:35Z",
+                    },
+                    {
+                        "user": "telegram:111",
+                        "requests": 0,
+                        "images": 0,
+                        "usd": "0.000000",
+                        "pending_usd": "0.021000",
+                        "last_at": "2026-11-21T04:38:35Z",
+                    },
+                ],
+            }
+        )
+        + "\n"
     )
     assert to_json(Report(0, 0, [])) == {"total_usd": "0.000000", "users": []}
 

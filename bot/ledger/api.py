@@ -8,6 +8,7 @@ Users are written ``platform:id``.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Collection
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import date, datetime
 from enum import StrEnum
@@ -148,6 +149,15 @@ class Report:
     total_micro: int
     pending_micro: int
     users: list[UserTotal]
+
+
+@dataclass(frozen=True)
+class ReportStream:
+    """A report read as it is iterated: the totals first, then ``users``, largest first."""
+
+    total_micro: int
+    pending_micro: int
+    users: AsyncIterator[UserTotal]
 
 
 class BudgetExceeded(PaymentRefused):
@@ -335,6 +345,12 @@ class Ledger(Protocol):
 
         ``user`` narrows it to one ``platform:id`` (ValueError if it is not one).
         """
+
+    def report_stream(
+        self, *, since: date | None = None, user: str | None = None
+    ) -> AbstractAsyncContextManager[ReportStream]:
+        """``report``, its users read from the store as they are iterated (one query, one
+        snapshot: the totals are those of the lines)."""
 
     def charges(
         self, *, since: date | None = None, user: str | None = None

@@ -9,11 +9,20 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from bot.ledger.api import Budget, KeptResult, Payment, Report, Status, UserSpend, UserTotal
+from bot.ledger.api import (
+    Budget,
+    KeptResult,
+    Payment,
+    Report,
+    ReportStream,
+    Status,
+    UserSpend,
+    UserTotal,
+)
 
 DAY_SECONDS = 86_400  # the tables' day number is ``created_at / DAY_SECONDS``, a UTC day
 ALBUM_MAX_PARTS = 10  # Telegram's largest album
@@ -121,27 +130,37 @@ def user_spend_of(user: str, budget: Budget, row: Sequence[Any]) -> UserSpend:
     )
 
 
-def report_of(rows: Iterable[Sequence[Any]], persons: Mapping[str, str]) -> Report:
-    """A report from its lines, in order: (platform, user id, display name, requests, images,
-    settled micro, unresolved micro, last_at); ``persons`` names the links of linked users."""
-    users = [
-        UserTotal(
-            f"{p}:{u}",
-            name,
-            requests,
-            images,
-            micro,
-            pending,
-            utc_datetime(last_at),
-            persons.get(f"{p}:{u}"),
-        )
-        for p, u, name, requests, images, micro, pending, last_at in rows
-    ]
-    return Report(
-        total_micro=sum(line.micro for line in users),
-        pending_micro=sum(line.pending_micro for line in users),
-        users=users,
-    )
+def report_with_totals(lines_sql: str, order: str) -> str:
+    """A report's lines (``lines_sql``: platform, user id, display name, requests, images,
+    settled micro, unresolved micro, last_at), each also carrying the report's two totals, in
+    ``order``: one query, so one snapshot, for ``report_stream``."""
+    return f"""SELECT *, sum(micro) OVER (), sum(pending_micro) OVER ()
+        FROM ({lines_sql}) AS lines {order}"""
+
+
+async def stream_of(rows: AsyncIterator[Sequence[Any]], persons: Mapping[str, str]) -> ReportStream:
+    """A report from the rows of ``report_with_totals``; ``persons`` names the links of linked
+    users."""
+    first = await anext(rows, None)
+
+    async def users() -> AsyncIterator[UserTotal]:
+        row = first
+        while row is not None:
+            p, u, name, requests, images, micro, pending, last_at = row[:8]
+            yield UserTotal(
+                f"{p}:{u}", name, requests, images, micro, pending, utc_datetime(last_at),
+                persons.get(f"{p}:{u}"),
+            )  # fmt: skip
+            row = await anext(rows, None)
+
+    total, pending = (int(first[8]), int(first[9])) if first is not None else (0, 0)
+    return ReportStream(total, pending, users())
+
+
+async def collected(stream: ReportStream) -> Report:
+    """A streamed report, read whole."""
+    users = [line async for line in stream.users]
+    return Report(stream.total_micro, stream.pending_micro, users)
 
 
 def new_result_token() -> str:

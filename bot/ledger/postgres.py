@@ -33,6 +33,7 @@ from bot.ledger.api import (
     OpenJob,
     Payment,
     Report,
+    ReportStream,
     Status,
     UserSpend,
 )
@@ -51,6 +52,7 @@ from bot.ledger.common import (
     RESULT_COLUMNS,
     RESULT_DELETE_BATCH,
     RESULT_KEEP_SECONDS,
+    collected,
     day_number,
     day_of,
     is_result_token,
@@ -59,9 +61,10 @@ from bot.ledger.common import (
     new_link_code,
     new_result_token,
     payment_of,
-    report_of,
+    report_with_totals,
     result_row,
     split_user,
+    stream_of,
     user_spend_of,
     utc_datetime,
     utc_now,
@@ -350,8 +353,16 @@ class PostgresLedger:
         return user_spend_of(f"{platform}:{user_id}", budget, row)
 
     async def report(self, *, since: date | None = None, user: str | None = None) -> Report:
+        """As ``Ledger.report``."""
+        async with self.report_stream(since=since, user=user) as stream:
+            return await collected(stream)
+
+    @contextlib.asynccontextmanager
+    async def report_stream(
+        self, *, since: date | None = None, user: str | None = None
+    ) -> AsyncIterator[ReportStream]:
         """Per-user totals from the totals table, or from the rows created on or after ``since``
-        (by attempts_by_time, or attempts_by_user for one user)."""
+        (by attempts_by_time, or attempts_by_user for one user); a server-side cursor."""
         params: list[Any] = [] if since is None else [day_number(since) * DAY_SECONDS]
         where = ""
         if user is not None:
@@ -360,7 +371,7 @@ class PostgresLedger:
         if since is None:
             sql = f"""SELECT platform, user_id, display_name, requests, images,
                     settled_micro AS micro, pending_micro, last_at
-                FROM user_totals WHERE last_at IS NOT NULL {where} {_REPORT_ORDER}"""
+                FROM user_totals WHERE last_at IS NOT NULL {where}"""
         else:
             sql = f"""SELECT platform, user_id, t.display_name, lines.requests, lines.images,
                     lines.micro, lines.pending_micro, lines.last_at
@@ -369,11 +380,13 @@ class PostgresLedger:
                     FROM attempts AS a
                     WHERE status <> 'failed' AND created_at >= $1 {where}
                     GROUP BY platform, user_id
-                ) AS lines JOIN user_totals AS t USING (platform, user_id)
-                {_REPORT_ORDER}"""
-        rows = await self._pool.fetch(sql, *params)
-        links = await self._pool.fetch("SELECT platform, user_id, person FROM links")
-        return report_of(rows, {f"{p}:{u}": person for p, u, person in links})
+                ) AS lines JOIN user_totals AS t USING (platform, user_id)"""
+        async with self._pool.acquire() as db, db.transaction(readonly=True):
+            links = await db.fetch("SELECT platform, user_id, person FROM links")
+            persons = {f"{p}:{u}": person for p, u, person in links}
+            sql = report_with_totals(sql, _REPORT_ORDER)
+            rows = db.cursor(sql, *params, prefetch=CURSOR_BATCH)
+            yield await stream_of(aiter(rows), persons)
 
     async def note_low_balance(self, low: bool) -> bool:
         """As ``Ledger.note_low_balance``: one upsert that answers only when it changed."""

@@ -8,6 +8,7 @@ the totals tables that ``schema``'s triggers keep; ``recovery`` tells live runs 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 from collections.abc import AsyncIterator, Collection
@@ -31,6 +32,7 @@ from bot.ledger.api import (
     OpenJob,
     Payment,
     Report,
+    ReportStream,
     Status,
     UserSpend,
 )
@@ -49,6 +51,7 @@ from bot.ledger.common import (
     RESULT_COLUMNS,
     RESULT_DELETE_BATCH,
     RESULT_KEEP_SECONDS,
+    collected,
     day_number,
     day_of,
     is_result_token,
@@ -57,9 +60,10 @@ from bot.ledger.common import (
     new_link_code,
     new_result_token,
     payment_of,
-    report_of,
+    report_with_totals,
     result_row,
     split_user,
+    stream_of,
     user_spend_of,
     utc_datetime,
     utc_now,
@@ -339,7 +343,16 @@ class SqliteLedger:
         return user_spend_of(f"{platform}:{user_id}", budget, rows[0])
 
     async def report(self, *, since: date | None = None, user: str | None = None) -> Report:
-        """Per-user totals from the totals table, or from the rows created on or after ``since``."""
+        """As ``Ledger.report``."""
+        async with self.report_stream(since=since, user=user) as stream:
+            return await collected(stream)
+
+    @contextlib.asynccontextmanager
+    async def report_stream(
+        self, *, since: date | None = None, user: str | None = None
+    ) -> AsyncIterator[ReportStream]:
+        """Per-user totals from the totals table, or from the rows created on or after ``since``;
+        read through a cursor."""
         where, params, index = "", [], "attempts_by_time"
         if user is not None:
             where, index = "AND platform = ? AND user_id = ?", "attempts_by_user"
@@ -347,21 +360,20 @@ class SqliteLedger:
         if since is None:
             sql = f"""SELECT platform, user_id, display_name, requests, images,
                     settled_micro AS micro, pending_micro, last_at
-                FROM user_totals WHERE last_at IS NOT NULL {where} {_REPORT_ORDER}"""
+                FROM user_totals WHERE last_at IS NOT NULL {where}"""
         else:
             # Without statistics SQLite would walk the whole user index to save the GROUP BY sort.
-            sql = f"""SELECT * FROM (
-                    SELECT platform, user_id, (SELECT display_name FROM user_totals AS t
-                            WHERE t.platform = a.platform AND t.user_id = a.user_id)
-                        AS display_name, {report_sums("a")}, max(created_at) AS last_at
-                    FROM attempts AS a INDEXED BY {index}
-                    WHERE status != 'failed' AND created_at >= ? {where}
-                    GROUP BY platform, user_id
-                ) {_REPORT_ORDER}"""
+            sql = f"""SELECT platform, user_id, (SELECT display_name FROM user_totals AS t
+                        WHERE t.platform = a.platform AND t.user_id = a.user_id)
+                    AS display_name, {report_sums("a")}, max(created_at) AS last_at
+                FROM attempts AS a INDEXED BY {index}
+                WHERE status != 'failed' AND created_at >= ? {where}
+                GROUP BY platform, user_id"""
             params.insert(0, day_number(since) * DAY_SECONDS)
-        rows = await self._db.execute_fetchall(sql, params)
         links = await self._db.execute_fetchall("SELECT platform, user_id, person FROM links")
-        return report_of(rows, {f"{p}:{u}": person for p, u, person in links})
+        persons = {f"{p}:{u}": person for p, u, person in links}
+        async with self._db.execute(report_with_totals(sql, _REPORT_ORDER), params) as cursor:
+            yield await stream_of(aiter(cursor), persons)
 
     async def charges(
         self, *, since: date | None = None, user: str | None = None

@@ -1,0 +1,119 @@
+"""python-telegram-bot's HTTP client on aiohttp alone, with a deadline and a size cap per call.
+
+PTB's own ``HTTPXRequest`` builds an httpx request for every Bot API call (URL parsing, header
+models, a multipart stream), which our aiohttp transport then builds again for aiohttp: most of
+the cost of a Bot API call in the bot's process (bench/README.md, issue 19).
+"""
+
+from __future__ import annotations
+
+import aiohttp
+from telegram.error import NetworkError, TimedOut
+from telegram.request import BaseRequest, RequestData
+
+# The biggest answer is a file download, at most 20 MB (getFile's limit); the rest are JSON.
+MAX_ANSWER_BYTES = 21 * 1024 * 1024
+_CHUNK_BYTES = 256 * 1024
+
+
+class BotApiRequest(BaseRequest):
+    """Bot API calls over one aiohttp pool of ``connections``.
+
+    PTB's four timeouts apply per call (its defaults: 5 s each, 1 s to get a pooled connection,
+    ``media_write_timeout`` to send files); their sum is the call's total deadline, since aiohttp
+    has no write timeout of its own.
+    """
+
+    __slots__ = ("_connections", "_media_write", "_session")
+
+    def __init__(self, connections: int, *, media_write_timeout: float = 20.0) -> None:
+        self._connections = connections
+        self._media_write = media_write_timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def read_timeout(self) -> float:
+        return 5.0
+
+    async def initialize(self) -> None:
+        """Nothing yet: the pool opens with the first call (a request PTB never uses, such as
+        getUpdates' under a webhook or after a refused token, leaves nothing to close)."""
+
+    async def shutdown(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    def _pool(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=self._connections)
+            self._session = aiohttp.ClientSession(connector=connector)
+        return self._session
+
+    async def do_request(
+        self,
+        url: str,
+        method: str,
+        request_data: RequestData | None = None,
+        read_timeout: object = BaseRequest.DEFAULT_NONE,
+        write_timeout: object = BaseRequest.DEFAULT_NONE,
+        connect_timeout: object = BaseRequest.DEFAULT_NONE,
+        pool_timeout: object = BaseRequest.DEFAULT_NONE,
+    ) -> tuple[int, bytes]:
+        files = request_data is not None and request_data.contains_files
+        read = _seconds(read_timeout, self.read_timeout)
+        write = _seconds(write_timeout, self._media_write if files else 5.0)
+        connect = _seconds(connect_timeout, 5.0)
+        pool = _seconds(pool_timeout, 1.0)
+        parts = (read, write, connect, pool)
+        total = None if None in parts else sum(part for part in parts if part is not None)
+        timeout = aiohttp.ClientTimeout(
+            total=total,
+            connect=None if pool is None or connect is None else pool + connect,
+            sock_connect=connect,
+            sock_read=read,
+        )
+        try:
+            async with self._pool().request(
+                method,
+                url,
+                data=_body(request_data),
+                headers={"User-Agent": self.USER_AGENT},
+                timeout=timeout,
+            ) as response:
+                return response.status, await _read_capped(response)
+        except TimeoutError as error:
+            raise TimedOut() from error
+        except aiohttp.ClientError as error:  # its text may carry the URL, and so the token
+            raise NetworkError(f"aiohttp.{type(error).__name__}") from None
+
+
+def _seconds(given: object, default: float) -> float | None:
+    """A PTB timeout argument: its default when not given, None for no limit."""
+    if given is BaseRequest.DEFAULT_NONE:
+        return default
+    return None if given is None else float(given)  # type: ignore[arg-type]
+
+
+def _body(request_data: RequestData | None) -> aiohttp.FormData | dict[str, str] | None:
+    """The parameters as a form, as PTB sends them; a multipart form when there are files."""
+    if request_data is None:
+        return None
+    if not request_data.contains_files:
+        return request_data.json_parameters
+    form = aiohttp.FormData(request_data.json_parameters)
+    for name, (filename, content, mime) in request_data.multipart_data.items():
+        form.add_field(name, content, filename=filename, content_type=mime)
+    return form
+
+
+async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
+    if (response.content_length or 0) > MAX_ANSWER_BYTES:
+        raise NetworkError("Bot API answer over the size cap")
+    chunks, size = [], 0
+    async for chunk in response.content.iter_chunked(_CHUNK_BYTES):
+        size += len(chunk)
+        if size > MAX_ANSWER_BYTES:
+            raise NetworkError("Bot API answer over the size cap")
+        chunks.append(chunk)
+    return b"".join(chunks)
