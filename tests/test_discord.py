@@ -4,7 +4,9 @@ Discord (REST, interactions, gateway websocket), the sandbox gateway and the rea
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -904,3 +906,18 @@ async def test_serve_stops_with_a_startup_error_saying_what_to_change(
     assert fake.sessions == []
     if token_ok:
         assert [connection.close_code for connection in fake.connections] == [4014]
+
+
+def test_a_sent_picture_is_freed_at_once_not_by_the_garbage_collector() -> None:
+    """discord.py swaps a file's close while sending and puts it back after; on a plain
+    BytesIO that made a cycle holding the picture until the collector's next full pass."""
+    upload = adapters.discord._Upload(png())
+    file = discord.File(upload, "image-1.png")
+    file.close()  # what discord.py does once the message is sent
+    gone = weakref.ref(upload)
+    gc.disable()
+    try:
+        del upload, file
+        assert gone() is None
+    finally:
+        gc.enable()
