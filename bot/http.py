@@ -16,6 +16,10 @@ from bot.x402 import MAX_EXCHANGES_IN_FLIGHT
 # An exchange whose answer waits for an in-hand slot keeps its connection, so with fewer the
 # results in hand could wait on the pool for the links they must download to give a slot back.
 GATEWAY_CONNECTIONS = MAX_EXCHANGES_IN_FLIGHT + MAX_RESULTS_IN_HAND * MAX_N
+# How far aiohttp reads a body ahead of its reader; it pauses the socket at twice this. A paid
+# answer waiting for its in-hand slot keeps what was read ahead: at aiohttp's default (256 KiB)
+# about 50 MB more at the peak of a 200-user burst of large pictures (bench/README.md).
+READ_AHEAD_BYTES = 16 * 1024
 
 
 def gateway_client(max_connections: int = GATEWAY_CONNECTIONS) -> httpx.AsyncClient:
@@ -35,6 +39,15 @@ class _Transport(AiohttpTransport):
     """httpx-aiohttp's transport, raising an answer aiohttp refuses to parse as httpx's
     protocol error rather than a raw aiohttp one: aiohttp bounds what it accepts (8,190 bytes
     a header line or field, 128 headers)."""
+
+    def get_client(self) -> aiohttp.ClientSession:
+        """httpx-aiohttp's session and pool, reading ahead ``READ_AHEAD_BYTES``."""
+        connector = aiohttp.TCPConnector(
+            limit=self.limits.max_connections or GATEWAY_CONNECTIONS,
+            keepalive_timeout=self.limits.keepalive_expiry,
+            ssl=self.ssl_context,
+        )
+        return aiohttp.ClientSession(connector=connector, read_bufsize=READ_AHEAD_BYTES)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         try:
