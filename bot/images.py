@@ -65,9 +65,9 @@ DOWNLOAD_DEADLINE = 60.0  # seconds for one picture's download
 MAX_RESULTS_IN_HAND = 48
 WaitHook = Callable[[float], Awaitable[None]]  # told the seconds a slow job has run, per poll
 ExchangeHook = Callable[[float], None]  # told the seconds each gateway exchange took
-# Bodies bigger than this are parsed (and pictures coded) off the event loop: pybase64 codes
-# about 1 GB/s, so below it a parse holds the loop for a few milliseconds at most.
-_THREAD_THRESHOLD = 8 * 1024 * 1024
+# JSON bigger than this is parsed (and pictures coded) off the event loop: below it a parse holds
+# the loop for about 2 ms at most. A paid answer's JSON is small once its pictures are decoded.
+_THREAD_THRESHOLD = 1024 * 1024
 
 
 @dataclass(frozen=True)
