@@ -14,6 +14,9 @@ from telegram.request import BaseRequest, RequestData
 # The biggest answer is a file download, at most 20 MB (getFile's limit); the rest are JSON.
 MAX_ANSWER_BYTES = 21 * 1024 * 1024
 _CHUNK_BYTES = 256 * 1024
+# PTB's own defaults (HTTPXRequest's): to read, write or connect, and to get a pooled connection.
+_STEP_SECONDS = 5.0
+_POOL_SECONDS = 1.0
 
 
 class BotApiRequest(BaseRequest):
@@ -33,7 +36,7 @@ class BotApiRequest(BaseRequest):
 
     @property
     def read_timeout(self) -> float:
-        return 5.0
+        return _STEP_SECONDS
 
     async def initialize(self) -> None:
         """Nothing yet: the pool opens with the first call (a request PTB never uses, such as
@@ -62,9 +65,9 @@ class BotApiRequest(BaseRequest):
     ) -> tuple[int, bytes]:
         files = request_data is not None and request_data.contains_files
         read = _seconds(read_timeout, self.read_timeout)
-        write = _seconds(write_timeout, self._media_write if files else 5.0)
-        connect = _seconds(connect_timeout, 5.0)
-        pool = _seconds(pool_timeout, 1.0)
+        write = _seconds(write_timeout, self._media_write if files else _STEP_SECONDS)
+        connect = _seconds(connect_timeout, _STEP_SECONDS)
+        pool = _seconds(pool_timeout, _POOL_SECONDS)
         parts = (read, write, connect, pool)
         total = None if None in parts else sum(part for part in parts if part is not None)
         timeout = aiohttp.ClientTimeout(

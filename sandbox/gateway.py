@@ -270,7 +270,9 @@ class Sandbox:
     async def _deliver(self, request: web.Request, order: Order) -> list[dict[str, str]]:
         """Draw the order's pictures and hand them out the way BlockRun does for its model."""
         keys = [_render_key(order, index) for index in range(order.n)]
-        pngs = await asyncio.gather(*(self._render(order, index) for index in range(order.n)))
+        pngs = await asyncio.gather(
+            *(self._render(order, index, key) for index, key in enumerate(keys))
+        )
         data = []
         for key, png in zip(keys, pngs, strict=True):
             if order.model.id.startswith("openai/gpt-image"):
@@ -284,8 +286,7 @@ class Sandbox:
             data.append(item)
         return data
 
-    async def _render(self, order: Order, index: int) -> bytes:
-        key = _render_key(order, index)
+    async def _render(self, order: Order, index: int, key: tuple[object, ...]) -> bytes:
         png = self._rendered.get(key)
         if png is None:
             png = await asyncio.to_thread(draw_placeholder, order, index)
