@@ -17,7 +17,7 @@ from typing import Generic, TypeVar, cast
 from adapters.status import ThrottledStatus
 from bot.buttons import Button
 from bot.errors import ConfigError, InputUnavailable
-from bot.images import Picture
+from bot.images import ResultPicture, in_memory
 from bot.requests import ImageInput, check_declared
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ class StatusChat(ABC, Generic[Handle]):
     """
 
     max_text_chars: int
+    takes_links = False  # whether ``_post_pictures`` may be given ``LinkedPicture``s
 
     def __init__(self) -> None:
         self._status: Handle | None = None
@@ -61,8 +62,10 @@ class StatusChat(ABC, Generic[Handle]):
         self._keeping_alive = asyncio.create_task(self._keep_alive())
 
     async def send_pictures(
-        self, pictures: Sequence[Picture], caption: str, buttons: Sequence[Button] = ()
+        self, pictures: Sequence[ResultPicture], caption: str, buttons: Sequence[Button] = ()
     ) -> None:
+        if not self.takes_links:
+            pictures = await in_memory(pictures)
         await self._post_pictures(pictures, caption, tuple(buttons))
         await self.clear_status()
 
@@ -91,9 +94,10 @@ class StatusChat(ABC, Generic[Handle]):
 
     @abstractmethod
     async def _post_pictures(
-        self, pictures: Sequence[Picture], caption: str, buttons: tuple[Button, ...]
+        self, pictures: Sequence[ResultPicture], caption: str, buttons: tuple[Button, ...]
     ) -> None:
-        """Reply with the pictures, the caption shown with the first, the buttons under them."""
+        """Reply with the pictures, the caption shown with the first, the buttons under them;
+        they are all ``Picture``s unless ``takes_links``."""
 
     @abstractmethod
     async def _post_status(self, text: str, buttons: tuple[Button, ...]) -> Handle:

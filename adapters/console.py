@@ -15,7 +15,7 @@ from pathlib import Path
 from bot.buttons import Button
 from bot.commands import tokens
 from bot.errors import InputUnavailable, UsageError
-from bot.images import Picture
+from bot.images import Picture, ResultPicture, in_memory
 from bot.requests import ImageInput
 from bot.service import ImageBot, Outcome, Sender
 
@@ -39,8 +39,9 @@ class ConsoleChat:
         print(status, flush=True)  # a terminal has no buttons: /cancel works there
 
     async def send_pictures(
-        self, pictures: Sequence[Picture], caption: str, buttons: Sequence[Button] = ()
+        self, pictures: Sequence[ResultPicture], caption: str, buttons: Sequence[Button] = ()
     ) -> None:
+        pictures = await in_memory(pictures)
         paths = await asyncio.to_thread(self._save, pictures)
         print(caption, flush=True)
         for path, picture in zip(paths, pictures, strict=True):

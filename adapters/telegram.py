@@ -54,7 +54,7 @@ from bot.buttons import Button
 from bot.commands import ADMIN_MENU, MENU
 from bot.config import Settings
 from bot.errors import InputUnavailable
-from bot.images import Picture
+from bot.images import LinkedPicture, Picture, ResultPicture, in_memory
 from bot.requests import ImageInput
 from bot.service import ImageBot, Sender
 
@@ -449,6 +449,7 @@ class TelegramChat(StatusChat[Message]):
     """The core's ``Chat`` for one command: replies in its chat and topic, "sending photo…"."""
 
     max_text_chars = MAX_TEXT_CHARS
+    takes_links = True
 
     def __init__(self, command: Message) -> None:
         super().__init__()
@@ -476,27 +477,47 @@ class TelegramChat(StatusChat[Message]):
         )
 
     async def _post_pictures(
-        self, pictures: Sequence[Picture], caption: str, buttons: tuple[Button, ...]
+        self, pictures: Sequence[ResultPicture], caption: str, buttons: tuple[Button, ...]
     ) -> None:
-        """Photos (an album for several), documents for what photos can't be; the keyboard
-        goes on the one message, or on a message of its own (an album carries none)."""
+        """Pictures at public links go by link, for Telegram to fetch; otherwise (or if it
+        can't) they are uploaded: photos (an album for several), documents for what photos
+        can't be. The keyboard goes on the one message, or on a message of its own (an album
+        carries none)."""
         caption = caption[:MAX_CAPTION_CHARS]
-        photos = [picture for picture in pictures if _fits_as_photo(picture)]
-        documents = [picture for picture in pictures if not _fits_as_photo(picture)]
-        single = len(pictures) == 1
-        keyboard = _keyboard(buttons) if single else None
-        if len(photos) == 1:
+        keyboard = _keyboard(buttons) if len(pictures) == 1 else None
+        if not await self._posted_links(pictures, caption, keyboard):
+            await self._post_uploads(await in_memory(pictures), caption, keyboard)
+        if buttons and len(pictures) > 1:
+            more = _keyboard(buttons)
             await _flood_safe(
-                lambda: self._command.reply_photo(
-                    photos[0].data, caption=caption, do_quote=True, reply_markup=keyboard
-                )
+                lambda: self._command.reply_text(MORE_LIKE_THESE, do_quote=True, reply_markup=more)
             )
-        elif photos:
-            media = [
-                InputMediaPhoto(picture.data, caption=caption if index == 0 else None)
-                for index, picture in enumerate(photos)
-            ]
-            await _flood_safe(lambda: self._command.reply_media_group(media, do_quote=True))
+
+    async def _posted_links(
+        self,
+        pictures: Sequence[ResultPicture],
+        caption: str,
+        keyboard: InlineKeyboardMarkup | None,
+    ) -> bool:
+        """Post pictures that are all at public links as photos by link; False if some are not,
+        or Telegram could not take them (over 5 MB, unreachable, not a photo it accepts)."""
+        links = [picture.url for picture in pictures if isinstance(picture, LinkedPicture)]
+        if len(links) < len(pictures):
+            return False
+        try:
+            await self._post_photos(links, caption, keyboard)
+        except BadRequest as error:
+            log.info("Telegram did not take a picture by its link (%s); uploading", error.message)
+            return False
+        return True
+
+    async def _post_uploads(
+        self, pictures: list[Picture], caption: str, keyboard: InlineKeyboardMarkup | None
+    ) -> None:
+        photos = [picture.data for picture in pictures if _fits_as_photo(picture)]
+        documents = [picture for picture in pictures if not _fits_as_photo(picture)]
+        if photos:
+            await self._post_photos(photos, caption, keyboard)
         for index, picture in enumerate(documents):
             name = f"image-{index + 1}.{_MIME_EXTENSIONS.get(picture.mime, 'png')}"
             await _flood_safe(
@@ -508,11 +529,26 @@ class TelegramChat(StatusChat[Message]):
                     reply_markup=keyboard,
                 )
             )
-        if buttons and not single:
-            more = _keyboard(buttons)
+
+    async def _post_photos(
+        self,
+        photos: Sequence[str | bytes],
+        caption: str,
+        keyboard: InlineKeyboardMarkup | None,
+    ) -> None:
+        """One photo (by link or bytes) with the caption and keyboard, or an album of them."""
+        if len(photos) == 1:
             await _flood_safe(
-                lambda: self._command.reply_text(MORE_LIKE_THESE, do_quote=True, reply_markup=more)
+                lambda: self._command.reply_photo(
+                    photos[0], caption=caption, do_quote=True, reply_markup=keyboard
+                )
             )
+            return
+        media = [
+            InputMediaPhoto(photo, caption=caption if index == 0 else None)
+            for index, photo in enumerate(photos)
+        ]
+        await _flood_safe(lambda: self._command.reply_media_group(media, do_quote=True))
 
     async def _keep_alive(self) -> None:
         while True:
@@ -571,7 +607,7 @@ class PressChat(TelegramChat):
         await super().show_progress(status, buttons)
 
     async def send_pictures(
-        self, pictures: Sequence[Picture], caption: str, buttons: Sequence[Button] = ()
+        self, pictures: Sequence[ResultPicture], caption: str, buttons: Sequence[Button] = ()
     ) -> None:
         await self._answer()
         await super().send_pictures(pictures, caption, buttons)

@@ -89,12 +89,13 @@ def process_cpu(pid: int) -> tuple[float, float]:
 
 
 @contextmanager
-def sandbox_process(latency: float) -> Iterator[Gateway]:
-    """The sandbox gateway in a child process (so its CPU is never the bench's), until exit."""
+def sandbox_process(latency: float, picture_origin: str | None = None) -> Iterator[Gateway]:
+    """The sandbox gateway in a child process (so its CPU is never the bench's), until exit;
+    its picture links on ``picture_origin`` if given."""
     context = multiprocessing.get_context("spawn")
     url_in, url_out = context.Pipe(duplex=False)
     stop = context.Event()
-    server = context.Process(target=serve_sandbox, args=(latency, url_out, stop))
+    server = context.Process(target=serve_sandbox, args=(latency, picture_origin, url_out, stop))
     server.start()
     try:
         assert server.pid is not None
@@ -106,11 +107,13 @@ def sandbox_process(latency: float) -> Iterator[Gateway]:
             server.terminate()
 
 
-def serve_sandbox(latency: float, url_out: Connection, stop: StopEvent) -> None:
+def serve_sandbox(
+    latency: float, picture_origin: str | None, url_out: Connection, stop: StopEvent
+) -> None:
     """Child process: run the sandbox gateway on loopback until ``stop`` is set."""
 
     async def serve() -> None:
-        sandbox = Sandbox(latency=latency)
+        sandbox = Sandbox(latency=latency, picture_origin=picture_origin)
         url_out.send(await sandbox.start("127.0.0.1", 0))
         try:
             await asyncio.to_thread(stop.wait)

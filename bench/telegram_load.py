@@ -1,7 +1,9 @@
 """Many Telegram users send ``/imagegen`` at once to ``imagebot run``: its CPU, memory and delays.
 
 Run: ``.venv/bin/python bench/telegram_load.py`` (``--users 200 --latency 1.0
---results small,large``). Linux only: the bot's CPU and peak memory come from ``/proc/<pid>``.
+--results small,large``; ``--results link`` with and without ``--links`` compares sending a
+picture link for Telegram to fetch with downloading and uploading it). Linux only: the bot's
+CPU and peak memory come from ``/proc/<pid>``.
 The bot is the shipped command in its own process, long-polling the fake Bot API server
 (``tests/fake_telegram.py``, in this process) and paying the sandbox gateway (in a child
 process), so neither fake is counted as the bot's. Each result size gets a fresh bot process.
@@ -61,7 +63,14 @@ ISSUE_USERS = 200
 SCENARIOS = {
     "small": Scenario("small", "/imagegen -m gpt-image a fox", 4.0, 120.0),
     "large": Scenario("large", "/imagegen -m gpt-image a fox #big", 10.0, 250.0),
+    # A large picture the gateway gives as a link (BlockRun's ``url``), held to large's goals:
+    # on the gateway's loopback origin the bot downloads and uploads it; with ``--links`` on a
+    # public one the fake Telegram fetches it itself (sendPhoto by URL).
+    "link": Scenario("link", "/imagegen -m flux a fox #big", 10.0, 250.0),
 }
+# The public origin of picture links with --links: the fake Telegram routes it to the sandbox;
+# nothing connects to it.
+CDN = "http://1.2.3.4"
 
 
 @dataclass
@@ -370,6 +379,7 @@ async def run_scenario(
     """A fresh fake and bot; warm up; ``users`` commands at once; measure; SIGTERM."""
     outcome = Outcome(scenario, users, latency)
     fake = FakeTelegram()
+    fake.internet[CDN] = gateway.url
     await fake.start()
     try:
         with tempfile.TemporaryDirectory(prefix="imagebot-load-") as directory:
@@ -510,7 +520,7 @@ def percentile(values: list[float], fraction: float) -> float:
 def report(outcome: Outcome) -> None:
     users, latency = outcome.users, outcome.latency
     sizes = outcome.photo_bytes
-    size = f"{sum(sizes) / len(sizes) / 1024:,.0f} KB PNG" if sizes else "no PNG"
+    size = f"{sum(sizes) / len(sizes) / 1024:,.0f} KB PNG" if any(sizes) else "no upload"
     print(
         f"  photos {outcome.photos}/{users} to {outcome.chats} chats ({size} each), "
         f"error replies {outcome.error_replies}, refused Bot API calls "
@@ -573,7 +583,9 @@ def load_parser(description: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--users", type=int, default=200, help="users sending at once")
     parser.add_argument("--latency", type=float, default=1.0, help="sandbox latency, seconds")
-    parser.add_argument("--results", default="small,large", help="comma-separated: small,large")
+    parser.add_argument(
+        "--results", default="small,large", help="comma-separated: small,large,link"
+    )
     return parser
 
 
@@ -597,16 +609,23 @@ def main() -> int:
         metavar="DIR",
         help="record the bot with py-spy over each batch (it slows the bot: not for the figures)",
     )
+    parser.add_argument(
+        "--links",
+        action="store_true",
+        help="picture links (the link size) on a public origin Telegram fetches itself",
+    )
     args = parser.parse_args()
     names = scenario_names(parser, args)
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)
 
-    with sandbox_process(args.latency) as gateway:
+    with sandbox_process(args.latency, CDN if args.links else None) as gateway:
+        links = f"picture links on {CDN}, fetched by the fake" if args.links else "loopback links"
         print(
-            f"sandbox {gateway.url} in process {gateway.pid}, latency {args.latency:g} s; fake "
-            f"Bot API in this process; per size a fresh `imagebot run`, one warm-up command, "
-            f"then {args.users} users at once. CPU and RSS are the bot process's own (/proc)."
+            f"sandbox {gateway.url} in process {gateway.pid}, latency {args.latency:g} s, "
+            f"{links}; fake Bot API in this process; per size a fresh `imagebot run`, one "
+            f"warm-up command, then {args.users} users at once. CPU and RSS are the bot "
+            f"process's own (/proc)."
         )
         outcomes = asyncio.run(run(args, gateway, names))
     return 0 if summary(outcomes) else 1

@@ -41,13 +41,16 @@ class _Transport(AiohttpTransport):
     a header line or field, 128 headers)."""
 
     def get_client(self) -> aiohttp.ClientSession:
-        """httpx-aiohttp's session and pool, reading ahead ``READ_AHEAD_BYTES``."""
+        """httpx-aiohttp's session and pool, reading ahead ``READ_AHEAD_BYTES``; it goes
+        through ``HTTP(S)_PROXY`` when set (except the ``NO_PROXY`` hosts), as httpx would."""
         connector = aiohttp.TCPConnector(
             limit=self.limits.max_connections or GATEWAY_CONNECTIONS,
             keepalive_timeout=self.limits.keepalive_expiry,
             ssl=self.ssl_context,
         )
-        return aiohttp.ClientSession(connector=connector, read_bufsize=READ_AHEAD_BYTES)
+        return aiohttp.ClientSession(
+            connector=connector, read_bufsize=READ_AHEAD_BYTES, trust_env=True
+        )
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         try:

@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import binascii
 import contextlib
+import functools
 import io
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 MAX_PICTURE_PIXELS = 64_000_000  # checked from the header, before anything decodes a picture
 EXCHANGE_DEADLINE = 180.0  # seconds for one paid request and its whole answer
 POLL_DEADLINE = 60.0  # seconds for one poll of a 202 job and its whole answer
+_RESOLVE_DEADLINE = 10.0  # seconds to learn whether a picture link's host is public
 DOWNLOAD_DEADLINE = 60.0  # seconds for one picture's download
 # Calls holding pictures at once: bounds the bot's memory when many multi-MB results land
 # together or the chat platform uploads slowly. A call takes its slot when its answer's headers
@@ -81,10 +83,23 @@ class Picture:
 
 
 @dataclass(frozen=True)
+class LinkedPicture:
+    """A finished image the gateway left at a public link, not downloaded: a platform that
+    fetches links itself is given ``url``; ``load`` downloads and checks it for one that can't.
+    Call ``load`` only while the result is in hand (in a ``ResultHook``): that bounds memory."""
+
+    url: str
+    load: Callable[[], Awaitable[Picture]]
+
+
+ResultPicture = Picture | LinkedPicture
+
+
+@dataclass(frozen=True)
 class ImageResult:
     """What a paid call produced."""
 
-    pictures: tuple[Picture, ...]
+    pictures: tuple[ResultPicture, ...]
     charged_micro: int
     tx_hash: str | None
     revised_prompt: str | None
@@ -401,7 +416,7 @@ class ImageService:
             )
         raise _error_for(response, job.job.header, job.receipt is not None)
 
-    async def _fetch_all(self, items: Any, charged_micro: int, n: int) -> tuple[Picture, ...]:
+    async def _fetch_all(self, items: Any, charged_micro: int, n: int) -> tuple[ResultPicture, ...]:
         if not isinstance(items, list) or not items:
             raise _bad_reply(charged_micro, "sent no image")
         if len(items) > n:
@@ -409,7 +424,7 @@ class ImageService:
         fetches = [self._fetch(item, charged_micro) for item in items[:n]]
         return tuple(await asyncio.gather(*fetches))
 
-    async def _fetch(self, item: Any, charged_micro: int) -> Picture:
+    async def _fetch(self, item: Any, charged_micro: int) -> ResultPicture:
         url = item.get("url") or item.get("b64_json") if isinstance(item, dict) else None
         if isinstance(url, bytes):  # a data URI, decoded with the answer
             return _picture(url, charged_micro)
@@ -417,11 +432,16 @@ class ImageService:
             raise _bad_reply(charged_micro, "sent an image without an address")
         if url.startswith("data:") or not url.startswith(("http://", "https://")):
             data = await _to_thread_if_big(len(url), _decode_data_uri, url)
+        elif await _publicly_linked(url):
+            return LinkedPicture(url, functools.partial(self._load, url, charged_micro))
         else:
             data = await self._download(url, charged_micro)
         if data is None:
             raise _bad_reply(charged_micro, "sent an image I can't decode")
         return _picture(data, charged_micro)
+
+    async def _load(self, url: str, charged_micro: int) -> Picture:
+        return _picture(await self._download(url, charged_micro), charged_micro)
 
     async def _download(self, url: str, charged_micro: int) -> bytes:
         """A picture's bytes, within ``download_deadline``, from a public address or the
@@ -612,6 +632,25 @@ def _picture(data: bytes, charged_micro: int) -> Picture:
     if width * height > MAX_PICTURE_PIXELS:
         raise too_big
     return Picture(data, mime, width, height)
+
+
+async def in_memory(pictures: Sequence[ResultPicture]) -> list[Picture]:
+    """The pictures as bytes, linked ones downloaded (with every check), in order."""
+    return list(await asyncio.gather(*(_in_memory(picture) for picture in pictures)))
+
+
+async def _in_memory(picture: ResultPicture) -> Picture:
+    return await picture.load() if isinstance(picture, LinkedPicture) else picture
+
+
+async def _publicly_linked(url: str) -> bool:
+    """Whether a picture link is on a public address, so a chat platform may fetch it itself:
+    never the gateway's own loopback or private origin, nor a host that does not resolve."""
+    try:
+        async with asyncio.timeout(_RESOLVE_DEADLINE):
+            return await is_public(url)
+    except (OSError, TimeoutError, ValueError):
+        return False
 
 
 def _bad_reply(charged_micro: int, what: str) -> BadReply:

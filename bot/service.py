@@ -48,7 +48,14 @@ from bot.commands import (
 )
 from bot.config import Settings
 from bot.errors import ImagebotError
-from bot.images import ImageResult, ImageService, JobCancelled, Picture, SlowJob
+from bot.images import (
+    ImageResult,
+    ImageService,
+    JobCancelled,
+    Picture,
+    ResultPicture,
+    SlowJob,
+)
 from bot.ledger import (
     Attempt,
     Budget,
@@ -153,9 +160,10 @@ class Chat(Protocol):
     async def send_text(self, text: str) -> None: ...
 
     async def send_pictures(
-        self, pictures: Sequence[Picture], caption: str, buttons: Sequence[Button] = ()
+        self, pictures: Sequence[ResultPicture], caption: str, buttons: Sequence[Button] = ()
     ) -> None:
-        """Deliver the pictures with the caption, and ``buttons`` under them."""
+        """Deliver the pictures with the caption, and ``buttons`` under them; linked pictures
+        are downloaded (``in_memory``) unless the platform fetches links itself."""
 
     async def show_progress(self, status: str, buttons: Sequence[Button] = ()) -> None:
         """Show what the bot is doing, with ``buttons`` under it (replacing earlier ones);

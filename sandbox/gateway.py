@@ -61,7 +61,12 @@ class Sandbox:
         latency: float = 0.0,
         job_seconds: float = 3.0,
         slow_models: frozenset[str] = DEFAULT_SLOW_MODELS,
+        picture_origin: str | None = None,
     ) -> None:
+        """``picture_origin`` is where picture links point (tests: a public address routed
+        back here, as a CDN would serve them); by default the sandbox's own origin."""
+        self.picture_origin = picture_origin
+        self.images_served = 0  # picture links fetched
         self.facilitator = Facilitator(pay_to=pay_to, chain=chain, version=x402_version)
         self.latency = latency
         self.job_seconds = job_seconds
@@ -235,6 +240,7 @@ class Sandbox:
         png = self._images.get(request.match_info["image_id"])
         if png is None:
             return _error(404, "No such image (the sandbox keeps only recent ones)", "not_found")
+        self.images_served += 1
         return web.Response(body=png, content_type="image/png")
 
     async def _settlements(self, request: web.Request) -> web.Response:
@@ -279,7 +285,8 @@ class Sandbox:
                 url = self._data_uris.get(key) or await asyncio.to_thread(png_data_uri, png)
                 _remember(self._data_uris, key, url, _RENDER_CACHE_SIZE)
             else:
-                url = f"{request.url.origin()}/images/{self._store_image(png)}.png"
+                origin = self.picture_origin or request.url.origin()
+                url = f"{origin}/images/{self._store_image(png)}.png"
             item = {"url": url}
             if order.model.id == "openai/dall-e-3":
                 item["revised_prompt"] = f"A sandbox placeholder showing: {order.prompt}"

@@ -1,4 +1,4 @@
-"""Fixtures every test module may take: a fresh PostgreSQL database per test."""
+"""Fixtures every test module may take: a fresh PostgreSQL database per test; and no proxy."""
 
 from __future__ import annotations
 
@@ -10,6 +10,11 @@ import asyncpg
 import pytest
 
 SERVER_VARIABLE = "IMAGEBOT_TEST_DATABASE_URL"
+
+# The bot goes through HTTP(S)_PROXY when set; tests talk to loopback servers only, directly
+# (a test that routes a public link through a proxy sets its own).
+for _proxy in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+    os.environ.pop(_proxy, None)
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ limit                           answer
 text over 4096 characters       400 ``message is too long`` (``MESSAGE_TOO_LONG`` for edits)
 caption over 1024 characters    400 ``message caption is too long``
 photo upload over 10 MiB        400 ``file of size N bytes is too big for a photo; ...``
+file by URL over 5 MiB          400 ``failed to get HTTP URL content`` (so is one unreachable)
 width + height > 10000          400 ``PHOTO_INVALID_DIMENSIONS`` (so is a side ratio over 20)
 bytes that are not an image     400 ``IMAGE_PROCESS_FAILED``
 album of 0, 1 or 11+ items      400 (Telegram's texts for 0 and 11+; 1 is the fake's own rule)
@@ -76,6 +77,7 @@ TEXT_MAX_CHARS = 4096
 CAPTION_MAX_CHARS = 1024
 ALBUM_MAX_ITEMS = 10
 PHOTO_MAX_BYTES = 10 * 2**20
+BY_URL_MAX_BYTES = 5 * 2**20  # a photo sent by URL, fetched by Telegram
 PHOTO_MAX_SIDES = 10_000  # width + height
 PHOTO_MAX_RATIO = 20
 UPLOAD_MAX_BYTES = 50 * 2**20
@@ -409,6 +411,10 @@ class FakeTelegram:
         self._pressed: dict[str, float] = {}  # callback query id -> time.monotonic() of press()
         self._answers: dict[str, CallbackAnswer] = {}
         self._client: ClientSession | None = None
+        # The web as Telegram's servers see it: a public origin -> the loopback server playing
+        # it. Files sent by URL are fetched from there; ``fetched`` lists the URLs fetched.
+        self.internet: dict[str, str] = {}
+        self.fetched: list[str] = []
         self._user_ids = itertools.count(700_001)
         self._methods: dict[str, tuple[str, _Handler]] = {
             name.lower(): (name, handler)
@@ -958,7 +964,7 @@ class FakeTelegram:
     async def _send_photo(self, params: dict[str, Any], files: dict[str, Upload]) -> Any:
         state = self._chat_state(params)
         markup = _inline_markup(params)
-        source = self._input_file(params, files, "photo", "there is no photo in the request")
+        source = await self._input_file(params, files, "photo", "there is no photo in the request")
         caption = _caption_content(params.get("caption"), params.get("parse_mode"))
         photo = _check_photo(source.data)
         content = {"photo": self._photo_sizes(photo), **caption, **markup}
@@ -967,7 +973,8 @@ class FakeTelegram:
     async def _send_document(self, params: dict[str, Any], files: dict[str, Upload]) -> Any:
         state = self._chat_state(params)
         markup = _inline_markup(params)
-        source = self._input_file(params, files, "document", "there is no document in the request")
+        missing = "there is no document in the request"
+        source = await self._input_file(params, files, "document", missing)
         caption = _caption_content(params.get("caption"), params.get("parse_mode"))
         content = {"document": self._document(source), **caption, **markup}
         return self._outgoing(state, params, content)
@@ -997,7 +1004,7 @@ class FakeTelegram:
         # Check every item before sending any: a refused album sends nothing.
         checked: list[tuple[dict[str, Any], _Input, _Photo | None]] = []
         for item in media:
-            source = self._input_file(item, files, "media", _MEDIA_NOT_FOUND)
+            source = await self._input_file(item, files, "media", _MEDIA_NOT_FOUND)
             caption = _caption_content(item.get("caption"), item.get("parse_mode"))
             photo = _check_photo(source.data) if item["type"] == "photo" else None
             checked.append((caption, source, photo))
@@ -1207,10 +1214,11 @@ class FakeTelegram:
     def _album_id(self) -> str:
         return str(10**17 + next(self._serial))
 
-    def _input_file(
+    async def _input_file(
         self, params: dict[str, Any], files: dict[str, Upload], name: str, missing: str
     ) -> _Input:
-        """The file a parameter names: its own part, ``attach://<part>``, a file_id or a URL."""
+        """The file a parameter names: its own part, ``attach://<part>``, a file_id or a URL
+        (fetched as Telegram does, from the web ``internet`` routes)."""
         value = params.get(name)
         if value is None or (isinstance(value, str) and value.startswith("attach://")):
             upload = files.get(name if value is None else value.removeprefix("attach://"))
@@ -1221,8 +1229,27 @@ class FakeTelegram:
         if stored is not None:
             return _Input(stored.data, stored.file_name, stored.mime_type)
         if isinstance(value, str) and value.startswith(("http://", "https://")):
-            raise _ApiError(400, "Bad Request: failed to get HTTP URL content")  # no internet
+            return await self._fetch(value)
         raise _ApiError(400, "Bad Request: wrong file identifier/HTTP URL specified")
+
+    async def _fetch(self, url: str) -> _Input:
+        """Fetch a file by URL as Telegram's servers do (at most ``BY_URL_MAX_BYTES``), from
+        the loopback server ``internet`` routes its origin to; any other origin is unreachable."""
+        parts = urlsplit(url)
+        local = self.internet.get(f"{parts.scheme}://{parts.netloc}")
+        failed = _ApiError(400, "Bad Request: failed to get HTTP URL content")
+        if local is None:
+            raise failed
+        assert self._client is not None
+        try:
+            async with self._client.get(local + parts.path) as answer:
+                data = await answer.content.read(BY_URL_MAX_BYTES + 1)
+        except (ClientError, TimeoutError):
+            raise failed from None
+        if answer.status != 200 or len(data) > BY_URL_MAX_BYTES:
+            raise failed
+        self.fetched.append(url)
+        return _Input(data, parts.path.rpartition("/")[2], answer.content_type)
 
     def _photo_sizes(self, photo: _Photo) -> list[dict[str, Any]]:
         """PhotoSize objects for ``photo``: thumbnails by longest side, then the original."""

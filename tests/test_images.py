@@ -35,8 +35,10 @@ from bot.images import (
     ImageService,
     InsufficientFunds,
     JobAbandoned,
+    LinkedPicture,
     Picture,
     RateLimited,
+    in_memory,
 )
 from bot.requests import EditRequest, GenerateRequest, ImageCommand, ImageInput
 from bot.x402 import PaymentIntent, Wallet, X402Payer
@@ -501,3 +503,32 @@ async def test_a_gateway_answer_is_freed_without_the_garbage_collector(
         assert answer() is None
     finally:
         gc.enable()
+
+
+async def test_a_picture_at_a_public_link_is_downloaded_and_checked_only_when_loaded(
+    sandbox: RunningSandbox, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A platform that fetches links is given the link; one that can't loads it, while the
+    result is in hand, with the download checks (here through the sandbox as the proxy the
+    link's public host is reached by: nothing connects to 1.2.3.4)."""
+    monkeypatch.setenv("HTTP_PROXY", sandbox.url)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    sandbox.gateway.picture_origin = "http://1.2.3.4"
+    service = service_for(http, sandbox.url)
+    loaded: list[Picture] = []
+
+    async def deliver(result: ImageResult) -> None:
+        (linked,) = result.pictures
+        assert isinstance(linked, LinkedPicture)
+        assert linked.url.startswith("http://1.2.3.4/images/")
+        assert sandbox.gateway.images_served == 0
+        loaded.extend(await in_memory(result.pictures))
+
+    await service.generate(request("/imagegen -m flux a fox"), on_result=deliver)
+    assert [(picture.mime, picture.width) for picture in loaded] == [("image/png", 1024)]
+    assert sandbox.gateway.images_served == 1
+
+    gone = await service.generate(request("/imagegen -m flux a fox"))
+    sandbox.gateway._images.clear()  # the link stops working: loading says so, charged
+    with pytest.raises(BadReply, match=r"link that does not work; \$0.042 was charged"):
+        await in_memory(gone.pictures)

@@ -19,7 +19,7 @@ from pictures import png
 from PIL import Image
 
 import adapters.status
-from adapters.telegram import build_application, serve
+from adapters.telegram import MORE_LIKE_THESE, build_application, serve
 from bot.config import load_settings
 from bot.x402 import Wallet
 from imagebot.wiring import open_bot
@@ -378,3 +378,82 @@ async def test_a_failed_download_is_answered_and_nothing_is_paid(stack: Stack) -
 
     assert answer == "I couldn't download that image from Telegram; nothing was charged. Try again."
     assert stack.gateway.settlements == []
+
+
+# A public address as the picture links give it: only the fake Telegram (its ``internet``) and,
+# where a test sets HTTP_PROXY, the sandbox acting as the bot's proxy answer for it; nothing
+# ever connects to it.
+CDN = "http://1.2.3.4"
+
+
+def uploaded(call: Call) -> bool:
+    return call.ok and bool(call.files)
+
+
+async def test_a_picture_at_a_public_link_goes_to_telegram_by_its_link(stack: Stack) -> None:
+    telegram, gateway = stack.telegram, stack.gateway
+    gateway.picture_origin = CDN
+    telegram.internet[CDN] = gateway.url
+    chat = telegram.private_chat(111, "Alice", "alice")
+    telegram.send_text(chat, chat.user, "/imagegen -m flux a fox in the snow")
+
+    photo = await telegram.wait_for(sent_to(111, "sendPhoto"))
+
+    assert photo.ok and photo.files == {}
+    assert photo.params["photo"].startswith(f"{CDN}/images/")
+    assert telegram.fetched == [photo.params["photo"]]
+    assert gateway.images_served == 1  # Telegram's fetch: the bot downloaded nothing
+    assert photo.params["caption"] == "flux · 1024x1024 · $0.042"
+    assert [button["text"] for button in photo.params["reply_markup"]["inline_keyboard"][0]]
+    assert len(gateway.settlements) == 1
+
+
+async def test_pictures_at_public_links_go_as_an_album_of_links(stack: Stack) -> None:
+    telegram, gateway = stack.telegram, stack.gateway
+    gateway.picture_origin = CDN
+    telegram.internet[CDN] = gateway.url
+    chat = telegram.private_chat(111, "Alice", "alice")
+    telegram.send_text(chat, chat.user, "/imagegen -m flux -n 2 a fox in the snow")
+
+    album = await telegram.wait_for(sent_to(111, "sendMediaGroup"))
+    more = await telegram.wait_for(
+        lambda call: call.method == "sendMessage" and call.params["text"] == MORE_LIKE_THESE
+    )
+
+    assert album.ok and album.files == {}
+    links = [item["media"] for item in album.params["media"]]
+    assert all(link.startswith(f"{CDN}/images/") for link in links) and len(set(links)) == 2
+    assert telegram.fetched == links and gateway.images_served == 2
+    assert more.params["reply_markup"]["inline_keyboard"]
+    assert len(gateway.settlements) == 1
+
+
+async def test_a_link_telegram_cannot_take_is_downloaded_and_uploaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Telegram can't reach the first link and refuses the second's shape (4200x200 is no
+    photo): the bot downloads each, checked as always (here through a proxy, the sandbox, as
+    the link's host is public), and uploads a photo and a document."""
+    async with running(tmp_path) as stack:
+        telegram, gateway = stack.telegram, stack.gateway
+        monkeypatch.setenv("HTTP_PROXY", gateway.url)
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        gateway.picture_origin = CDN
+        chat = telegram.private_chat(111, "Alice", "alice")
+        telegram.send_text(chat, chat.user, "/imagegen -m flux a fox in the snow")
+
+        photo = await telegram.wait_for(lambda call: call.method == "sendPhoto" and call.files)
+        telegram.internet[CDN] = gateway.url
+        telegram.send_text(chat, chat.user, "/imagegen -m nano-banana a long banner #wide")
+        document = await telegram.wait_for(sent_to(111, "sendDocument"))
+
+        by_link = [call for call in telegram.calls("sendPhoto") if not call.files]
+        assert [call.description for call in by_link] == [
+            "Bad Request: failed to get HTTP URL content",
+            "Bad Request: PHOTO_INVALID_DIMENSIONS",
+        ]
+        assert uploaded(photo) and photo_size(photo) == (1024, 1024)
+        assert photo.params["caption"] == "flux · 1024x1024 · $0.042"
+        assert uploaded(document) and document.params["caption"].startswith("nano-banana")
+        assert gateway.images_served == 3  # the bot's two downloads, Telegram's one fetch
+        assert len(gateway.settlements) == 2
