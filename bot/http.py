@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import httpx
+from httpx._utils import get_environment_proxies
 from httpx_aiohttp import AiohttpTransport, HttpxAiohttpClient
 
 from bot.images import MAX_RESULTS_IN_HAND
@@ -28,11 +29,23 @@ def gateway_client(max_connections: int = GATEWAY_CONNECTIONS) -> httpx.AsyncCli
     httpx's API with aiohttp's connection pool underneath: httpcore's pool costs ~10 ms of CPU
     per paid request at 50 concurrent requests and ~25 ms at 500; aiohttp's ~1 ms (bench/README).
     """
+    limits = pool_limits(max_connections)
     return HttpxAiohttpClient(
-        transport=_Transport(limits=pool_limits(max_connections)),
+        transport=_Transport(limits=limits),
+        mounts=_proxy_mounts(limits),
         timeout=httpx.Timeout(120.0, connect=10.0),
         event_hooks=FREE_WHEN_CLOSED,
     )
+
+
+def _proxy_mounts(limits: httpx.Limits) -> dict[str, httpx.AsyncBaseTransport | None]:
+    """``HTTP(S)_PROXY``, ``ALL_PROXY`` and ``NO_PROXY`` read as httpx reads them, once: httpx
+    skips them for a client given its own transport (aiohttp's ``trust_env`` would read them,
+    and ``~/.netrc``, in a thread on every request)."""
+    return {
+        pattern: None if url is None else _Transport(limits=limits, proxy=httpx.Proxy(url))
+        for pattern, url in get_environment_proxies().items()
+    }
 
 
 class _Transport(AiohttpTransport):
@@ -41,16 +54,13 @@ class _Transport(AiohttpTransport):
     a header line or field, 128 headers)."""
 
     def get_client(self) -> aiohttp.ClientSession:
-        """httpx-aiohttp's session and pool, reading ahead ``READ_AHEAD_BYTES``; it goes
-        through ``HTTP(S)_PROXY`` when set (except the ``NO_PROXY`` hosts), as httpx would."""
+        """httpx-aiohttp's session and pool, reading ahead ``READ_AHEAD_BYTES``."""
         connector = aiohttp.TCPConnector(
             limit=self.limits.max_connections or GATEWAY_CONNECTIONS,
             keepalive_timeout=self.limits.keepalive_expiry,
             ssl=self.ssl_context,
         )
-        return aiohttp.ClientSession(
-            connector=connector, read_bufsize=READ_AHEAD_BYTES, trust_env=True
-        )
+        return aiohttp.ClientSession(connector=connector, read_bufsize=READ_AHEAD_BYTES)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         try:

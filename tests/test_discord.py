@@ -210,20 +210,22 @@ async def test_message_imagegen_replies_with_the_picture(stack: Stack) -> None:
 
 
 async def test_a_picture_at_a_public_link_is_downloaded_checked_and_attached(
-    stack: Stack, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Discord takes pictures as attachments only: the bot downloads the link (through the
     sandbox as its proxy: nothing connects to 1.2.3.4) with the usual checks, then uploads."""
-    monkeypatch.setenv("HTTP_PROXY", stack.gateway.url)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    stack.gateway.picture_origin = "http://1.2.3.4"
-    fake = stack.discord
-    channel = fake.guild("Artists").channel("general")
-    fake.send_message(channel, fake.user("alice", "Alice"), "/imagegen -m flux a fox")
+    async with started_stack(tmp_path) as stack:
+        monkeypatch.setenv("HTTP_PROXY", stack.gateway.url)
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        stack.gateway.picture_origin = "http://1.2.3.4"
+        async with serving(stack, monkeypatch):
+            fake = stack.discord
+            channel = fake.guild("Artists").channel("general")
+            fake.send_message(channel, fake.user("alice", "Alice"), "/imagegen -m flux a fox")
 
-    reply: Call = await fake.wait_for(
-        lambda call: created_in(channel.id)(call) and bool(call.files)
-    )
+            reply: Call = await fake.wait_for(
+                lambda call: created_in(channel.id)(call) and bool(call.files)
+            )
 
     (upload,) = reply.files
     assert image_size(upload.data) == (1024, 1024)

@@ -506,7 +506,7 @@ async def test_a_gateway_answer_is_freed_without_the_garbage_collector(
 
 
 async def test_a_picture_at_a_public_link_is_downloaded_and_checked_only_when_loaded(
-    sandbox: RunningSandbox, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+    sandbox: RunningSandbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A platform that fetches links is given the link; one that can't loads it, while the
     result is in hand, with the download checks (here through the sandbox as the proxy the
@@ -514,7 +514,6 @@ async def test_a_picture_at_a_public_link_is_downloaded_and_checked_only_when_lo
     monkeypatch.setenv("HTTP_PROXY", sandbox.url)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     sandbox.gateway.picture_origin = "http://1.2.3.4"
-    service = service_for(http, sandbox.url)
     loaded: list[Picture] = []
 
     async def deliver(result: ImageResult) -> None:
@@ -524,11 +523,13 @@ async def test_a_picture_at_a_public_link_is_downloaded_and_checked_only_when_lo
         assert sandbox.gateway.images_served == 0
         loaded.extend(await in_memory(result.pictures))
 
-    await service.generate(request("/imagegen -m flux a fox"), on_result=deliver)
-    assert [(picture.mime, picture.width) for picture in loaded] == [("image/png", 1024)]
-    assert sandbox.gateway.images_served == 1
+    async with gateway_client() as http:  # after the proxy is set: read once, as the bot does
+        service = service_for(http, sandbox.url)
+        await service.generate(request("/imagegen -m flux a fox"), on_result=deliver)
+        assert [(picture.mime, picture.width) for picture in loaded] == [("image/png", 1024)]
+        assert sandbox.gateway.images_served == 1
 
-    gone = await service.generate(request("/imagegen -m flux a fox"))
-    sandbox.gateway._images.clear()  # the link stops working: loading says so, charged
-    with pytest.raises(BadReply, match=r"link that does not work; \$0.042 was charged"):
-        await in_memory(gone.pictures)
+        gone = await service.generate(request("/imagegen -m flux a fox"))
+        sandbox.gateway._images.clear()  # the link stops working: loading says so, charged
+        with pytest.raises(BadReply, match=r"link that does not work; \$0.042 was charged"):
+            await in_memory(gone.pictures)

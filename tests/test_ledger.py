@@ -49,6 +49,7 @@ from bot.ledger.common import (
     LINK_TRIES,
     LINK_TRY_SECONDS,
     RESULT_DELETE_BATCH,
+    RESULT_SWEEP_SECONDS,
 )
 
 NOW = datetime(2026, 11, 21, 4, 38, 35, tzinfo=UTC)
@@ -711,8 +712,11 @@ async def test_a_keep_deletes_a_bounded_batch_of_expired_results(
     clock.at += timedelta(days=RESULT_KEEP_DAYS, seconds=1)
     first = await ledger.keep_result(kept("new 1"))
     assert len(await ledger_backend.kept_tokens() - {first}) == 3
-    second = await ledger.keep_result(kept("new 2"))
-    assert await ledger_backend.kept_tokens() == {first, second}
+    second = await ledger.keep_result(kept("new 2"))  # within the minute: no sweep
+    assert len(await ledger_backend.kept_tokens() - {first, second}) == 3
+    clock.at += timedelta(seconds=RESULT_SWEEP_SECONDS)
+    third = await ledger.keep_result(kept("new 3"))
+    assert await ledger_backend.kept_tokens() == {first, second, third}
 
 
 async def test_a_result_kept_before_a_restart_is_found_after_it(

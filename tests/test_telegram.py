@@ -36,11 +36,16 @@ class Stack:
 
 
 @asynccontextmanager
-async def running(tmp_path: Path, **settings: str) -> AsyncIterator[Stack]:
-    """``imagebot run``'s Telegram side: the Application polling the fake, paying the sandbox."""
-    telegram, gateway = FakeTelegram(), Sandbox(job_seconds=0.2)
+async def running(
+    tmp_path: Path, gateway: Sandbox | None = None, **settings: str
+) -> AsyncIterator[Stack]:
+    """``imagebot run``'s Telegram side: the Application polling the fake, paying the sandbox
+    (``gateway`` if given: already started)."""
+    telegram = FakeTelegram()
     await telegram.start()
-    await gateway.start()
+    if gateway is None:
+        gateway = Sandbox(job_seconds=0.2)
+        await gateway.start()
     database = tmp_path / "ledger.sqlite3"
     loaded = load_settings(
         _env_file=None,
@@ -434,11 +439,11 @@ async def test_a_link_telegram_cannot_take_is_downloaded_and_uploaded(
     """Telegram can't reach the first link and refuses the second's shape (4200x200 is no
     photo): the bot downloads each, checked as always (here through a proxy, the sandbox, as
     the link's host is public), and uploads a photo and a document."""
-    async with running(tmp_path) as stack:
-        telegram, gateway = stack.telegram, stack.gateway
-        monkeypatch.setenv("HTTP_PROXY", gateway.url)
-        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-        gateway.picture_origin = CDN
+    gateway = Sandbox(job_seconds=0.2, picture_origin=CDN)
+    monkeypatch.setenv("HTTP_PROXY", await gateway.start())
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    async with running(tmp_path, gateway) as stack:
+        telegram = stack.telegram
         chat = telegram.private_chat(111, "Alice", "alice")
         telegram.send_text(chat, chat.user, "/imagegen -m flux a fox in the snow")
 

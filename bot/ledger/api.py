@@ -384,7 +384,8 @@ class Ledger(Protocol):
         url-safe characters (128 random bits) that every run sharing the ledger can look up.
 
         The ledger's clock dates it (``result.created_at`` is not read). Results older than
-        ``RESULT_KEEP_DAYS`` are deleted on the way, at most ``RESULT_DELETE_BATCH`` a call.
+        ``RESULT_KEEP_DAYS`` are deleted on the way, at most ``RESULT_DELETE_BATCH`` a call and
+        at most once every ``RESULT_SWEEP_SECONDS`` in a run.
         ValueError if a text holds U+0000, which PostgreSQL cannot store.
         """
 

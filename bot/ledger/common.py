@@ -29,8 +29,10 @@ ALBUM_MAX_PARTS = 10  # Telegram's largest album
 ALBUM_KEEP_SECONDS = 3600.0  # parts never taken are deleted after this long
 RESULT_KEEP_DAYS = 30  # a result's buttons work this long
 RESULT_KEEP_SECONDS = RESULT_KEEP_DAYS * DAY_SECONDS
-# Expired results deleted by one keep: bounded, and more than one, so a backlog drains.
-RESULT_DELETE_BATCH = 100
+# Expired results deleted by one keep, at most once every RESULT_SWEEP_SECONDS in a run (not on
+# every keep: one statement less per picture): bounded, and enough that a backlog drains.
+RESULT_DELETE_BATCH = 1000
+RESULT_SWEEP_SECONDS = 60
 CANCEL_KEEP_SECONDS = 3600  # a cancel asked for a row no run holds any more is deleted then
 LINK_CODE_SECONDS = 600  # a /link code works this long, once
 LINK_TRIES = 5  # wrong /link codes one identity may try per LINK_TRY_SECONDS

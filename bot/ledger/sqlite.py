@@ -51,6 +51,7 @@ from bot.ledger.common import (
     RESULT_COLUMNS,
     RESULT_DELETE_BATCH,
     RESULT_KEEP_SECONDS,
+    RESULT_SWEEP_SECONDS,
     collected,
     day_number,
     day_of,
@@ -125,6 +126,12 @@ _TAKE_ALBUM = """DELETE FROM album_parts WHERE album = :album
         AND (SELECT max(added_at) FROM album_parts WHERE album = :album) <= :quiet_since
     RETURNING id, part"""
 
+_CONTROLS = f"""SELECT (SELECT micro FROM switches WHERE name = '{PAUSED}'),
+        (SELECT micro FROM switches WHERE name = '{DEFAULT_DAILY}'),
+        (SELECT daily_micro FROM limits WHERE person = coalesce(who.person, ?3)),
+        who.person
+    FROM (SELECT 1) LEFT JOIN links AS who ON who.platform = ?1 AND who.user_id = ?2"""
+
 # DELETE ... LIMIT needs a compile-time option of SQLite's, hence the subquery.
 _DELETE_EXPIRED_RESULTS = """DELETE FROM results WHERE rowid IN (
     SELECT rowid FROM results WHERE created_at < :expired_before LIMIT :batch)"""
@@ -145,6 +152,7 @@ class SqliteLedger:
         self._db = db
         self._lock = lock
         self._clock = clock
+        self._next_sweep = 0  # when a keep next deletes expired results
 
     @classmethod
     async def open(cls, path: str | Path, *, clock: Clock = utc_now) -> SqliteLedger:
@@ -451,10 +459,12 @@ class SqliteLedger:
         """As ``Ledger.keep_result``."""
         now = self._now()
         row = result_row(new_result_token(), result, now)
-        await self._db.execute(
-            _DELETE_EXPIRED_RESULTS,
-            {"expired_before": now - RESULT_KEEP_SECONDS, "batch": RESULT_DELETE_BATCH},
-        )
+        if now >= self._next_sweep:
+            self._next_sweep = now + RESULT_SWEEP_SECONDS
+            await self._db.execute(
+                _DELETE_EXPIRED_RESULTS,
+                {"expired_before": now - RESULT_KEEP_SECONDS, "batch": RESULT_DELETE_BATCH},
+            )
         await self._db.execute(_KEEP_RESULT, row)
         return row[0]
 
@@ -491,19 +501,11 @@ class SqliteLedger:
         return sorted(row for (row,) in told)
 
     async def controls(self, user: str) -> Controls:
-        """As ``Ledger.controls``."""
+        """As ``Ledger.controls``: one statement, so one snapshot."""
         platform, user_id = split_user(user)
-        rows = await self._db.execute_fetchall(
-            f"""SELECT (SELECT micro FROM switches WHERE name = '{PAUSED}'),
-                (SELECT micro FROM switches WHERE name = '{DEFAULT_DAILY}'),
-                (SELECT person FROM links WHERE platform = ? AND user_id = ?)""",
-            (platform, user_id),
-        )
-        paused, default, person = rows[0]
-        own = await self._db.execute_fetchall(
-            "SELECT daily_micro FROM limits WHERE person = ?", (person or user,)
-        )
-        return Controls(bool(paused), default, own[0][0] if own else None, person)
+        rows = await self._db.execute_fetchall(_CONTROLS, (platform, user_id, user))
+        paused, default, own, person = rows[0]
+        return Controls(bool(paused), default, own, person)
 
     async def set_paused(self, admin: str, paused: bool) -> None:
         """As ``Ledger.set_paused``."""
