@@ -77,8 +77,8 @@ async def read_capped(
 
 def decoded_answer(response: httpx.Response) -> DecodedAnswer:
     """The body ``read_capped`` read, with the pictures it decoded on the way."""
-    answer = response.extensions.get(_DECODED)
-    return answer if isinstance(answer, DecodedAnswer) else DecodedAnswer(response.content)
+    answer: DecodedAnswer = response.extensions[_DECODED]
+    return answer
 
 
 def too_large(response: httpx.Response) -> bool:
