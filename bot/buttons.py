@@ -69,6 +69,12 @@ def result_buttons(token: str, kept: KeptResult, pictures: int) -> list[Button]:
     return buttons
 
 
+# What a kept request is made of, but its date (the ledger dates it by its own clock).
+_KEPT_FIELDS = (
+    "platform", "user_id", "command", "prompt", "model", "size", "n", "quality", "inputs", "outputs"
+)  # fmt: skip
+
+
 def kept_result(request: GenerateRequest | EditRequest, platform: str, user_id: str) -> KeptResult:
     """What the ledger keeps of a delivered ``request`` to ask for it again: its options, and
     its pictures as the platform's references (a file id, a message), never their bytes."""
@@ -91,6 +97,18 @@ def kept_result(request: GenerateRequest | EditRequest, platform: str, user_id: 
         outputs="[]",
         created_at=datetime.now(UTC),  # the ledger dates it by its own clock
     )
+
+
+def kept_json(kept: KeptResult) -> str:
+    """``kept`` as JSON, to wait with a slow job for its result."""
+    fields = {name: getattr(kept, name) for name in _KEPT_FIELDS}
+    return json.dumps(fields)
+
+
+def kept_of_json(text: str) -> KeptResult:
+    """What ``kept_json`` wrote; ValueError, KeyError or TypeError for anything else."""
+    fields = json.loads(text)
+    return KeptResult(**{name: fields[name] for name in _KEPT_FIELDS}, created_at=datetime.now(UTC))
 
 
 def input_refs(kept: KeptResult) -> list[str]:

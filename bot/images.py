@@ -486,6 +486,7 @@ class SlowJob:
     charged_micro: int  # what the job costs once completed
     receipt_tx: str | None = None  # a settlement receipt already seen (on the 202 itself)
     n: int = MAX_N  # the most pictures taken from its answer
+    context: str | None = None  # the caller's own note, kept with the job (the request)
 
     def to_json(self) -> str:
         header = self.header
@@ -496,6 +497,7 @@ class SlowJob:
                 "charged_micro": self.charged_micro,
                 "receipt_tx": self.receipt_tx,
                 "n": self.n,
+                "context": self.context,
             }
         )
 
@@ -510,6 +512,7 @@ class SlowJob:
             charged_micro=int(fields["charged_micro"]),
             receipt_tx=fields.get("receipt_tx"),
             n=int(fields.get("n", MAX_N)),
+            context=fields.get("context"),
         )
 
 

@@ -12,7 +12,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import Enum
 from functools import partial
@@ -25,6 +25,8 @@ from bot.buttons import (
     again_command,
     cancel_button,
     input_refs,
+    kept_json,
+    kept_of_json,
     kept_result,
     read_press,
     result_buttons,
@@ -315,7 +317,7 @@ class ImageBot:
         async def deliver(result: ImageResult) -> None:
             draw.settled = True
             caption = price_line(name, open_job.size, result.charged_micro)
-            await self._hand_over(open_job.row_id, result, caption, chat)
+            await self._hand_over(open_job.row_id, result, caption, chat, _kept_of(job))
 
         try:
             await self._images.finish_job(job, on_result=deliver, stop=draw.stop)
@@ -529,10 +531,13 @@ class ImageBot:
         async def still_working(seconds: float) -> None:
             await _progress(chat, f"{status} {seconds:.0f} s", cancel)
 
+        kept = kept_result(request, sender.platform, sender.user_id)
+
         async def remember_job(job: SlowJob) -> None:
             draw.job = job
+            waiting = replace(job, context=kept_json(kept))  # a later run gives it its buttons
             try:
-                await self._ledger.start_job(row_id, job.to_json(), reply_to)
+                await self._ledger.start_job(row_id, waiting.to_json(), reply_to)
             except Exception as error:  # polling goes on; only a restart could lose it
                 log.warning("could not keep slow job %d in the ledger: %s", row_id, error)
             else:
@@ -541,7 +546,6 @@ class ImageBot:
 
         async def deliver(result: ImageResult) -> None:
             draw.settled = True
-            kept = kept_result(request, sender.platform, sender.user_id)
             await self._hand_over(row_id, result, _caption(request, result), chat, kept)
 
         try:
@@ -986,6 +990,16 @@ _KINDS: dict[type, CommandKind] = {
 def _kind(command: Command) -> CommandKind:
     """The metrics' name for a command's kind."""
     return command.kind if isinstance(command, ImageCommand) else _KINDS[type(command)]
+
+
+def _kept_of(job: SlowJob) -> KeptResult | None:
+    """The request a job waited with (for its result's buttons); None for a job kept by an
+    older version, or a note that is not one."""
+    try:
+        return kept_of_json(job.context) if job.context else None
+    except (ValueError, KeyError, TypeError):
+        log.warning("a slow job's request is unreadable; its result comes without buttons")
+        return None
 
 
 def _caption(request: GenerateRequest | EditRequest, result: ImageResult) -> str:

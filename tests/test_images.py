@@ -14,7 +14,7 @@ import weakref
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from aiohttp import web
 from pictures import png
 
 from adapters.console import ConsoleChat
+from bot.buttons import kept_json, kept_of_json, kept_result
 from bot.chains import BASE_SEPOLIA
 from bot.commands import parse
 from bot.errors import ImagebotError, PaymentRefused
@@ -38,6 +39,7 @@ from bot.images import (
     LinkedPicture,
     Picture,
     RateLimited,
+    SlowJob,
     in_memory,
 )
 from bot.requests import EditRequest, GenerateRequest, ImageCommand, ImageInput
@@ -533,3 +535,18 @@ async def test_a_picture_at_a_public_link_is_downloaded_and_checked_only_when_lo
         sandbox.gateway._images.clear()  # the link stops working: loading says so, charged
         with pytest.raises(BadReply, match=r"link that does not work; \$0.042 was charged"):
             await in_memory(gone.pictures)
+
+
+def test_a_slow_job_keeps_its_callers_note_and_reads_one_kept_without_it() -> None:
+    """The service keeps the request with the job (``kept_json``) so a later run can give the
+    result its buttons; a job kept by an older version has no note and still reads."""
+    kept = kept_result(request("/imagegen -m banana-pro -s 2048x2048 a harbour"), "telegram", "7")
+    job = SlowJob("http://127.0.0.1:1/v1/images/generations/j1", None, 105_000, context=None)
+    job = replace(job, context=kept_json(kept))
+    again = SlowJob.from_json(job.to_json())
+    assert again == job
+    assert again.context is not None
+    assert replace(kept_of_json(again.context), created_at=kept.created_at) == kept
+    older = json.loads(job.to_json())
+    del older["context"]
+    assert SlowJob.from_json(json.dumps(older)).context is None

@@ -136,6 +136,13 @@ async def test_a_killed_run_leaves_its_slow_jobs_to_the_next_run_which_delivers_
     await gateway.close()
 
     assert photos[1].params.get("message_thread_id") in (5, "5")  # the same forum topic
+    for photo in photos:  # the buttons came with the job: Again and Vary under one picture
+        (row,) = photo.params["reply_markup"]["inline_keyboard"]
+        assert [button["text"].split(" · ")[0] for button in row] == ["🔁 Again", "🎨 Vary"]
+    for reply in (replied, mentioned):
+        (row,) = reply.payload["components"]
+        labels = [button["label"].split(" · ")[0] for button in row["components"]]
+        assert labels == ["🔁 Again", "🎨 Vary"]
     assert "nano-banana · 1024x1024 · $0.0525" in (replied.payload.get("content") or "")
     assert mentioned.channel_id == channel.id
     assert gateway.payments_received == 4  # nothing new was signed
