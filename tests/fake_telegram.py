@@ -1241,15 +1241,20 @@ class FakeTelegram:
         if local is None:
             raise failed
         assert self._client is not None
+        chunks, size = [], 0
         try:
             async with self._client.get(local + parts.path) as answer:
-                data = await answer.content.read(BY_URL_MAX_BYTES + 1)
+                if answer.status != 200:
+                    raise failed
+                async for chunk in answer.content.iter_any():
+                    size += len(chunk)
+                    if size > BY_URL_MAX_BYTES:
+                        raise failed
+                    chunks.append(chunk)
         except (ClientError, TimeoutError):
             raise failed from None
-        if answer.status != 200 or len(data) > BY_URL_MAX_BYTES:
-            raise failed
         self.fetched.append(url)
-        return _Input(data, parts.path.rpartition("/")[2], answer.content_type)
+        return _Input(b"".join(chunks), parts.path.rpartition("/")[2], answer.content_type)
 
     def _photo_sizes(self, photo: _Photo) -> list[dict[str, Any]]:
         """PhotoSize objects for ``photo``: thumbnails by longest side, then the original."""

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 from aiohttp import web
-from fake_telegram import SECRET_HEADER, FakeTelegram
+from fake_telegram import BY_URL_MAX_BYTES, SECRET_HEADER, FakeTelegram
 from fake_telegram import User as FakeUser
 from pictures import png
 from telegram import (
@@ -147,6 +147,33 @@ async def test_send_photo_records_the_upload_and_its_real_size(
     assert call.result["photo"][-1]["file_size"] == len(image)
     assert fake.chat_actions == [(alice.id, "upload_photo")]
     assert fake.messages_in(alice)[-1]["message_id"] == message.message_id
+
+
+async def test_a_photo_by_url_is_fetched_through_its_route_up_to_5_mib(
+    fake: FakeTelegram, bot: Bot
+) -> None:
+    files = {"fox.png": png(320, 200), "big.png": bytes(BY_URL_MAX_BYTES + 1)}
+
+    async def serve(request: web.Request) -> web.Response:
+        return web.Response(body=files[request.match_info["name"]])
+
+    web_server = web.Application()
+    web_server.router.add_get("/{name}", serve)
+    runner = web.AppRunner(web_server)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    fake.internet["https://cdn.example"] = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    alice = fake.private_chat(1001, "Alice")
+    try:
+        message = await bot.send_photo(alice.id, "https://cdn.example/fox.png")
+        for refused in ("https://cdn.example/big.png", "https://elsewhere.example/fox.png"):
+            with pytest.raises(BadRequest, match=r"(?i)failed to get http url content"):
+                await bot.send_photo(alice.id, refused)
+    finally:
+        await runner.cleanup()
+
+    assert (message.photo[-1].width, message.photo[-1].height) == (320, 200)
+    assert fake.fetched == ["https://cdn.example/fox.png"]
 
 
 async def test_send_media_group_sends_an_album(fake: FakeTelegram, bot: Bot) -> None:
