@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import secrets
 from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -159,10 +160,11 @@ async def stream_of(rows: AsyncIterator[Sequence[Any]], persons: Mapping[str, st
     return ReportStream(total, pending, users())
 
 
-async def collected(stream: ReportStream) -> Report:
-    """A streamed report, read whole."""
-    users = [line async for line in stream.users]
-    return Report(stream.total_micro, stream.pending_micro, users)
+async def collected(streaming: AbstractAsyncContextManager[ReportStream]) -> Report:
+    """A report stream (``Ledger.report_stream``), read whole."""
+    async with streaming as stream:
+        users = [line async for line in stream.users]
+        return Report(stream.total_micro, stream.pending_micro, users)
 
 
 def new_result_token() -> str:

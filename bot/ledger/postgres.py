@@ -356,8 +356,7 @@ class PostgresLedger:
 
     async def report(self, *, since: date | None = None, user: str | None = None) -> Report:
         """As ``Ledger.report``."""
-        async with self.report_stream(since=since, user=user) as stream:
-            return await collected(stream)
+        return await collected(self.report_stream(since=since, user=user))
 
     @contextlib.asynccontextmanager
     async def report_stream(
