@@ -1,4 +1,5 @@
-"""Helpers for tests that run local servers and processes: a free port, waiting for a state."""
+"""Helpers for tests that run local servers and processes: a free port, a throwaway HTTP server,
+waiting for a state."""
 
 from __future__ import annotations
 
@@ -6,8 +7,13 @@ import asyncio
 import inspect
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
+
+from aiohttp import web
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def free_port() -> int:
@@ -15,6 +21,22 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+@asynccontextmanager
+async def serving(*routes: tuple[str, str, Handler], port: int = 0) -> AsyncIterator[str]:
+    """A throwaway HTTP server on loopback with these (method, path, handler) routes, for the
+    block; yields its root URL. Handlers still running at the end get 1 s, not aiohttp's 60."""
+    app = web.Application()
+    for method, path, handler in routes:
+        app.router.add_route(method, path, handler)
+    runner = web.AppRunner(app, shutdown_timeout=1.0)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
 
 
 async def until(check: Callable[[], Any], seconds: float = 30.0, every: float = 0.05) -> None:

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
+from local import serving
 from telegram import Bot
 from telegram.error import NetworkError, TimedOut
 
@@ -17,7 +18,7 @@ TOKEN = "123456:SECRET-token-never-shown"
 
 
 @pytest.fixture
-async def api(unused_tcp_port: int) -> AsyncIterator[tuple[str, list[web.Request]]]:
+async def api() -> AsyncIterator[tuple[str, list[web.Request]]]:
     """A Bot API stand-in: getMe answers, getChat answers too much, close never answers."""
     seen: list[web.Request] = []
 
@@ -36,15 +37,8 @@ async def api(unused_tcp_port: int) -> AsyncIterator[tuple[str, list[web.Request
             {"ok": True, "result": {"id": 1, "is_bot": True, "first_name": "B", "username": "b"}}
         )
 
-    app = web.Application()
-    app.router.add_post("/bot{token}/{method}", call)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
-    try:
-        yield f"http://127.0.0.1:{unused_tcp_port}/bot", seen
-    finally:
-        await runner.cleanup()
+    async with serving(("POST", "/bot{token}/{method}", call)) as url:
+        yield f"{url}/bot", seen
 
 
 async def test_calls_go_through_with_their_parameters(api: tuple[str, list]) -> None:

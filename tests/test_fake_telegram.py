@@ -13,6 +13,7 @@ import pytest
 from aiohttp import web
 from fake_telegram import BY_URL_MAX_BYTES, SECRET_HEADER, FakeTelegram
 from fake_telegram import User as FakeUser
+from local import serving
 from pictures import png
 from telegram import (
     Bot,
@@ -157,20 +158,13 @@ async def test_a_photo_by_url_is_fetched_through_its_route_up_to_5_mib(
     async def serve(request: web.Request) -> web.Response:
         return web.Response(body=files[request.match_info["name"]])
 
-    web_server = web.Application()
-    web_server.router.add_get("/{name}", serve)
-    runner = web.AppRunner(web_server)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    fake.internet["https://cdn.example"] = f"http://127.0.0.1:{runner.addresses[0][1]}"
     alice = fake.private_chat(1001, "Alice")
-    try:
+    async with serving(("GET", "/{name}", serve)) as url:
+        fake.internet["https://cdn.example"] = url
         message = await bot.send_photo(alice.id, "https://cdn.example/fox.png")
         for refused in ("https://cdn.example/big.png", "https://elsewhere.example/fox.png"):
             with pytest.raises(BadRequest, match=r"(?i)failed to get http url content"):
                 await bot.send_photo(alice.id, refused)
-    finally:
-        await runner.cleanup()
 
     assert (message.photo[-1].width, message.photo[-1].height) == (320, 200)
     assert fake.fetched == ["https://cdn.example/fox.png"]

@@ -19,8 +19,9 @@ from typing import Any
 import httpx
 import pytest
 from aiohttp import web
+from local import serving
 from pictures import png
-from test_images import REQUIREMENT, bomb_png, quoting, run, service_for, serving
+from test_images import REQUIREMENT, bomb_png, quoting, run, service_for
 from test_service import ALICE, RecordingChat
 
 from bot.chains import BASE, BASE_SEPOLIA, gateway_chain
@@ -67,7 +68,7 @@ async def secret(unused_tcp_port_factory: Callable[[], int]) -> AsyncIterator[tu
         return web.Response(body=png(), content_type="image/png")
 
     port = unused_tcp_port_factory()
-    async with serving(port, ("GET", "/{tail:.*}", leak)):
+    async with serving(("GET", "/{tail:.*}", leak), port=port):
         yield f"127.0.0.1:{port}", hits
 
 
@@ -90,7 +91,7 @@ async def test_an_image_link_to_a_private_address_is_never_fetched(
     address, hits = secret
     url = link.format(secret=address, port=address.rpartition(":")[2])
     route = ("POST", GENERATIONS, quoting(paid_answer({"data": [{"url": url}]})))
-    async with serving(unused_tcp_port, route) as gateway:
+    async with serving(route, port=unused_tcp_port) as gateway:
         with pytest.raises(BadReply) as caught:
             await asyncio.wait_for(run(service_for(http, gateway), "/imagegen a fox"), 5)
     assert hits == []
@@ -116,10 +117,10 @@ async def test_links_on_the_gateways_own_origin_work_and_redirects_are_not_follo
 
     gateway = f"http://127.0.0.1:{unused_tcp_port}"
     async with serving(
-        unused_tcp_port,
         ("POST", GENERATIONS, quoting(answer("own"))),
         ("POST", "/v1/images/image2image", quoting(answer("away"))),
         ("GET", "/files/{name}", files),
+        port=unused_tcp_port,
     ):
         result = await run(service_for(http, gateway), "/imagegen a fox")
         with pytest.raises(BadReply) as caught:
@@ -144,9 +145,9 @@ async def test_a_reply_with_200_pictures_for_n_1_yields_one_and_fetches_one(
     gateway = f"http://127.0.0.1:{unused_tcp_port}"
     links = [{"url": f"{gateway}/p/{i}.png"} for i in range(200)]
     async with serving(
-        unused_tcp_port,
         ("POST", GENERATIONS, quoting(paid_answer({"data": links}))),
         ("GET", "/p/{name}", picture),
+        port=unused_tcp_port,
     ):
         result = await run(service_for(http, gateway), "/imagegen a fox")
     assert len(result.pictures) == 1 and len(fetched) == 1
@@ -187,7 +188,7 @@ async def test_a_gzip_bomb_as_the_paid_answer_is_cut_off_at_the_paid_cap(
 ) -> None:
     assert len(gzip_bomb) < 2 * MiB
     route = ("POST", GENERATIONS, quoting(lambda: bomb_response(gzip_bomb, 200)))
-    async with serving(unused_tcp_port, route) as url:
+    async with serving(route, port=unused_tcp_port) as url:
         peak, raised = await peak_while(run(service_for(http, url), "/imagegen a fox"))
     assert peak < MAX_ANSWER_BYTES + 64 * MiB  # ~330 MiB, not the 1 GiB it inflates to
     assert isinstance(raised, BadReply) and raised.charged is True
@@ -206,7 +207,7 @@ async def test_a_gzip_bomb_as_a_quote_or_an_error_is_cut_off_far_sooner(
             return web.json_response({"x402Version": 2, "accepts": [REQUIREMENT]}, status=402)
         return bomb_response(gzip_bomb, 402 if where == "402" else 500)
 
-    async with serving(unused_tcp_port, ("POST", GENERATIONS, unpaid_quote)) as url:
+    async with serving(("POST", GENERATIONS, unpaid_quote), port=unused_tcp_port) as url:
         peak, raised = await peak_while(run(service_for(http, url), "/imagegen a fox"))
     assert MAX_SMALL_BODY_BYTES == 64 * 1024
     # The cap plus one 16 KiB read inflated (up to 16 MiB, a few copies while decoding): not 1 GiB.
@@ -233,7 +234,7 @@ async def test_json_nested_past_the_c_stack_is_a_clear_message_not_a_crash(
         return deep()
 
     route = unpaid if where == "402" else quoting(deep)
-    async with serving(unused_tcp_port, ("POST", GENERATIONS, route)) as url:
+    async with serving(("POST", GENERATIONS, route), port=unused_tcp_port) as url:
         with pytest.raises(ImagebotError) as raised:
             await run(service_for(http, url), "/imagegen a fox")
     assert raised.value.user_message
@@ -261,7 +262,7 @@ async def test_a_paid_answer_that_never_finishes_ends_with_outcome_unknown_in_th
 
     database = tmp_path / "l.sqlite3"
     chat = RecordingChat()
-    async with serving(unused_tcp_port, ("POST", GENERATIONS, paid)) as url:
+    async with serving(("POST", GENERATIONS, paid), port=unused_tcp_port) as url:
         settings = load_settings(_env_file=None, image_api_url=url, database_path=database)
         async with open_bot(settings, Wallet.create(), exchange_deadline=0.5) as bot:
             outcome = await asyncio.wait_for(bot.handle(ALICE, chat, "/imagegen a fox"), 10)
@@ -284,11 +285,11 @@ async def test_a_picture_download_or_a_poll_that_never_finishes_is_given_up(
         return web.json_response({"status": "queued", "poll_url": "/jobs/j"}, status=202)
 
     async with serving(
-        unused_tcp_port,
         ("POST", GENERATIONS, quoting(paid_answer({"data": [{"url": f"{gateway}/p.png"}]}))),
         ("POST", "/v1/images/image2image", quoting(job)),
         ("GET", "/p.png", drip),
         ("GET", "/jobs/j", drip),
+        port=unused_tcp_port,
     ):
         payer = X402Payer(http, Wallet.create(), max_micro=500_000)
         service = ImageService(
@@ -320,7 +321,7 @@ async def test_a_picture_over_the_pixel_limit_is_one_clear_charged_message(
     http: httpx.AsyncClient, unused_tcp_port: int, side: int
 ) -> None:
     answer = paid_answer({"data": [{"url": data_uri(bomb_png(side, side))}]})
-    async with serving(unused_tcp_port, ("POST", GENERATIONS, quoting(answer))) as url:
+    async with serving(("POST", GENERATIONS, quoting(answer)), port=unused_tcp_port) as url:
         with pytest.raises(BadReply) as caught:
             await run(service_for(http, url), "/imagegen a fox")
     assert caught.value.charged is True
@@ -343,7 +344,9 @@ async def test_fields_of_the_wrong_type_never_break_the_bot(
 ) -> None:
     body = {"data": [{"url": data_uri(png())}]} | oddity
     chat = RecordingChat()
-    async with serving(unused_tcp_port, ("POST", GENERATIONS, quoting(paid_answer(body)))) as url:
+    async with serving(
+        ("POST", GENERATIONS, quoting(paid_answer(body))), port=unused_tcp_port
+    ) as url:
         settings = load_settings(_env_file=None, image_api_url=url, database_path=tmp_path / "l")
         async with open_bot(settings, Wallet.create()) as bot:
             outcome = await bot.handle(ALICE, chat, "/imagegen a fox")
@@ -359,7 +362,7 @@ async def test_an_oversized_header_on_the_paid_answer_is_one_clear_message(
         body = {"data": [{"url": data_uri(png())}]}
         return web.json_response(body, headers={"X-Padding": "x" * 20_000})
 
-    async with serving(unused_tcp_port, ("POST", GENERATIONS, quoting(answer))) as url:
+    async with serving(("POST", GENERATIONS, quoting(answer)), port=unused_tcp_port) as url:
         with pytest.raises(ImagebotError) as caught:
             await run(service_for(http, url), "/imagegen a fox")
     assert caught.value.charged is None
@@ -383,7 +386,7 @@ async def test_an_answer_without_a_402_is_charged_at_most_the_catalog_estimate(
     async def free(_: web.Request) -> web.Response:
         return web.json_response({"data": [{"url": data_uri(png())}], "price": price})
 
-    async with serving(unused_tcp_port, ("POST", GENERATIONS, free)) as url:
+    async with serving(("POST", GENERATIONS, free), port=unused_tcp_port) as url:
         result = await run(service_for(http, url), "/imagegen a fox")
     assert result.charged_micro == charged
 
@@ -426,7 +429,7 @@ async def test_a_testnet_gateway_offering_mainnet_cheaper_is_paid_on_its_testnet
         signed.append(json.loads(base64.b64decode(header))["accepted"]["network"])
         return web.json_response({"data": [{"url": data_uri(png())}]})
 
-    async with serving(unused_tcp_port, ("POST", GENERATIONS, route)) as url:
+    async with serving(("POST", GENERATIONS, route), port=unused_tcp_port) as url:
         result = await run(service_for(http, url), "/imagegen a fox")
     assert signed == [BASE_SEPOLIA.caip2] and result.charged_micro == 52_500
 
@@ -444,7 +447,7 @@ async def test_quotes_only_on_another_network_are_refused_before_signing(
         accepts = offers((BASE, "52500"))
         return web.json_response({"x402Version": 2, "accepts": accepts}, status=402)
 
-    async with serving(unused_tcp_port, ("POST", GENERATIONS, route)) as url:
+    async with serving(("POST", GENERATIONS, route), port=unused_tcp_port) as url:
         payer = X402Payer(http, Wallet.create(), max_micro=500_000)
         service = ImageService(http, payer, url, network=pinned)
         with pytest.raises(PaymentRefused) as caught:
@@ -484,9 +487,9 @@ async def test_gateway_error_text_reaches_the_chat_as_a_short_plain_reason(
 
     chat = RecordingChat()
     async with serving(
-        unused_tcp_port,
         ("POST", GENERATIONS, quoting(answer)),
         ("GET", "/jobs/j", poll),
+        port=unused_tcp_port,
     ) as url:
         settings = load_settings(_env_file=None, image_api_url=url, database_path=tmp_path / "l")
         async with open_bot(settings, Wallet.create(), poll_interval=0.05) as bot:

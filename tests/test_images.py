@@ -12,8 +12,7 @@ import subprocess
 import sys
 import weakref
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 from aiohttp import web
+from local import Handler, serving
 from pictures import png
 
 from adapters.console import ConsoleChat
@@ -155,7 +155,7 @@ async def test_a_slow_job_is_polled_through_202_answers_until_it_completes(
 
 
 async def test_busy_and_lost_polls_are_asked_again_with_the_same_payment(
-    http: httpx.AsyncClient, unused_tcp_port: int
+    http: httpx.AsyncClient,
 ) -> None:
     answers = [503, 429, "drop", 504, 200]
     seen: list[str] = []
@@ -177,7 +177,6 @@ async def test_busy_and_lost_polls_are_asked_again_with_the_same_payment(
         return web.json_response(body, headers={"X-Payment-Receipt": "0xabc"})
 
     async with serving(
-        unused_tcp_port,
         ("POST", "/v1/images/generations", quoting(answer)),
         ("GET", "/jobs/j", job),
     ) as url:
@@ -188,7 +187,7 @@ async def test_busy_and_lost_polls_are_asked_again_with_the_same_payment(
 
 
 async def test_a_receipt_on_a_202_is_charged_even_when_the_job_then_fails(
-    http: httpx.AsyncClient, unused_tcp_port: int
+    http: httpx.AsyncClient,
 ) -> None:
     receipt = base64.b64encode(
         json.dumps({"success": True, "transaction": "0xabc", "network": "eip155:84532"}).encode()
@@ -202,7 +201,6 @@ async def test_a_receipt_on_a_202_is_charged_even_when_the_job_then_fails(
         return web.json_response({"status": "failed", "error": "upstream broke"})
 
     async with serving(
-        unused_tcp_port,
         ("POST", "/v1/images/generations", quoting(answer)),
         ("GET", "/jobs/j", job),
     ) as url:
@@ -228,13 +226,13 @@ def bomb_png(width: int = 40_000, height: int = 40_000) -> bytes:
 
 
 async def test_a_decompression_bomb_after_payment_says_it_was_charged(
-    http: httpx.AsyncClient, unused_tcp_port: int
+    http: httpx.AsyncClient,
 ) -> None:
     def answer() -> web.Response:
         picture = "data:image/png;base64," + base64.b64encode(bomb_png()).decode()
         return web.json_response({"created": 1, "data": [{"url": picture}]})
 
-    async with serving(unused_tcp_port, ("POST", "/v1/images/generations", quoting(answer))) as url:
+    async with serving(("POST", "/v1/images/generations", quoting(answer))) as url:
         with pytest.raises(BadReply) as caught:
             await run(service_for(http, url), "/imagegen a fox")
 
@@ -245,13 +243,13 @@ async def test_a_decompression_bomb_after_payment_says_it_was_charged(
 
 
 async def test_a_poll_address_off_the_gateway_is_never_sent_the_payment(
-    http: httpx.AsyncClient, unused_tcp_port: int
+    http: httpx.AsyncClient,
 ) -> None:
     def answer() -> web.Response:
         body = {"id": "j", "status": "queued", "poll_url": "http://127.0.0.2:9/steal"}
         return web.json_response(body, status=202)
 
-    async with serving(unused_tcp_port, ("POST", "/v1/images/generations", quoting(answer))) as url:
+    async with serving(("POST", "/v1/images/generations", quoting(answer))) as url:
         with pytest.raises(BadReply) as caught:
             await run(service_for(http, url), "/imagegen a fox")
 
@@ -348,7 +346,6 @@ REQUIREMENT = {
     "maxTimeoutSeconds": 300,
     "extra": {},
 }
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def quoting(answer: Callable[[], web.Response]) -> Handler:
@@ -362,21 +359,6 @@ def quoting(answer: Callable[[], web.Response]) -> Handler:
     return route
 
 
-@asynccontextmanager
-async def serving(port: int, *routes: tuple[str, str, Handler]) -> AsyncIterator[str]:
-    """A throwaway gateway on loopback with these routes; yields its root URL."""
-    app = web.Application()
-    for method, path, handler in routes:
-        app.router.add_route(method, path, handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
-
-
 async def test_unreachable_gateway_says_nothing_was_charged(http: httpx.AsyncClient) -> None:
     service = service_for(http, "http://127.0.0.1:9")
     with pytest.raises(ImagebotError) as caught:
@@ -386,24 +368,17 @@ async def test_unreachable_gateway_says_nothing_was_charged(http: httpx.AsyncCli
 
 
 async def test_gateway_that_returns_no_image_reports_the_charge(
-    http: httpx.AsyncClient, unused_tcp_port: int
+    http: httpx.AsyncClient,
 ) -> None:
     async def empty(_: web.Request) -> web.Response:
         return web.json_response({"created": 1, "data": [{"url": "data:image/png;base64,AAAA"}]})
 
-    app = web.Application()
-    app.router.add_post("/v1/images/generations", empty)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
-    try:
-        service = service_for(http, f"http://127.0.0.1:{unused_tcp_port}")
+    async with serving(("POST", "/v1/images/generations", empty)) as url:
+        service = service_for(http, url)
         with pytest.raises(BadReply) as caught:
             await run(service, "/imagegen a fox")
         assert "not a PNG, JPEG or WebP" in caught.value.user_message
         assert caught.value.charged is True
-    finally:
-        await runner.cleanup()
 
 
 async def test_console_chat_writes_each_format_with_its_extension(tmp_path: Path) -> None:
@@ -428,7 +403,7 @@ def test_demo_once_runs_offline_from_the_command_line(tmp_path: Path) -> None:
 
 
 async def test_resent_payment_reported_as_used_is_an_unknown_outcome(
-    http: httpx.AsyncClient, unused_tcp_port: int
+    http: httpx.AsyncClient,
 ) -> None:
     """The gateway got the paid request, the answer was lost, the resend meets a used nonce."""
     headers_seen: list[str] = []
@@ -444,17 +419,10 @@ async def test_resent_payment_reported_as_used_is_an_unknown_outcome(
             return web.Response()
         return web.json_response({"error": "nonce_already_used"}, status=402)
 
-    app = web.Application()
-    app.router.add_post("/v1/images/generations", generations)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
-    try:
-        service = service_for(http, f"http://127.0.0.1:{unused_tcp_port}")
+    async with serving(("POST", "/v1/images/generations", generations)) as url:
+        service = service_for(http, url)
         with pytest.raises(ImagebotError) as caught:
             await run(service, "/imagegen a fox")
-    finally:
-        await runner.cleanup()
     assert len(headers_seen) == 2 and headers_seen[0] == headers_seen[1]
     assert caught.value.charged is None
     assert "may have been charged" in caught.value.user_message

@@ -20,6 +20,7 @@ from typing import Any
 import asyncpg
 import pytest
 from imagebot_cli import cli_env, imagebot
+from local import serving
 from pictures import png
 from PIL import Image
 
@@ -422,7 +423,7 @@ async def ledger_statuses(database: Path) -> list[str]:
 
 
 async def test_quote_above_the_estimate_is_checked_against_the_budget_before_signing(
-    tmp_path: Path, unused_tcp_port: int
+    tmp_path: Path,
 ) -> None:
     """The catalog says $0.0525, the gateway asks $0.20; a $0.10 daily cap refuses it unsigned."""
     from aiohttp import web
@@ -445,25 +446,18 @@ async def test_quote_above_the_estimate_is_checked_against_the_budget_before_sig
             paid_requests.append(request.headers["PAYMENT-SIGNATURE"])
         return web.json_response({"x402Version": 2, "accepts": [requirement]}, status=402)
 
-    app = web.Application()
-    app.router.add_post("/v1/images/generations", generations)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
-    settings = load_settings(
-        _env_file=None,
-        image_api_url=f"http://127.0.0.1:{unused_tcp_port}",
-        database_path=tmp_path / "l.sqlite3",
-        user_daily_micro="0.10",
-    )
-    try:
+    async with serving(("POST", "/v1/images/generations", generations)) as url:
+        settings = load_settings(
+            _env_file=None,
+            image_api_url=url,
+            database_path=tmp_path / "l.sqlite3",
+            user_daily_micro="0.10",
+        )
         async with open_bot(settings, Wallet.create()) as bot:
             chat = RecordingChat()
             assert await bot.handle(ALICE, chat, "/imagegen a fox") is Outcome.REFUSED
             spend = RecordingChat()
             await bot.handle(ALICE, spend, "/spend")
-    finally:
-        await runner.cleanup()
     assert paid_requests == []
     assert chat.texts == [
         "Daily limit reached: you have $0.10 left of your $0.10 per day; it resets at "

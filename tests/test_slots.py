@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 from aiohttp import web
+from local import serving
 from pictures import png
 
 from bot.commands import parse
@@ -81,9 +82,7 @@ async def sandbox() -> AsyncIterator[tuple[Sandbox, str]]:
     await gateway.close()
 
 
-async def test_a_burst_larger_than_the_slots_never_holds_more_pictures_in_memory_than_the_bound(
-    unused_tcp_port: int,
-) -> None:
+async def test_a_burst_larger_than_the_slots_never_holds_more_pictures_than_the_bound() -> None:
     """A gateway (paid through a proxy) that answers slowly and streams its bodies in pieces:
     all ten requests wait on it together, but at most two bodies are read or handed over."""
     at_gateway = Gauge()
@@ -104,30 +103,22 @@ async def test_a_burst_larger_than_the_slots_never_holds_more_pictures_in_memory
         await answer.write_eof()
         return answer
 
-    app = web.Application()
-    app.router.add_post("/v1/images/generations", generations)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
     held = Gauge()
 
     async def deliver(result: ImageResult) -> None:
         await asyncio.sleep(0.05)  # a slow upload
         held.down()
 
-    try:
-        async with gateway_client() as http:
-            watch_paid_answers(http, held)
-            payer = X402Payer(http, None, max_micro=CAP)
-            url = f"http://127.0.0.1:{unused_tcp_port}"
-            service = ImageService(http, payer, url, max_results_in_hand=SLOTS)
-            calls = [
-                service.generate(request(f"/imagegen -m gpt-image fox {i}"), on_result=deliver)
-                for i in range(CROWD)
-            ]
-            results = await asyncio.wait_for(asyncio.gather(*calls), timeout=20)
-    finally:
-        await runner.cleanup()
+    gateway = serving(("POST", "/v1/images/generations", generations))
+    async with gateway as url, gateway_client() as http:
+        watch_paid_answers(http, held)
+        payer = X402Payer(http, None, max_micro=CAP)
+        service = ImageService(http, payer, url, max_results_in_hand=SLOTS)
+        calls = [
+            service.generate(request(f"/imagegen -m gpt-image fox {i}"), on_result=deliver)
+            for i in range(CROWD)
+        ]
+        results = await asyncio.wait_for(asyncio.gather(*calls), timeout=20)
 
     assert all(result.pictures[0].width == 640 for result in results)
     assert at_gateway.most == CROWD  # waiting for the gateway held no slot
@@ -162,9 +153,7 @@ async def test_a_slow_gateway_no_longer_makes_later_users_wait_for_earlier_users
     assert wall < 3 * LATENCY  # the old slots made it CROWD / SLOTS = 5 rounds
 
 
-async def test_results_in_hand_never_wait_on_the_pool_for_their_picture_links(
-    unused_tcp_port: int,
-) -> None:
+async def test_results_in_hand_never_wait_on_the_pool_for_their_picture_links() -> None:
     """An answer too big to sit in the socket's buffers keeps its connection while it waits for
     a slot, so the pool has room beyond the exchanges in flight for every link the results in
     hand download (bot/http.py); with only one connection per exchange, a result's downloads
@@ -182,26 +171,17 @@ async def test_results_in_hand_never_wait_on_the_pool_for_their_picture_links(
     async def pictures(request: web.Request) -> web.Response:
         return web.Response(body=picture, content_type="image/png")
 
-    app = web.Application()
-    app.router.add_post("/v1/images/generations", generations)
-    app.router.add_get("/pictures/{name}", pictures)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
-    try:
-        async with gateway_client(in_flight + slots * MAX_N) as http:
-            payer = X402Payer(http, None, max_micro=CAP, max_in_flight=in_flight)
-            url = f"http://127.0.0.1:{unused_tcp_port}"
-            service = ImageService(
-                http, payer, url, max_results_in_hand=slots, download_deadline=2.0
-            )
-            calls = [
-                service.generate(request(f"/imagegen -m nano-banana --n {MAX_N} a fox {i}"))
-                for i in range(CROWD)
-            ]
-            results = await asyncio.wait_for(asyncio.gather(*calls), timeout=30)
-    finally:
-        await runner.cleanup()
+    gateway = serving(
+        ("POST", "/v1/images/generations", generations), ("GET", "/pictures/{name}", pictures)
+    )
+    async with gateway as url, gateway_client(in_flight + slots * MAX_N) as http:
+        payer = X402Payer(http, None, max_micro=CAP, max_in_flight=in_flight)
+        service = ImageService(http, payer, url, max_results_in_hand=slots, download_deadline=2.0)
+        calls = [
+            service.generate(request(f"/imagegen -m nano-banana --n {MAX_N} a fox {i}"))
+            for i in range(CROWD)
+        ]
+        results = await asyncio.wait_for(asyncio.gather(*calls), timeout=30)
     assert [len(result.pictures) for result in results] == [MAX_N] * CROWD
 
 
@@ -239,9 +219,7 @@ async def test_waiting_for_a_slot_is_not_counted_as_the_gateways_time() -> None:
     assert max(exchanges) < 0.4
 
 
-async def test_edits_hold_a_slot_for_their_pictures_while_generations_wait_without_one(
-    unused_tcp_port: int,
-) -> None:
+async def test_edits_hold_a_slot_for_their_pictures_while_generations_wait_without_one() -> None:
     """An edit's input pictures go out as data URIs: pictures in memory, so an edit holds its
     slot from building its request on; a generation's request holds none."""
     at_gateway = {"generations": Gauge(), "image2image": Gauge()}
@@ -255,25 +233,16 @@ async def test_edits_hold_a_slot_for_their_pictures_while_generations_wait_witho
         gauge.down()
         return web.json_response(answer)
 
-    app = web.Application()
-    app.router.add_post("/v1/images/{kind}", draw)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
-    try:
-        async with gateway_client() as http:
-            payer = X402Payer(http, None, max_micro=CAP)
-            url = f"http://127.0.0.1:{unused_tcp_port}"
-            service = ImageService(http, payer, url, max_results_in_hand=SLOTS)
-            command = parse("/img2img -m nano-banana make it blue")
-            assert isinstance(command, ImageCommand)
-            edit = command.build((ImageInput(png(320, 240)),))
-            assert isinstance(edit, EditRequest)
-            edits = [service.edit(edit) for _ in range(CROWD)]
-            draws = [service.generate(request(f"/imagegen a fox {i}")) for i in range(CROWD)]
-            await asyncio.wait_for(asyncio.gather(*edits, *draws), timeout=20)
-    finally:
-        await runner.cleanup()
+    async with serving(("POST", "/v1/images/{kind}", draw)) as url, gateway_client() as http:
+        payer = X402Payer(http, None, max_micro=CAP)
+        service = ImageService(http, payer, url, max_results_in_hand=SLOTS)
+        command = parse("/img2img -m nano-banana make it blue")
+        assert isinstance(command, ImageCommand)
+        edit = command.build((ImageInput(png(320, 240)),))
+        assert isinstance(edit, EditRequest)
+        edits = [service.edit(edit) for _ in range(CROWD)]
+        draws = [service.generate(request(f"/imagegen a fox {i}")) for i in range(CROWD)]
+        await asyncio.wait_for(asyncio.gather(*edits, *draws), timeout=20)
     assert at_gateway["image2image"].most == SLOTS
     assert at_gateway["generations"].most == CROWD
 

@@ -14,6 +14,7 @@ import httpx
 import pytest
 from aiohttp import web
 from eth_account import Account
+from local import serving
 from x402.http.utils import (
     decode_payment_signature_header,
     encode_payment_required_header,
@@ -217,16 +218,9 @@ class Hook:
 @pytest.fixture
 async def gateway():
     gateway = Gateway()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", gateway.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    gateway.url = f"http://{host}:{port}"
-    yield gateway
-    await runner.cleanup()
+    async with serving(("*", "/{tail:.*}", gateway.handle)) as url:
+        gateway.url = url
+        yield gateway
 
 
 @pytest.fixture
