@@ -19,6 +19,7 @@ from functools import partial
 from typing import Any, Protocol
 
 from bot.admin import PAUSED, AdminDesk, budget_for
+from bot.arrival import ArrivalOrder
 from bot.balance import WalletWatch
 from bot.buttons import (
     Button,
@@ -178,11 +179,20 @@ class Chat(Protocol):
 class LedgerPayment:
     """The payer's hook for one request: records the real quote on its ledger row before signing."""
 
-    def __init__(self, ledger: Ledger, row_id: int, budget: Budget, reply_to: str) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        row_id: int,
+        budget: Budget,
+        reply_to: str,
+        *,
+        on_recorded: Callable[[], None] = lambda: None,
+    ) -> None:
         self._ledger = ledger
         self._row_id = row_id
         self._budget = budget
         self._reply_to = reply_to
+        self._on_recorded = on_recorded
         self.signed_micro: int | None = None  # set once a payment may leave the process
         self.network: str | None = None  # the signed payment's network (CAIP-2)
 
@@ -199,6 +209,7 @@ class LedgerPayment:
             reply_to=self._reply_to,
         )
         self.signed_micro, self.network = quote.amount_micro, quote.chain.caip2
+        self._on_recorded()
 
 
 class ImageBot:
@@ -229,6 +240,7 @@ class ImageBot:
         self._cancelling: set[asyncio.Task[Cancellation]] = set()  # asked by other runs
         self._draining = False
         self._decoding = asyncio.Semaphore(MAX_DECODING)
+        self._arrival = ArrivalOrder()
         self._chat_for: ChatFinder = _no_chat  # set by resume_jobs once adapters run
 
     async def drain(self, seconds: float = DRAIN_SECONDS) -> None:
@@ -453,6 +465,19 @@ class ImageBot:
         except ImagebotError as error:
             await chat.send_text(error.user_message)
             return Outcome.REFUSED
+        async with self._arrival.place() as ready:
+            return await self._prepare(command, sender, chat, inputs, ready)
+
+    async def _prepare(
+        self,
+        command: ImageCommand,
+        sender: Sender,
+        chat: Chat,
+        inputs: InputSource,
+        ready: Callable[[], None],
+    ) -> Outcome:
+        """The checks and downloads of an allowed image command, then its draw; ``ready`` is
+        called once it stops getting ready to pay (``ArrivalOrder``)."""
         try:  # before any download: a pause or an unreachable ledger is said at once
             controls = await self._ledger.controls(sender.principal)
         except Exception as error:  # no controls, so no budget: say so rather than nothing
@@ -478,7 +503,7 @@ class ImageBot:
             return Outcome.REFUSED
         self._jobs[sender.principal] += 1
         try:
-            return await self._draw(request, sender, chat, controls)
+            return await self._draw(request, sender, chat, controls, ready)
         finally:
             self._jobs[sender.principal] -= 1
             if not self._jobs[sender.principal]:
@@ -490,6 +515,7 @@ class ImageBot:
         sender: Sender,
         chat: Chat,
         controls: Controls,
+        ready: Callable[[], None],
     ) -> Outcome:
         attempt = Attempt(
             platform=sender.platform,
@@ -513,7 +539,7 @@ class ImageBot:
             await chat.send_text(f"{_LEDGER_DOWN} Nothing was charged.")
             return Outcome.REFUSED
         reply_to = chat.reply_address()
-        payment = LedgerPayment(self._ledger, row_id, budget, reply_to)
+        payment = LedgerPayment(self._ledger, row_id, budget, reply_to, on_recorded=ready)
         price = request.price_line(request.estimate_micro)
         verb = "Drawing" if isinstance(request, GenerateRequest) else "Editing"
         status = f"{verb} with {price}…"
@@ -526,6 +552,7 @@ class ImageBot:
         cancel = (cancel_button(row_id),)
 
         async def in_line(ahead: int) -> None:
+            ready()  # waiting for a slot is not getting ready: let the next command on
             await _progress(chat, _waiting(ahead, price), cancel)
 
         async def still_working(seconds: float) -> None:
