@@ -19,12 +19,14 @@ from typing import Any
 
 import asyncpg
 import pytest
+from aiohttp import web
 from imagebot_cli import cli_env, imagebot
 from local import serving
 from pictures import png
 from PIL import Image
 
 from adapters.console import run_console
+from bot.arrival import READYING_AT_ONCE
 from bot.buttons import Button
 from bot.config import load_settings
 from bot.images import Picture
@@ -464,3 +466,31 @@ async def test_quote_above_the_estimate_is_checked_against_the_budget_before_sig
         "00:00 UTC. Nothing was charged."
     ]
     assert "Left today: $0.10" in spend.texts[0]  # the refused reservation was released
+
+
+async def test_a_crowd_pays_first_come_first_served_not_all_at_the_end(tmp_path: Path) -> None:
+    """60 users at once: a few commands get ready to pay at a time, in the order they came, so
+    the first payment leaves before most quotes are asked for (with every command stepping
+    forward together, all 60 quotes came first and every picture came back in one late rush)."""
+    arrivals: list[str] = []
+
+    @web.middleware
+    async def note(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.method == "POST":
+            arrivals.append("paid" if "PAYMENT-SIGNATURE" in request.headers else "quote")
+        return await handler(request)
+
+    gateway = Sandbox()
+    gateway.app.middlewares.append(note)
+    await gateway.start()
+    senders = [Sender("telegram", str(2000 + i), "", (str(2000 + i),), True) for i in range(60)]
+    try:
+        async with running_bot(gateway, tmp_path / "l.sqlite3", global_daily_micro="100") as bot:
+            outcomes = await asyncio.gather(
+                *(bot.handle(sender, RecordingChat(), "/imagegen a fox") for sender in senders)
+            )
+    finally:
+        await gateway.close()
+    assert outcomes == [Outcome.DONE] * 60
+    # about READYING_AT_ONCE; twice that if a slow machine let every place's hold time pass
+    assert arrivals.index("paid") < 2 * READYING_AT_ONCE < len(senders)
