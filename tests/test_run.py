@@ -59,6 +59,7 @@ async def test_one_process_serves_both_platforms_on_one_ledger(tmp_path: Path) -
     assert f"@bob (discord:{bob.id}): $0.042" in text, text
     assert "$0.0945" in text, text  # the total of both
     assert len(gateway.settlements) == 2
+    assert "event loop: uvloop.Loop" in (tmp_path / "run.log").read_text()  # the faster loop
 
 
 async def test_a_refused_discord_intent_stops_start_up_with_exit_2(tmp_path: Path) -> None:
