@@ -177,7 +177,8 @@ class Chat(Protocol):
 
 
 class LedgerPayment:
-    """The payer's hook for one request: records the real quote on its ledger row before signing."""
+    """The payer's hook for one request: records the real quote on its ledger row before signing;
+    ``on_recorded`` is told once it is recorded, as the payment is about to leave."""
 
     def __init__(
         self,
