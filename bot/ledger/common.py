@@ -167,6 +167,21 @@ async def collected(streaming: AbstractAsyncContextManager[ReportStream]) -> Rep
         return Report(stream.total_micro, stream.pending_micro, users)
 
 
+class ResultSweep:
+    """When a run's next keep deletes expired results: at most once every
+    ``RESULT_SWEEP_SECONDS``, the same rule on every backend."""
+
+    def __init__(self) -> None:
+        self._next_at = 0
+
+    def due(self, now: int) -> bool:
+        """Whether a keep at ``now`` sweeps; if it does, the next sweep waits its turn."""
+        if now < self._next_at:
+            return False
+        self._next_at = now + RESULT_SWEEP_SECONDS
+        return True
+
+
 def new_result_token() -> str:
     """An unguessable token for a kept result: 128 random bits as 22 url-safe characters."""
     return secrets.token_urlsafe(16)

@@ -52,7 +52,7 @@ from bot.ledger.common import (
     RESULT_COLUMNS,
     RESULT_DELETE_BATCH,
     RESULT_KEEP_SECONDS,
-    RESULT_SWEEP_SECONDS,
+    ResultSweep,
     collected,
     day_number,
     day_of,
@@ -179,7 +179,7 @@ class PostgresLedger:
         self._run_id = run_id
         self._clock = clock
         self._lease_seconds = lease_seconds
-        self._next_sweep = 0  # when a keep next deletes expired results
+        self._sweep = ResultSweep()
         self._renewing = asyncio.create_task(self._renew_lease())
 
     @classmethod
@@ -479,8 +479,7 @@ class PostgresLedger:
         """As ``Ledger.keep_result``."""
         now = self._now()
         row = result_row(new_result_token(), result, now)
-        if now >= self._next_sweep:
-            self._next_sweep = now + RESULT_SWEEP_SECONDS
+        if self._sweep.due(now):
             await self._pool.execute(
                 _DELETE_EXPIRED_RESULTS, now - RESULT_KEEP_SECONDS, RESULT_DELETE_BATCH
             )

@@ -51,7 +51,7 @@ from bot.ledger.common import (
     RESULT_COLUMNS,
     RESULT_DELETE_BATCH,
     RESULT_KEEP_SECONDS,
-    RESULT_SWEEP_SECONDS,
+    ResultSweep,
     collected,
     day_number,
     day_of,
@@ -155,7 +155,7 @@ class SqliteLedger:
         self._db = db
         self._lock = lock
         self._clock = clock
-        self._next_sweep = 0  # when a keep next deletes expired results
+        self._sweep = ResultSweep()
 
     @classmethod
     async def open(cls, path: str | Path, *, clock: Clock = utc_now) -> SqliteLedger:
@@ -460,8 +460,7 @@ class SqliteLedger:
         """As ``Ledger.keep_result``."""
         now = self._now()
         row = result_row(new_result_token(), result, now)
-        if now >= self._next_sweep:
-            self._next_sweep = now + RESULT_SWEEP_SECONDS
+        if self._sweep.due(now):
             await self._db.execute(
                 _DELETE_EXPIRED_RESULTS,
                 {"expired_before": now - RESULT_KEEP_SECONDS, "batch": RESULT_DELETE_BATCH},
