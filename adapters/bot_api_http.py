@@ -14,6 +14,8 @@ from telegram.request import BaseRequest, RequestData
 # The biggest answer is a file download, at most 20 MB (getFile's limit); the rest are JSON.
 MAX_ANSWER_BYTES = 21 * 1024 * 1024
 _CHUNK_BYTES = 256 * 1024
+# Forms with files up to this size are sent from one buffer (``_body``).
+ONE_BUFFER_BYTES = 256 * 1024
 # PTB's own defaults (HTTPXRequest's): to read, write or connect, and to get a pooled connection.
 _STEP_SECONDS = 5.0
 _POOL_SECONDS = 1.0
@@ -76,12 +78,13 @@ class BotApiRequest(BaseRequest):
             sock_connect=connect,
             sock_read=read,
         )
+        data, headers = await _body(request_data)
         try:
             async with self._pool().request(
                 method,
                 url,
-                data=_body(request_data),
-                headers={"User-Agent": self.USER_AGENT},
+                data=data,
+                headers={"User-Agent": self.USER_AGENT, **headers},
                 timeout=timeout,
             ) as response:
                 return response.status, await _read_capped(response)
@@ -98,16 +101,27 @@ def _seconds(given: object, default: float) -> float | None:
     return None if given is None else float(given)  # type: ignore[arg-type]
 
 
-def _body(request_data: RequestData | None) -> aiohttp.FormData | dict[str, str] | None:
-    """The parameters as a form, as PTB sends them; a multipart form when there are files."""
+async def _body(
+    request_data: RequestData | None,
+) -> tuple[aiohttp.payload.Payload | bytes | dict[str, str] | None, dict[str, str]]:
+    """The parameters as a form, as PTB sends them, and the headers that go with it.
+
+    With files it is a multipart form. aiohttp writes one part at a time, four socket writes per
+    field, so a form with small files is encoded into one buffer first (a fifth less CPU per photo
+    of 26 KB, bench/README.md); bigger files are not copied for it.
+    """
     if request_data is None:
-        return None
+        return None, {}
     if not request_data.contains_files:
-        return request_data.json_parameters
+        return request_data.json_parameters, {}
     form = aiohttp.FormData(request_data.json_parameters)
-    for name, (filename, content, mime) in request_data.multipart_data.items():
+    files = request_data.multipart_data.items()
+    for name, (filename, content, mime) in files:
         form.add_field(name, content, filename=filename, content_type=mime)
-    return form
+    multipart = form()
+    if sum(len(content) for _, (_, content, _) in files) > ONE_BUFFER_BYTES:
+        return multipart, {}
+    return await multipart.as_bytes(), {"Content-Type": multipart.content_type}
 
 
 async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
