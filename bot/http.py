@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import aiohttp
 import httpx
@@ -28,6 +29,8 @@ def gateway_client(max_connections: int = GATEWAY_CONNECTIONS) -> httpx.AsyncCli
 
     httpx's API with aiohttp's connection pool underneath: httpcore's pool costs ~10 ms of CPU
     per paid request at 50 concurrent requests and ~25 ms at 500; aiohttp's ~1 ms (bench/README).
+    It keeps no cookies: the gateway needs none, and a jar would grow with every cookie a
+    hostile gateway or picture host sets.
     """
     limits = pool_limits(max_connections)
     return HttpxAiohttpClient(
@@ -35,6 +38,7 @@ def gateway_client(max_connections: int = GATEWAY_CONNECTIONS) -> httpx.AsyncCli
         mounts=_proxy_mounts(limits),
         timeout=httpx.Timeout(120.0, connect=10.0),
         event_hooks=FREE_WHEN_CLOSED,
+        cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])),
     )
 
 

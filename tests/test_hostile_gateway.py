@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import json
 import sys
 import tracemalloc
@@ -367,6 +368,28 @@ async def test_an_oversized_header_on_the_paid_answer_is_one_clear_message(
             await run(service_for(http, url), "/imagegen a fox")
     assert caught.value.charged is None
     assert "may or may not have gone through" in caught.value.user_message
+
+
+async def test_cookies_the_gateway_sets_are_neither_kept_nor_sent_back(
+    http: httpx.AsyncClient, unused_tcp_port: int
+) -> None:
+    """A jar would grow by every cookie a hostile gateway sets, on every answer."""
+    cookies_sent: list[str | None] = []
+    served = itertools.count()
+    quote = quoting(paid_answer({"data": [{"url": data_uri(png())}]}))
+
+    async def setting_cookies(request: web.Request) -> web.StreamResponse:
+        cookies_sent.append(request.headers.get("Cookie"))
+        answer = await quote(request)
+        for _ in range(50):
+            answer.set_cookie(f"c{next(served)}", "x" * 1000, max_age=3600)
+        return answer
+
+    async with serving(("POST", GENERATIONS, setting_cookies), port=unused_tcp_port) as url:
+        for _ in range(3):
+            await run(service_for(http, url), "/imagegen a fox")
+    assert next(served) == 300  # 3 quotes and 3 paid answers, 50 cookies each
+    assert len(http.cookies) == 0 and cookies_sent == [None] * 6
 
 
 # 6. a price the bot never agreed to
