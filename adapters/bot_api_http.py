@@ -26,7 +26,7 @@ class BotApiRequest(BaseRequest):
 
     PTB's four timeouts apply per call (its defaults: 5 s each, 1 s to get a pooled connection,
     ``media_write_timeout`` to send files); their sum is the call's total deadline, since aiohttp
-    has no write timeout of its own.
+    has no write timeout of its own. Telegram sets no cookies, so the pool keeps none.
     """
 
     __slots__ = ("_connections", "_media_write", "_session")
@@ -52,7 +52,9 @@ class BotApiRequest(BaseRequest):
     def _pool(self) -> aiohttp.ClientSession:
         if self._session is None:
             connector = aiohttp.TCPConnector(limit=self._connections)
-            self._session = aiohttp.ClientSession(connector=connector)
+            self._session = aiohttp.ClientSession(
+                connector=connector, cookie_jar=aiohttp.DummyCookieJar()
+            )
         return self._session
 
     async def do_request(

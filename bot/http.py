@@ -58,13 +58,16 @@ class _Transport(AiohttpTransport):
     a header line or field, 128 headers)."""
 
     def get_client(self) -> aiohttp.ClientSession:
-        """httpx-aiohttp's session and pool, reading ahead ``READ_AHEAD_BYTES``."""
+        """httpx-aiohttp's session and pool, reading ahead ``READ_AHEAD_BYTES``, without cookies
+        (as the httpx client above it)."""
         connector = aiohttp.TCPConnector(
             limit=self.limits.max_connections or GATEWAY_CONNECTIONS,
             keepalive_timeout=self.limits.keepalive_expiry,
             ssl=self.ssl_context,
         )
-        return aiohttp.ClientSession(connector=connector, read_bufsize=READ_AHEAD_BYTES)
+        return aiohttp.ClientSession(
+            connector=connector, read_bufsize=READ_AHEAD_BYTES, cookie_jar=aiohttp.DummyCookieJar()
+        )
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         try:
