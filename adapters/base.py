@@ -22,6 +22,10 @@ from bot.requests import ImageInput, check_declared
 
 log = logging.getLogger(__name__)
 
+# A command answered sooner shows no "typing…"-style indicator: its status message says what is
+# going on, and in a crowd the indicators do not hold up other people's payments.
+INDICATOR_AFTER_SECONDS = 1.0
+
 Handle = TypeVar("Handle")  # the platform's status message
 Progress = tuple[str, tuple[Button, ...]]  # a status's text and the buttons under it
 
@@ -33,9 +37,9 @@ class StartupError(ConfigError):
 class StatusChat(ABC, Generic[Handle]):
     """The core's ``Chat`` for one command, answering with replies on one platform.
 
-    The first progress report posts a status reply and starts the platform's keep-alive
-    indicator; later ones edit it (its buttons too), throttled; any answer (text or pictures)
-    clears both.
+    The first progress report posts a status reply and, a second later, starts the platform's
+    keep-alive indicator; later ones edit it (its buttons too), throttled; any answer (text or
+    pictures) clears both.
     """
 
     max_text_chars: int
@@ -59,7 +63,7 @@ class StatusChat(ABC, Generic[Handle]):
             return
         self._status = await self._post_status(*progress)
         self._edits = ThrottledStatus(self._edit, progress)
-        self._keeping_alive = asyncio.create_task(self._keep_alive())
+        self._keeping_alive = asyncio.create_task(self._indicate())
 
     async def send_pictures(
         self, pictures: Sequence[ResultPicture], caption: str, buttons: Sequence[Button] = ()
@@ -113,6 +117,10 @@ class StatusChat(ABC, Generic[Handle]):
     @abstractmethod
     async def _delete_status(self, status: Handle) -> None:
         """Remove the status; one already gone is fine."""
+
+    async def _indicate(self) -> None:
+        await asyncio.sleep(INDICATOR_AFTER_SECONDS)
+        await self._keep_alive()
 
     async def _keep_alive(self) -> None:
         """Keep the platform's "typing…"-style indicator on until cancelled (none by default)."""

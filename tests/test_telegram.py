@@ -19,6 +19,7 @@ from pictures import png
 from PIL import Image
 
 import adapters.status
+from adapters.base import INDICATOR_AFTER_SECONDS
 from adapters.telegram import MORE_LIKE_THESE, build_application, serve
 from bot.config import load_settings
 from bot.x402 import Wallet
@@ -116,9 +117,23 @@ async def test_imagegen_replies_with_the_photo_and_clears_the_status(stack: Stac
     status = telegram.calls("sendMessage")[0]
     assert status.params["text"] == "Drawing with flux · 1024x1024 · $0.042…"
     await telegram.wait_for("deleteMessage")
-    assert "upload_photo" in [action for _, action in telegram.chat_actions]
+    assert telegram.chat_actions == []  # answered within a second: the status was enough
     assert [message.get("photo") is not None for message in telegram.messages_in(111)][-1]
     assert len(stack.gateway.settlements) == 1
+
+
+async def test_a_job_over_a_second_shows_sending_photo_until_the_photo(stack: Stack) -> None:
+    telegram = stack.telegram
+    stack.gateway.latency = 1.5
+    chat = telegram.private_chat(111, "Alice", "alice")
+    telegram.send_text(chat, chat.user, "/imagegen -m flux a fox in the snow")
+
+    photo = await telegram.wait_for(sent_to(111, "sendPhoto"))
+
+    (status,) = telegram.calls("sendMessage")
+    (action,) = telegram.calls("sendChatAction")
+    assert action.params["action"] == "upload_photo" and action.chat_id == 111
+    assert status.at + INDICATOR_AFTER_SECONDS <= action.at < photo.at
 
 
 async def test_reply_to_a_photo_with_img2img_edits_it(stack: Stack) -> None:
