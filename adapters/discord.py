@@ -129,9 +129,13 @@ class ImagebotClient(discord.AutoShardedClient):
         intents.message_content = True  # message commands read the text
         # Names and prompts are the users' own text: nothing the bot sends pings anyone unless
         # a message names the one user it means.
+        # No message cache: the bot reads none from it (a reply brings the replied-to message,
+        # others are fetched), and discord.py scans all 1,000 it keeps by default on every edit
+        # and delete event, the bot's own status edits and deletions included.
         super().__init__(
             intents=intents,
             allowed_mentions=discord.AllowedMentions.none(),
+            max_messages=None,
             shard_count=shard_count,
             shard_ids=None if shard_ids is None else list(shard_ids),
         )
