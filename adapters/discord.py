@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import itertools
 import json
 import logging
 import re
@@ -59,6 +60,7 @@ MAX_FILES_PER_MESSAGE = 10
 MAX_CONTENT_CHARS = 2000
 MAX_CHOICES = 25  # autocomplete answers
 TOKEN_SECONDS = 15 * 60 - 30  # an interaction's webhook token lives 15 min; keep a margin
+RATE_LIMIT_SWEEP_EVERY = 256  # new rate-limit buckets (``sweep_rate_limits_in_turn``)
 MAX_FIT_PIXELS = 24_000_000  # a picture re-encoded to fit is decoded whole: ~100 MB at most
 WEBP_MAX_SIDE = 16_383
 _SHRINK_QUALITIES = (90, 80, 70, 55, 40)
@@ -139,6 +141,7 @@ class ImagebotClient(discord.AutoShardedClient):
             shard_count=shard_count,
             shard_ids=None if shard_ids is None else list(shard_ids),
         )
+        sweep_rate_limits_in_turn(self.http)
         self.bot = bot
         self.tree = app_commands.CommandTree(self)
         _add_slash_commands(self.tree, bot)
@@ -223,6 +226,25 @@ async def send_private(client: discord.Client, user_id: str, text: str) -> None:
     await client.wait_until_ready()
     channel = await client.create_dm(discord.Object(int(user_id)))
     await channel.send(text[:MAX_CONTENT_CHARS])
+
+
+def sweep_rate_limits_in_turn(http: discord.http.HTTPClient) -> None:
+    """Look for expired rate-limit buckets on every 256th new bucket, not on every one.
+
+    discord.py 2.7 keeps a bucket per route and channel or interaction and, once it has 256,
+    scans all of them for ones idle for 5 minutes each time it makes a new one: in a crowd of
+    DMs and interactions that is a scan of thousands per request (8% of the bot's CPU in a
+    1,000-user burst). Swept in turn, the cost per new bucket stays small and idle buckets still
+    go.
+    """
+    sweep = http._try_clear_expired_ratelimits
+    made = itertools.count(1)
+
+    def in_turn() -> None:
+        if next(made) % RATE_LIMIT_SWEEP_EVERY == 0:
+            sweep()
+
+    http._try_clear_expired_ratelimits = in_turn  # type: ignore[method-assign]
 
 
 def follow_gateway(client: discord.Client, url: str) -> None:

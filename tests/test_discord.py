@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import json
 import weakref
 from collections.abc import AsyncIterator, Callable
@@ -32,7 +33,13 @@ from PIL import Image
 
 import adapters.discord
 import adapters.status
-from adapters.discord import StartupError, build_client, serve
+from adapters.discord import (
+    RATE_LIMIT_SWEEP_EVERY,
+    StartupError,
+    build_client,
+    serve,
+    sweep_rate_limits_in_turn,
+)
 from bot.catalog import MODELS
 from bot.config import load_settings
 from bot.ledger import Attempt, Budget, SqliteLedger
@@ -944,3 +951,33 @@ def test_a_sent_picture_is_freed_at_once_not_by_the_garbage_collector() -> None:
         assert gone() is None
     finally:
         gc.enable()
+
+
+# discord.py's own bookkeeping
+
+
+async def test_rate_limit_buckets_are_swept_in_turn_not_on_every_new_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A crowd makes a bucket per DM channel and interaction; idle ones still go."""
+    http = discord.http.HTTPClient(asyncio.get_running_loop())
+    sweep_rate_limits_in_turn(http)
+    checked = itertools.count()
+    is_inactive = discord.http.Ratelimit.is_inactive
+    monkeypatch.setattr(
+        discord.http.Ratelimit,
+        "is_inactive",
+        lambda bucket: next(checked) >= 0 and is_inactive(bucket),
+    )
+    for number in range(3000):
+        http.get_ratelimit(f"POST /channels/{number}/messages")
+    assert next(checked) < 30_000  # discord.py alone: about 4,400,000
+
+    for bucket in http._buckets.values():
+        bucket._last_request -= 301  # idle for over 5 minutes
+    for number in range(3000, 3000 + RATE_LIMIT_SWEEP_EVERY):
+        http.get_ratelimit(f"POST /channels/{number}/messages")
+    new = {
+        f"POST /channels/{number}/messages" for number in range(3000, 3000 + RATE_LIMIT_SWEEP_EVERY)
+    }
+    assert set(http._buckets) == new  # every idle one swept
