@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import itertools
 import json
 import sys
@@ -197,6 +198,28 @@ async def test_a_gzip_bomb_as_the_paid_answer_is_cut_off_at_the_paid_cap(
         "The image service sent a reply too large to read. It was charged; an admin can check "
         "/spend."
     )
+
+
+async def test_a_compressed_answer_is_read_in_small_pieces_a_plain_one_in_big_ones(
+    http: httpx.AsyncClient, unused_tcp_port: int
+) -> None:
+    """One piece of a compressed answer never inflates past 16 KiB x deflate's ~1000:1."""
+    body = b"x" * (2 * MiB)
+
+    async def plain(_: web.Request) -> web.Response:
+        return web.Response(body=body)
+
+    async def gzipped(_: web.Request) -> web.Response:
+        return web.Response(body=gzip.compress(body), headers={"Content-Encoding": "gzip"})
+
+    routes = (("GET", "/plain", plain), ("GET", "/gzip", gzipped))
+    async with serving(*routes, port=unused_tcp_port) as url:
+        pieces = {}
+        for path in ("/plain", "/gzip"):
+            async with http.stream("GET", url + path) as answer:
+                pieces[path] = [len(piece) async for piece in answer.aiter_raw()]
+    assert max(pieces["/gzip"]) <= 16 * 1024
+    assert max(pieces["/plain"]) > 16 * 1024 and sum(pieces["/plain"]) == len(body)
 
 
 @pytest.mark.parametrize("where", ["402", "paid error"])
