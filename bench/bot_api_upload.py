@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing
 import os
-import statistics
 import time
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from alternating import alternate, print_figures, server_process
 from telegram import InlineKeyboardButton, InlineKeyboardMarkup, InputFile, ReplyParameters
 from telegram.request import RequestData
 from telegram.request._requestparameter import RequestParameter
@@ -70,19 +70,20 @@ async def compare(url: str, size: int, rounds: int) -> dict[str, list[float]]:
     photo = os.urandom(size)
     request = BotApiRequest(AT_ONCE)
     shipped = bot_api_http.ONE_BUFFER_BYTES
-    ways = {"one buffer": 2**62, "part by part": -1}
-    figures: dict[str, list[float]] = {way: [] for way in ways}
+
+    def way(one_buffer_bytes: int) -> Callable[[], Awaitable[float]]:
+        def run() -> Awaitable[float]:
+            bot_api_http.ONE_BUFFER_BYTES = one_buffer_bytes
+            return cpu_per_photo(request, url, photo)
+
+        return run
+
     try:
         await cpu_per_photo(request, url, photo)  # warm the pool
-        for number in range(rounds):
-            order = list(ways) if number % 2 == 0 else list(reversed(ways))
-            for way in order:
-                bot_api_http.ONE_BUFFER_BYTES = ways[way]
-                figures[way].append(await cpu_per_photo(request, url, photo))
+        return await alternate({"one buffer": way(2**62), "part by part": way(-1)}, rounds)
     finally:
         bot_api_http.ONE_BUFFER_BYTES = shipped
         await request.shutdown()
-    return figures
 
 
 def main() -> None:
@@ -91,22 +92,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--port", type=int, default=18742)
     args = parser.parse_args()
-    server = multiprocessing.get_context("spawn").Process(target=serve, args=(args.port,))
-    server.start()
-    time.sleep(1.5)  # let it listen
-    try:
+    with server_process(serve, args.port):
         print(f"load average before: {os.getloadavg()}")
         for size in (int(size) for size in args.sizes.split(",")):
             url = f"http://127.0.0.1:{args.port}/bot1:T/sendPhoto"
             figures = asyncio.run(compare(url, size, args.rounds))
             shipped = "one buffer" if size <= bot_api_http.ONE_BUFFER_BYTES else "part by part"
             print(f"  {size} B: the bot sends it {shipped}")
-            for way, values in figures.items():
-                spread = f"range {min(values):.3f} to {max(values):.3f}, {args.rounds} rounds"
-                median = statistics.median(values)
-                print(f"    {way:<12}  CPU {median:.3f} ms per photo ({spread})")
-    finally:
-        server.terminate()
+            print_figures(figures, "photo", indent="    ")
 
 
 if __name__ == "__main__":

@@ -14,12 +14,12 @@ import argparse
 import asyncio
 import base64
 import json
-import multiprocessing
 import os
-import statistics
 import time
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from alternating import alternate, print_figures, server_process
 
 from bot import http as gateway_http
 from bot.fetching import read_capped
@@ -59,17 +59,19 @@ async def cpu_per_answer(url: str) -> float:
 
 async def compare(url: str, rounds: int) -> dict[str, list[float]]:
     shipped = gateway_http.PLAIN_PIECE_BYTES
-    ways = {f"{shipped // 1024} KiB pieces": shipped, "16 KiB pieces": 16 * 1024}
-    figures: dict[str, list[float]] = {way: [] for way in ways}
+
+    def way(piece_bytes: int) -> Callable[[], Awaitable[float]]:
+        def run() -> Awaitable[float]:
+            gateway_http.PLAIN_PIECE_BYTES = piece_bytes
+            return cpu_per_answer(url)
+
+        return run
+
+    ways = {f"{shipped // 1024} KiB pieces": way(shipped), "16 KiB pieces": way(16 * 1024)}
     try:
-        for number in range(rounds):
-            order = list(ways) if number % 2 == 0 else list(reversed(ways))
-            for way in order:
-                gateway_http.PLAIN_PIECE_BYTES = ways[way]
-                figures[way].append(await cpu_per_answer(url))
+        return await alternate(ways, rounds)
     finally:
         gateway_http.PLAIN_PIECE_BYTES = shipped
-    return figures
 
 
 def main() -> None:
@@ -78,20 +80,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--port", type=int, default=18743)
     args = parser.parse_args()
-    server = multiprocessing.get_context("spawn").Process(
-        target=serve, args=(args.port, args.pictures)
-    )
-    server.start()
-    time.sleep(1.5)  # let it listen
-    try:
+    with server_process(serve, args.port, args.pictures):
         print(f"load average before: {os.getloadavg()}")
         figures = asyncio.run(compare(f"http://127.0.0.1:{args.port}/answer", args.rounds))
-        for way, values in figures.items():
-            spread = f"range {min(values):.2f} to {max(values):.2f}, {args.rounds} rounds"
-            median = statistics.median(values)
-            print(f"  {way:<16} CPU {median:.2f} ms per answer ({spread})")
-    finally:
-        server.terminate()
+        print_figures(figures, "answer")
 
 
 if __name__ == "__main__":
