@@ -233,7 +233,7 @@ def sweep_rate_limits_in_turn(http: discord.http.HTTPClient) -> None:
 
     discord.py 2.7 keeps a bucket per route and channel or interaction and, once it has 256,
     scans all of them for ones idle for 5 minutes each time it makes a new one: in a crowd of
-    DMs and interactions that is a scan of thousands per request (8% of the bot's CPU in a
+    DMs that is a scan of thousands per request (0.24 s of the bot's 6.2 s of CPU in a
     1,000-user burst). Swept in turn, the cost per new bucket stays small and idle buckets still
     go.
     """

@@ -25,7 +25,7 @@ GATEWAY_CONNECTIONS = MAX_EXCHANGES_IN_FLIGHT + MAX_RESULTS_IN_HAND * MAX_N
 READ_AHEAD_BYTES = 16 * 1024
 # An answer sent as it is (no Content-Encoding) is read in pieces of what aiohttp already holds,
 # up to this (uvloop reads up to 256 KiB at once), not httpx-aiohttp's 16 KiB: a 1.9 MB answer
-# took 2.95 ms of CPU to read, now 2.04 (bench/README.md). A compressed one keeps 16 KiB
+# took 2.41 ms of CPU to read, now 1.64 (bench/gateway_read.py). A compressed one keeps 16 KiB
 # pieces, so one piece cannot inflate past ~16 MB before the size caps see it.
 PLAIN_PIECE_BYTES = 256 * 1024
 
