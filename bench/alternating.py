@@ -3,26 +3,56 @@ alternate between two ways of doing one thing, so a machine that slows down slow
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import statistics
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from multiprocessing.connection import Connection
+from multiprocessing.synchronize import Event as StopEvent
 from typing import Any
 
-START_SECONDS = 1.5  # for the server to listen
+from aiohttp import web
 
 
 @contextmanager
-def server_process(serve: Callable[..., None], *args: Any) -> Iterator[None]:
-    """``serve(*args)`` in a spawned process for the block, so its CPU is not this process's."""
-    server = multiprocessing.get_context("spawn").Process(target=serve, args=args)
+def server_process(make_app: Callable[..., web.Application], *args: Any) -> Iterator[str]:
+    """``make_app(*args)`` served on loopback by a spawned process for the block (so its CPU is
+    never this process's); yields its root URL. As ``paid_requests.sandbox_process``."""
+    context = multiprocessing.get_context("spawn")
+    url_in, url_out = context.Pipe(duplex=False)
+    stop = context.Event()
+    server = context.Process(target=_serve, args=(make_app, args, url_out, stop))
     server.start()
-    time.sleep(START_SECONDS)
     try:
-        yield
+        yield url_in.recv()
     finally:
-        server.terminate()
+        stop.set()
+        server.join(timeout=10)
+        if server.is_alive():
+            server.terminate()
+
+
+def _serve(
+    make_app: Callable[..., web.Application],
+    args: tuple[Any, ...],
+    url_out: Connection,
+    stop: StopEvent,
+) -> None:
+    """Child process: serve the app on a free loopback port, say where, until ``stop``."""
+
+    async def serve() -> None:
+        runner = web.AppRunner(make_app(*args))
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        host, port = runner.addresses[0][:2]
+        url_out.send(f"http://{host}:{port}")
+        try:
+            await asyncio.to_thread(stop.wait)
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(serve())
 
 
 async def alternate(

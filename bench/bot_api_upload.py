@@ -30,7 +30,7 @@ BATCHES = 10  # per round
 _SENT = {"ok": True, "result": {"message_id": 1, "date": 0, "chat": {"id": 7, "type": "private"}}}
 
 
-def serve(port: int) -> None:
+def bot_api() -> web.Application:
     """A Bot API stand-in that reads every part of a form and answers with a message."""
 
     async def call(request: web.Request) -> web.Response:
@@ -40,7 +40,7 @@ def serve(port: int) -> None:
 
     app = web.Application(client_max_size=64 * 2**20)
     app.router.add_post("/bot{token}/{method}", call)
-    web.run_app(app, host="127.0.0.1", port=port, print=None)
+    return app
 
 
 def photo_form(photo: bytes) -> RequestData:
@@ -90,12 +90,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="26000,200000,1500000", help="photo sizes, bytes")
     parser.add_argument("--rounds", type=int, default=12)
-    parser.add_argument("--port", type=int, default=18742)
     args = parser.parse_args()
-    with server_process(serve, args.port):
+    with server_process(bot_api) as root:
         print(f"load average before: {os.getloadavg()}")
         for size in (int(size) for size in args.sizes.split(",")):
-            url = f"http://127.0.0.1:{args.port}/bot1:T/sendPhoto"
+            url = f"{root}/bot1:T/sendPhoto"
             figures = asyncio.run(compare(url, size, args.rounds))
             shipped = "one buffer" if size <= bot_api_http.ONE_BUFFER_BYTES else "part by part"
             print(f"  {size} B: the bot sends it {shipped}")

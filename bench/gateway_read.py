@@ -29,7 +29,7 @@ BATCHES = 4  # per round
 CAP = 300 * 1024 * 1024
 
 
-def serve(port: int, picture_bytes: int) -> None:
+def gateway(picture_bytes: int) -> web.Application:
     """One answer, always the same: a picture as a data URI in the gateway's JSON."""
     picture = base64.b64encode(os.urandom(picture_bytes)).decode()
     body = json.dumps({"data": [{"url": f"data:image/png;base64,{picture}"}]}).encode()
@@ -39,7 +39,7 @@ def serve(port: int, picture_bytes: int) -> None:
 
     app = web.Application()
     app.router.add_get("/answer", answer)
-    web.run_app(app, host="127.0.0.1", port=port, print=None)
+    return app
 
 
 async def cpu_per_answer(url: str) -> float:
@@ -78,11 +78,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pictures", type=int, default=1_400_000, help="picture size, bytes")
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--port", type=int, default=18743)
     args = parser.parse_args()
-    with server_process(serve, args.port, args.pictures):
+    with server_process(gateway, args.pictures) as root:
         print(f"load average before: {os.getloadavg()}")
-        figures = asyncio.run(compare(f"http://127.0.0.1:{args.port}/answer", args.rounds))
+        figures = asyncio.run(compare(f"{root}/answer", args.rounds))
         print_figures(figures, "answer")
 
 
