@@ -4,7 +4,6 @@ alternate between two ways of doing one thing, so a machine that slows down slow
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
 import statistics
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -13,24 +12,15 @@ from multiprocessing.synchronize import Event as StopEvent
 from typing import Any
 
 from aiohttp import web
+from paid_requests import child_server
 
 
 @contextmanager
 def server_process(make_app: Callable[..., web.Application], *args: Any) -> Iterator[str]:
     """``make_app(*args)`` served on loopback by a spawned process for the block (so its CPU is
-    never this process's); yields its root URL. As ``paid_requests.sandbox_process``."""
-    context = multiprocessing.get_context("spawn")
-    url_in, url_out = context.Pipe(duplex=False)
-    stop = context.Event()
-    server = context.Process(target=_serve, args=(make_app, args, url_out, stop))
-    server.start()
-    try:
-        yield url_in.recv()
-    finally:
-        stop.set()
-        server.join(timeout=10)
-        if server.is_alive():
-            server.terminate()
+    never this process's); yields its root URL."""
+    with child_server(_serve, make_app, args) as (url, _):
+        yield url
 
 
 def _serve(

@@ -92,14 +92,22 @@ def process_cpu(pid: int) -> tuple[float, float]:
 def sandbox_process(latency: float, picture_origin: str | None = None) -> Iterator[Gateway]:
     """The sandbox gateway in a child process (so its CPU is never the bench's), until exit;
     its picture links on ``picture_origin`` if given."""
+    with child_server(serve_sandbox, latency, picture_origin) as (url, pid):
+        yield Gateway(url, pid)
+
+
+@contextmanager
+def child_server(serve: Callable[..., None], *args: Any) -> Iterator[tuple[str, int]]:
+    """``serve(*args, url_out, stop)`` in a spawned process for the block: it sends its URL on
+    ``url_out`` and serves until ``stop`` is set. Yields that URL and the process id."""
     context = multiprocessing.get_context("spawn")
     url_in, url_out = context.Pipe(duplex=False)
     stop = context.Event()
-    server = context.Process(target=serve_sandbox, args=(latency, picture_origin, url_out, stop))
+    server = context.Process(target=serve, args=(*args, url_out, stop))
     server.start()
     try:
         assert server.pid is not None
-        yield Gateway(url_in.recv(), server.pid)
+        yield url_in.recv(), server.pid
     finally:
         stop.set()
         server.join(timeout=10)
