@@ -9,13 +9,27 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 from local import serving
-from telegram import Bot
+from telegram import Bot, InlineKeyboardButton, InlineKeyboardMarkup
 from telegram.error import NetworkError, TimedOut
 
 from adapters.bot_api_http import MAX_ANSWER_BYTES, ONE_BUFFER_BYTES, BotApiRequest
 
 TOKEN = "123456:SECRET-token-never-shown"
 FORM = web.RequestKey("form", dict)
+BODY = web.RequestKey("body", dict)
+CHAT = {"id": 7, "type": "private", "first_name": "Ann"}
+ANN = {"id": 7, "is_bot": False, "first_name": "Ann"}
+COMMAND = {"message_id": 4, "date": 0, "chat": CHAT, "from": ANN, "text": "/imagegen a fox"}
+# A sent message as Telegram answers it: the whole message, the one it replies to included.
+SENT = {
+    "message_id": 5,
+    "date": 0,
+    "chat": CHAT,
+    "from": {"id": 1, "is_bot": True, "first_name": "B"},
+    "text": "Drawing…",
+    "reply_markup": {"inline_keyboard": [[{"text": "✖ Cancel", "callback_data": "c"}]]},
+    "reply_to_message": COMMAND,
+}
 
 
 @pytest.fixture
@@ -35,6 +49,12 @@ async def api() -> AsyncIterator[tuple[str, list[web.Request]]]:
             return web.json_response(
                 {"ok": True, "result": {"message_id": 1, "date": 0, "chat": chat}}
             )
+        if method == "sendMessage":
+            request[BODY] = await request.json()
+            return web.json_response({"ok": True, "result": SENT})
+        if method == "getUpdates":
+            update = {"update_id": 1, "message": {**SENT, "from": ANN, "message_id": 6}}
+            return web.json_response({"ok": True, "result": [update]})
         if method == "getChat":
             response = web.StreamResponse()
             await response.prepare(request)
@@ -57,6 +77,34 @@ async def test_calls_go_through_with_their_parameters(api: tuple[str, list]) -> 
         me = await bot.get_me()
     assert me.username == "b"
     assert seen[-1].headers["User-Agent"].startswith("python-telegram-bot")
+
+
+async def test_a_call_without_files_goes_as_json(api: tuple[str, list]) -> None:
+    url, seen = api
+    keyboard = InlineKeyboardMarkup([[InlineKeyboardButton("✖ Cancel", callback_data="c")]])
+    async with Bot(TOKEN, base_url=url, request=BotApiRequest(2)) as bot:
+        await bot.send_message(7, "Drawing…", reply_to_message_id=4, reply_markup=keyboard)
+    assert seen[-1].content_type == "application/json"
+    assert seen[-1][BODY] == {
+        "chat_id": 7,
+        "text": "Drawing…",
+        "reply_parameters": {"message_id": 4},
+        "reply_markup": {"inline_keyboard": [[{"text": "✖ Cancel", "callback_data": "c"}]]},
+    }
+
+
+async def test_a_sent_message_is_read_for_its_ids_updates_whole(api: tuple[str, list]) -> None:
+    """What the bot sends comes back as enough to edit or delete it; what it is sent is whole."""
+    url, _ = api
+    async with Bot(TOKEN, base_url=url, request=BotApiRequest(2)) as bot:
+        sent = await bot.send_message(7, "Drawing…")
+        [update] = await bot.get_updates()
+    assert (sent.message_id, sent.chat_id, sent.chat.type) == (5, 7, "private")
+    assert sent.text is None and sent.reply_to_message is None and sent.reply_markup is None
+    received = update.message
+    assert received is not None and received.text == "Drawing…"
+    assert received.reply_to_message is not None
+    assert received.reply_to_message.text == "/imagegen a fox"
 
 
 @pytest.mark.parametrize("size", [1000, ONE_BUFFER_BYTES + 1])

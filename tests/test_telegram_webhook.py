@@ -125,7 +125,7 @@ async def test_setwebhook_gets_the_url_and_secret_and_stopping_keeps_it(tmp_path
     assert registered.params["secret_token"] == SECRET
     assert registered.params["allowed_updates"] == ["message", "callback_query"]
     assert registered.params["max_connections"] == 40
-    assert registered.params["drop_pending_updates"] == "false"
+    assert registered.params["drop_pending_updates"] is False
     assert telegram.calls("deleteWebhook") == []  # neither at start nor at stop
     assert telegram.webhook == Webhook(stack.url, SECRET, 40)  # still there for other replicas
 
