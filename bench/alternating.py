@@ -3,7 +3,9 @@ alternate between two ways of doing one thing, so a machine that slows down slow
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import os
 import statistics
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -11,6 +13,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Event as StopEvent
 from typing import Any
 
+import uvloop
 from aiohttp import web
 from paid_requests import child_server
 
@@ -63,3 +66,21 @@ def print_figures(figures: dict[str, list[float]], per: str, indent: str = "  ")
         spread = f"range {min(values):.2f} to {max(values):.2f}, {len(values)} rounds"
         median = statistics.median(values)
         print(f"{indent}{way:<16} CPU {median:.2f} ms per {per} ({spread})")
+
+
+def run_bench(
+    doc: str,
+    make_app: Callable[[], web.Application],
+    compare: Callable[[str, int], Awaitable[dict[str, list[float]]]],
+    per: str,
+    rounds: int,
+) -> None:
+    """A one-process bench's command line: ``--rounds`` (default ``rounds``), the stand-in
+    ``make_app`` in its own process, ``compare(its root, rounds)`` on uvloop as the bot runs,
+    and the figures per ``per``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=rounds)
+    args = parser.parse_args()
+    with server_process(make_app) as root:
+        print(f"load average before: {os.getloadavg()}")
+        print_figures(uvloop.run(compare(root, args.rounds)), per)

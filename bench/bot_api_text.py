@@ -10,17 +10,14 @@ Prints this process's CPU per call, median and range.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import uvloop
 from aiohttp import web
-from alternating import alternate, print_figures, server_process
+from alternating import alternate, run_bench
 from telegram import Bot, InlineKeyboardButton, InlineKeyboardMarkup
 from telegram.request import BaseRequest, RequestData
 
@@ -115,14 +112,5 @@ async def compare(root: str, rounds: int) -> dict[str, list[float]]:
         await request.shutdown()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=16)
-    args = parser.parse_args()
-    with server_process(bot_api) as root:
-        print(f"load average before: {os.getloadavg()}")
-        print_figures(uvloop.run(compare(root, args.rounds)), "sendMessage")
-
-
 if __name__ == "__main__":
-    main()
+    run_bench(__doc__, bot_api, compare, "sendMessage", rounds=16)

@@ -9,16 +9,13 @@ process's CPU per request, median and range.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import os
 import time
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import httpx
-import uvloop
 from aiohttp import web
-from alternating import alternate, print_figures, server_process
+from alternating import alternate, run_bench
 from httpx_aiohttp import HttpxAiohttpClient
 
 from bot import http
@@ -70,14 +67,5 @@ async def compare(root: str, rounds: int) -> dict[str, list[float]]:
         return await alternate(ways, rounds)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=20)
-    args = parser.parse_args()
-    with server_process(gateway) as root:
-        print(f"load average before: {os.getloadavg()}")
-        print_figures(uvloop.run(compare(root, args.rounds)), "request")
-
-
 if __name__ == "__main__":
-    main()
+    run_bench(__doc__, gateway, compare, "request", rounds=20)
