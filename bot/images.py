@@ -187,6 +187,9 @@ class ImageService:
         self._http = http
         self._payer = payer
         self._api_url = api_url.rstrip("/")
+        # Parsed once: httpx parses a URL given as a string on every request (~17 µs).
+        self._generations = httpx.URL(f"{self._api_url}/v1/images/generations")
+        self._image2image = httpx.URL(f"{self._api_url}/v1/images/image2image")
         self._network = network or gateway_chain(self._api_url)
         self._poll_interval = poll_interval
         self._job_deadline = job_deadline
@@ -233,10 +236,10 @@ class ImageService:
         try:
             if isinstance(request, EditRequest):
                 await hand.take()
-                path, body = "/v1/images/image2image", await _edit_body(request)
+                url, body = self._image2image, await _edit_body(request)
             else:
-                path, body = "/v1/images/generations", _generation_body(request)
-            paid = await self._post(path, body, hooks.on_payment, hand)
+                url, body = self._generations, _generation_body(request)
+            paid = await self._post(url, body, hooks.on_payment, hand)
             del body  # an edit's pictures: not kept while its job is polled
             reply = await self._answer(paid)
             payment, receipt, status = paid.payment, paid.receipt, paid.response.status_code
@@ -282,7 +285,7 @@ class ImageService:
             polling.hand.give_back()
 
     async def _post(
-        self, path: str, body: dict[str, Any], on_payment: PaymentHook | None, hand: _Hand
+        self, url: httpx.URL, body: dict[str, Any], on_payment: PaymentHook | None, hand: _Hand
     ) -> PaidResponse:
         """The paid exchange, whole answer included, within ``exchange_deadline``; a 200's body
         is read holding ``hand``'s slot, and the time spent waiting for it is not counted."""
@@ -300,7 +303,7 @@ class ImageService:
         try:
             async with asyncio.timeout(self._exchange_deadline) as deadline:
                 return await self._payer.post(
-                    self._api_url + path,
+                    url,
                     json=body,
                     on_payment=record,
                     network=self._network,

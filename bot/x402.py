@@ -314,7 +314,7 @@ class X402Payer:
 
     async def post(
         self,
-        url: str,
+        url: httpx.URL | str,
         *,
         json: dict[str, Any],
         on_payment: PaymentHook | None = None,
@@ -338,7 +338,7 @@ class X402Payer:
 
     async def _pay(
         self,
-        url: str,
+        url: httpx.URL | str,
         json: dict[str, Any],
         on_payment: PaymentHook | None,
         network: Chain | None,
@@ -389,7 +389,7 @@ class X402Payer:
     async def _send(
         self,
         method: str,
-        url: str,
+        url: httpx.URL | str,
         payment: PaymentHeader | None,
         json: dict[str, Any] | None,
         on_answer: AnswerHook | None,
@@ -423,7 +423,7 @@ class X402Payer:
     async def _exchange(
         self,
         method: str,
-        url: str,
+        url: httpx.URL | str,
         headers: dict[str, str],
         json: dict[str, Any] | None,
         on_answer: AnswerHook | None,
