@@ -50,7 +50,8 @@ class _NoCookies(httpx.Cookies):
     """A jar that takes no cookie."""
 
     def extract_cookies(self, response: httpx.Response) -> None:
-        """Take none (a standard-library jar refusing them all still cost ~20 µs an answer)."""
+        """Take none (a standard-library jar refusing them all cost ~0.03 ms a request more,
+        bench/gateway_cookies.py)."""
 
 
 class _CookielessClient(HttpxAiohttpClient):

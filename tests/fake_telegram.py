@@ -1314,8 +1314,8 @@ async def _read_params(request: web.Request) -> tuple[dict[str, Any], dict[str, 
     files: dict[str, Upload] = {}
     # Not request.content_type: aiohttp parses it with the email package, a seventh of the fake's
     # CPU in bench/telegram_load.py.
-    content_type = request.headers.get(hdrs.CONTENT_TYPE, "").partition(";")[0].strip().lower()
-    if content_type == "multipart/form-data":
+    body_type = request.headers.get(hdrs.CONTENT_TYPE, "").partition(";")[0].strip().lower()
+    if body_type == "multipart/form-data":
         if (request.content_length or 0) > UPLOAD_MAX_BYTES:
             raise _ApiError(413, "Request Entity Too Large")
         # Read parts into memory: request.post() would spool every upload to a temporary file.
@@ -1337,7 +1337,7 @@ async def _read_params(request: web.Request) -> tuple[dict[str, Any], dict[str, 
             else:
                 content_type = part.headers.get(hdrs.CONTENT_TYPE, "application/octet-stream")
                 files[name] = Upload(filename, content_type, bytes(data))
-    elif content_type == "application/json":
+    elif body_type == "application/json":
         body = await request.json()
         if isinstance(body, dict):
             raw.update(body)
