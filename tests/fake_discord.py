@@ -78,6 +78,7 @@ from io import BytesIO
 from typing import Any, NamedTuple, TypeVar
 
 from aiohttp import BodyPartReader, WSMsgType, hdrs, web
+from local import media_type, part_names
 from PIL import Image
 
 try:  # discord.py asks for zstd-stream whenever one of these imports
@@ -2181,26 +2182,29 @@ async def _read_body(request: web.Request) -> tuple[Any, list[Upload]]:
     if (request.content_length or 0) > REQUEST_MAX_BYTES:
         await _drain(request)
         raise _DiscordError(*_TOO_LARGE)
-    if request.content_type == "multipart/form-data":
+    if media_type(request) == "multipart/form-data":
         payload: dict[str, Any] = {}
         files: list[Upload] = []
         size = 0
         async for part in await request.multipart():
-            if not isinstance(part, BodyPartReader) or part.name is None:
+            if not isinstance(part, BodyPartReader):
+                continue
+            name, filename = part_names(part)
+            if name is None:
                 continue
             data = bytearray()
             while not part.at_eof():
                 data += await part.read_chunk(2**20)
             size += len(data)
-            if part.filename is not None:
+            if filename is not None:
                 content_type = part.headers.get(hdrs.CONTENT_TYPE, "application/octet-stream")
-                files.append(Upload(part.name, part.filename, content_type, bytes(data)))
-            elif part.name == "payload_json":
+                files.append(Upload(name, filename, content_type, bytes(data)))
+            elif name == "payload_json":
                 loaded = _json(bytes(data))
                 if isinstance(loaded, dict):
                     payload |= loaded
             else:
-                payload[part.name] = data.decode()
+                payload[name] = data.decode()
         if size > REQUEST_MAX_BYTES:
             raise _DiscordError(*_TOO_LARGE)
         return payload, files

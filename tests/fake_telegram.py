@@ -68,7 +68,7 @@ from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from aiohttp import BodyPartReader, ClientError, ClientSession, ClientTimeout, hdrs, web
-from aiohttp.multipart import content_disposition_filename, parse_content_disposition
+from local import media_type, part_names
 from PIL import Image
 
 DEFAULT_TOKEN = "123456789:AAFakeTelegramTokenForImagebotTests"
@@ -1312,9 +1312,7 @@ async def _read_params(request: web.Request) -> tuple[dict[str, Any], dict[str, 
     """The request's parameters (JSON ones decoded, ids as ints) and its uploaded files."""
     raw: dict[str, Any] = dict(request.query)
     files: dict[str, Upload] = {}
-    # Not request.content_type: aiohttp parses it with the email package, a seventh of the fake's
-    # CPU in bench/telegram_load.py.
-    body_type = request.headers.get(hdrs.CONTENT_TYPE, "").partition(";")[0].strip().lower()
+    body_type = media_type(request)
     if body_type == "multipart/form-data":
         if (request.content_length or 0) > UPLOAD_MAX_BYTES:
             raise _ApiError(413, "Request Entity Too Large")
@@ -1322,11 +1320,7 @@ async def _read_params(request: web.Request) -> tuple[dict[str, Any], dict[str, 
         async for part in await request.multipart():
             if not isinstance(part, BodyPartReader):
                 continue
-            # The part's name and filename parsed once: each of aiohttp's properties parses the
-            # header again, and that was half the fake's CPU in bench/telegram_load.py.
-            _, fields = parse_content_disposition(part.headers.get(hdrs.CONTENT_DISPOSITION))
-            name = content_disposition_filename(fields, "name")
-            filename = content_disposition_filename(fields, "filename")
+            name, filename = part_names(part)
             if name is None:
                 continue
             data = bytearray()
