@@ -42,14 +42,18 @@ class BotApiRequest(BaseRequest):
 
     PTB's four timeouts apply per call (its defaults: 5 s each, 1 s to get a pooled connection,
     ``media_write_timeout`` to send files); their sum is the call's total deadline, since aiohttp
-    has no write timeout of its own. Telegram sets no cookies, so the pool keeps none.
+    has no write timeout of its own. Telegram sets no cookies, so the pool keeps none. Every
+    call goes through ``proxy`` when given (an HTTP proxy's URL, credentials included).
     """
 
-    __slots__ = ("_connections", "_media_write", "_session")
+    __slots__ = ("_connections", "_media_write", "_proxy", "_session")
 
-    def __init__(self, connections: int, *, media_write_timeout: float = 20.0) -> None:
+    def __init__(
+        self, connections: int, *, media_write_timeout: float = 20.0, proxy: str | None = None
+    ) -> None:
         self._connections = connections
         self._media_write = media_write_timeout
+        self._proxy = proxy
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -104,6 +108,7 @@ class BotApiRequest(BaseRequest):
                 data=data,
                 headers={"User-Agent": self.USER_AGENT, **headers},
                 timeout=timeout,
+                proxy=self._proxy,
             ) as response:
                 return response.status, await _read_capped(response)
         except TimeoutError as error:

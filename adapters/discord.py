@@ -48,6 +48,7 @@ from bot.commands import (
 )
 from bot.config import Settings
 from bot.errors import InputUnavailable
+from bot.http import env_proxy
 from bot.images import Picture
 from bot.money import format_usd
 from bot.requests import MAX_INPUT_BYTES, MAX_N, ImageCommand, ImageInput
@@ -78,7 +79,10 @@ def build_client(settings: Settings, bot: ImageBot) -> ImagebotClient:
     # discord.py keeps the REST base in one class attribute, read for every request.
     discord.http.Route.BASE = settings.discord_api_url.rstrip("/")
     client = ImagebotClient(
-        bot, shard_count=settings.discord_shard_count, shard_ids=settings.discord_shard_ids
+        bot,
+        shard_count=settings.discord_shard_count,
+        shard_ids=settings.discord_shard_ids,
+        proxy=env_proxy(settings.discord_api_url, "Discord"),
     )
     bot.reach_admins("discord", partial(send_private, client))
     return client
@@ -114,7 +118,8 @@ class ImagebotClient(discord.AutoShardedClient):
     presses through ``PressedButton``.
 
     Runs ``shard_ids`` of ``shard_count`` shards; every shard of ``shard_count`` without ids;
-    without a count, as many as ``GET /gateway/bot`` recommends.
+    without a count, as many as ``GET /gateway/bot`` recommends. REST calls, the gateway's
+    websockets and attachment downloads go through ``proxy`` when given.
     """
 
     def __init__(
@@ -123,6 +128,7 @@ class ImagebotClient(discord.AutoShardedClient):
         *,
         shard_count: int | None = None,
         shard_ids: Sequence[int] | None = None,
+        proxy: str | None = None,
     ) -> None:
         # The bot has no voice; discord.py would warn at every start that voice libraries are
         # missing.
@@ -140,6 +146,7 @@ class ImagebotClient(discord.AutoShardedClient):
             max_messages=None,
             shard_count=shard_count,
             shard_ids=None if shard_ids is None else list(shard_ids),
+            proxy=proxy,
         )
         sweep_rate_limits_in_turn(self.http)
         self.bot = bot

@@ -54,6 +54,7 @@ from bot.buttons import Button
 from bot.commands import ADMIN_MENU, MENU
 from bot.config import Settings
 from bot.errors import InputUnavailable
+from bot.http import env_proxy
 from bot.images import LinkedPicture, Picture, ResultPicture, in_memory
 from bot.requests import ImageInput
 from bot.service import ImageBot, Sender
@@ -94,6 +95,7 @@ def build_application(
     assert settings.telegram_bot_token is not None
     api = settings.telegram_api_url.rstrip("/")
     webhook = _webhook_of(settings)
+    proxy = env_proxy(api, "Telegram's Bot API")
     application = (
         Application.builder()
         .token(settings.telegram_bot_token.get_secret_value())
@@ -101,8 +103,8 @@ def build_application(
         .base_file_url(f"{api}/file/bot")
         .update_queue(HeldUpdates(MAX_HELD_UPDATES, refuse_when_full=webhook is not None))
         .concurrent_updates(CONCURRENT_UPDATES)
-        .request(BotApiRequest(CONNECTION_POOL, media_write_timeout=60))
-        .get_updates_request(BotApiRequest(1))
+        .request(BotApiRequest(CONNECTION_POOL, media_write_timeout=60, proxy=proxy))
+        .get_updates_request(BotApiRequest(1, proxy=proxy))
         .build()
     )
     application.bot_data[_WEBHOOK] = webhook

@@ -6,10 +6,11 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import httpx
-from httpx._utils import get_environment_proxies
+from httpx._utils import URLPattern, get_environment_proxies
 from httpx_aiohttp import AiohttpTransport, HttpxAiohttpClient
 from httpx_aiohttp.transport import AiohttpResponseStream
 
+from bot.errors import ConfigError
 from bot.images import MAX_RESULTS_IN_HAND
 from bot.requests import MAX_N
 from bot.x402 import MAX_EXCHANGES_IN_FLIGHT
@@ -72,6 +73,25 @@ def _proxy_mounts(limits: httpx.Limits) -> dict[str, httpx.AsyncBaseTransport | 
         pattern: None if url is None else _Transport(limits=limits, proxy=httpx.Proxy(url))
         for pattern, url in get_environment_proxies().items()
     }
+
+
+def env_proxy(url: str, calls: str) -> str | None:
+    """The proxy ``HTTP(S)_PROXY`` or ``ALL_PROXY`` names for ``url``, None when none does or
+    ``NO_PROXY`` names its host: the rule ``gateway_client`` follows, for a client that takes
+    one proxy for all its ``calls`` (the platforms' aiohttp sessions). ConfigError when that
+    proxy is not an HTTP one, which aiohttp cannot use."""
+    mounts = sorted(
+        ((URLPattern(pattern), proxy) for pattern, proxy in get_environment_proxies().items()),
+        key=lambda mount: mount[0],
+    )
+    target = httpx.URL(url)
+    proxy = next((proxy for pattern, proxy in mounts if pattern.matches(target)), None)
+    if proxy is not None and httpx.URL(proxy).scheme not in ("http", "https"):
+        raise ConfigError(
+            f"HTTP_PROXY, HTTPS_PROXY or ALL_PROXY names a proxy for {calls} that is not "
+            "http:// or https://; name an HTTP proxy, or exempt the host in NO_PROXY"
+        )
+    return proxy
 
 
 class _Transport(AiohttpTransport):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable
 
 from pydantic import BaseModel, SecretStr
@@ -12,6 +13,7 @@ from bot.config import url_passwords
 # Quieter by default: httpx logs each request URL at INFO, and Telegram's carries the token.
 _QUIET_LOGGERS = ("httpx", "httpcore", "aiohttp.access")
 _MASK = "[secret]"
+_PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")  # any case, as httpx reads them
 
 
 class _Redacting(logging.Formatter):
@@ -29,14 +31,20 @@ class _Redacting(logging.Formatter):
 
 
 def secrets_of(settings: BaseModel) -> list[str]:
-    """Every secret setting's value, a wallet key also without its ``0x``, a URL's password."""
+    """Every secret setting's value, a wallet key also without its ``0x``, a URL's password, and
+    the password of a proxy ``HTTP(S)_PROXY`` or ``ALL_PROXY`` names."""
     values = [
         value.get_secret_value()
         for name in type(settings).model_fields
         if isinstance(value := getattr(settings, name), SecretStr)
     ]
     bare_keys = [value.removeprefix("0x") for value in values if value.startswith("0x")]
-    passwords = [password for value in values for password in url_passwords(value)]
+    proxies = [
+        value if "://" in value else f"http://{value}"
+        for name, value in os.environ.items()
+        if name.upper() in _PROXY_VARIABLES
+    ]
+    passwords = [password for value in values + proxies for password in url_passwords(value)]
     return values + bare_keys + passwords
 
 

@@ -95,16 +95,17 @@ async def started_stack(tmp_path: Path, fake: FakeDiscord | None = None) -> Asyn
 
 @asynccontextmanager
 async def serving(
-    stack: Stack, monkeypatch: pytest.MonkeyPatch, **settings: str
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, api_host: str = "127.0.0.1", **settings: str
 ) -> AsyncIterator[None]:
     """The bot of ``imagebot run`` connected to the stack's Discord, paying its gateway, with its
-    ledger; stopped at the end (the stack stays up for a bot started after it)."""
+    ledger; stopped at the end (the stack stays up for a bot started after it). The bot is told
+    the fake's REST API is at ``api_host`` (as ``running`` in test_telegram)."""
     fake = stack.discord
     monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)  # restored after
     loaded = load_settings(
         _env_file=None,
         discord_bot_token=fake.token,
-        discord_api_url=fake.api_url,
+        discord_api_url=fake.api_url.replace("127.0.0.1", api_host),
         image_api_url=stack.gateway.url,
         database_path=stack.database,
         **settings,

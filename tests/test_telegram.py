@@ -38,10 +38,11 @@ class Stack:
 
 @asynccontextmanager
 async def running(
-    tmp_path: Path, gateway: Sandbox | None = None, **settings: str
+    tmp_path: Path, gateway: Sandbox | None = None, api_host: str = "127.0.0.1", **settings: str
 ) -> AsyncIterator[Stack]:
     """``imagebot run``'s Telegram side: the Application polling the fake, paying the sandbox
-    (``gateway`` if given: already started)."""
+    (``gateway`` if given: already started). The bot is told the fake is at ``api_host`` (the
+    fake listens on 127.0.0.1 only: another address reaches it only through a proxy)."""
     telegram = FakeTelegram()
     await telegram.start()
     if gateway is None:
@@ -51,7 +52,7 @@ async def running(
     loaded = load_settings(
         _env_file=None,
         telegram_bot_token=telegram.token,
-        telegram_api_url=telegram.url,
+        telegram_api_url=telegram.url.replace("127.0.0.1", api_host),
         image_api_url=gateway.url,
         database_path=database,
         admin_ids=f"telegram:{ADMIN_ID}",

@@ -1,0 +1,89 @@
+"""A forwarding HTTP proxy on loopback, of the kind ``HTTP_PROXY`` names: it records the first
+request of every connection made through it and passes the bytes on both ways (a websocket's
+upgrade and frames too). ``routes`` sends a host it names to another address, so a test can
+give the bot an address it can reach only through the proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+MAX_HEAD_BYTES = 64 * 1024
+_CHUNK_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Passage:
+    """A connection's first request as the proxy got it."""
+
+    method: str
+    target: str  # the absolute URL
+    authorization: str | None  # its Proxy-Authorization header
+
+
+@dataclass
+class FakeProxy:
+    routes: dict[str, str] = field(default_factory=dict)  # host -> host to connect to instead
+    passages: list[Passage] = field(default_factory=list)
+    url: str = ""  # http://127.0.0.1:port, once started
+    _server: asyncio.Server | None = None
+    _connections: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, limit=MAX_HEAD_BYTES)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self.url
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._connections):
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+        await self._server.wait_closed()
+
+    def targets(self, prefix: str) -> list[str]:
+        """The recorded targets that start with ``prefix``."""
+        return [p.target for p in self.passages if p.target.startswith(prefix)]
+
+    async def _serve(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        try:
+            await self._forward(client, to_client)
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+            pass  # a client gone, or a request this fake cannot forward: the connection ends
+        finally:
+            to_client.close()
+            self._connections.discard(task)
+
+    async def _forward(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
+        head = await client.readuntil(b"\r\n\r\n")
+        request_line, *lines = head.decode("latin-1").split("\r\n")
+        method, target, _ = request_line.split(" ", 2)
+        headers = {
+            name.strip().lower(): value.strip()
+            for name, _, value in (line.partition(":") for line in lines if line)
+        }
+        self.passages.append(Passage(method, target, headers.get("proxy-authorization")))
+        address = urlsplit(target)
+        if address.hostname is None:
+            raise ValueError("not an absolute URL")  # CONNECT (https) is not needed here
+        host = self.routes.get(address.hostname, address.hostname)
+        upstream, to_upstream = await asyncio.open_connection(host, address.port or 80)
+        try:
+            to_upstream.write(head)  # absolute-form, which servers take as it is
+            await asyncio.gather(_pipe(client, to_upstream), _pipe(upstream, to_client))
+        finally:
+            to_upstream.close()
+
+
+async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    while chunk := await source.read(_CHUNK_BYTES):
+        sink.write(chunk)
+        await sink.drain()
+    with contextlib.suppress(OSError):
+        sink.write_eof()

@@ -1,0 +1,122 @@
+"""Telegram's and Discord's calls go through the proxy ``HTTP(S)_PROXY`` names, as the gateway's
+do, credentials included; hosts in ``NO_PROXY`` are reached directly. The bot is told each
+platform is at 127.0.0.2, where nothing listens: only the proxy (its route) reaches the fake."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from fake_discord import File
+from fake_proxy import FakeProxy
+from pictures import png
+from test_discord import replies_to, serving, started_stack, with_files
+from test_telegram import running, sent_to
+
+from bot.errors import ConfigError
+from bot.http import env_proxy
+
+ELSEWHERE = "127.0.0.2"
+CREDENTIALS = "imagebot:pr0xy-s3cret"
+
+
+@pytest.fixture
+async def proxy() -> AsyncIterator[FakeProxy]:
+    proxy = FakeProxy(routes={ELSEWHERE: "127.0.0.1"})
+    await proxy.start()
+    yield proxy
+    await proxy.close()
+
+
+async def test_telegram_calls_and_file_downloads_go_through_the_proxy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, proxy: FakeProxy
+) -> None:
+    monkeypatch.setenv("HTTP_PROXY", proxy.url.replace("://", f"://{CREDENTIALS}@"))
+    async with running(tmp_path, api_host=ELSEWHERE) as stack:
+        telegram = stack.telegram
+        chat = telegram.private_chat(111, "Alice", "alice")
+        original = telegram.send_photo(chat, chat.user, png(300, 200, "blue"))
+        telegram.send_text(chat, chat.user, "/img2img snow", reply_to=original["message_id"])
+        photo = await telegram.wait_for(sent_to(111, "sendPhoto"))
+
+    assert photo.params["caption"].startswith("gpt-image · 1024x1024")
+    assert proxy.targets(f"http://{ELSEWHERE}:")  # long polling, replies, the photo's download
+    assert proxy.targets(stack.gateway.url)  # as before: the gateway's calls too
+    basic = "Basic " + base64.b64encode(CREDENTIALS.encode()).decode()
+    assert {passage.authorization for passage in proxy.passages} == {basic}
+
+
+async def test_discord_rest_gateway_and_attachments_go_through_the_proxy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, proxy: FakeProxy
+) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://unused.invalid:1")  # http:// URLs take HTTP_PROXY
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    async with (
+        started_stack(tmp_path) as stack,
+        serving(stack, monkeypatch, api_host=ELSEWHERE),
+    ):
+        fake = stack.discord
+        channel = fake.guild("Artists").channel("general")
+        alice = fake.user("alice")
+        command = fake.send_message(
+            channel, alice, "/img2img snow", files=[File("cat.png", png(300, 200, "blue"))]
+        )
+        reply = await fake.wait_for(with_files(replies_to(command)))
+
+    assert reply.payload["content"].startswith("gpt-image · 1024x1024")
+    assert proxy.targets(f"http://{ELSEWHERE}:")  # REST
+    assert proxy.targets(fake.gateway_url)  # the gateway's websocket
+    assert proxy.targets(fake.cdn_url)  # the attachment's download
+
+
+async def test_hosts_in_no_proxy_are_reached_directly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, proxy: FakeProxy
+) -> None:
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    async with running(tmp_path) as stack:
+        chat = stack.telegram.private_chat(111, "Alice", "alice")
+        stack.telegram.send_text(chat, chat.user, "/imagegen a fox")
+        await stack.telegram.wait_for(sent_to(111, "sendPhoto"))
+
+    assert proxy.passages == []
+
+
+@pytest.mark.parametrize(
+    ("variables", "url", "expected"),
+    [
+        ({"HTTPS_PROXY": "http://p:3128"}, "https://api.telegram.org", "http://p:3128"),
+        ({"HTTPS_PROXY": "p:3128"}, "https://discord.com/api/v10", "http://p:3128"),
+        ({"HTTP_PROXY": "http://p:3128"}, "https://api.telegram.org", None),
+        ({"ALL_PROXY": "http://p:3128"}, "https://api.telegram.org", "http://p:3128"),
+        ({"https_proxy": "http://p:3128"}, "https://api.telegram.org", "http://p:3128"),
+        (
+            {"HTTPS_PROXY": "http://p:3128", "NO_PROXY": "telegram.org"},
+            "https://api.telegram.org",
+            None,
+        ),
+        ({"HTTPS_PROXY": "http://p:3128", "NO_PROXY": "*"}, "https://api.telegram.org", None),
+        ({}, "https://api.telegram.org", None),
+    ],
+)
+def test_the_proxy_for_a_platform_is_read_as_the_gateways(
+    monkeypatch: pytest.MonkeyPatch, variables: dict[str, str], url: str, expected: str | None
+) -> None:
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+
+    assert env_proxy(url, "Telegram's Bot API") == expected
+
+
+def test_a_proxy_aiohttp_cannot_use_is_refused_without_its_password(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ALL_PROXY", "socks5://imagebot:pr0xy-s3cret@127.0.0.1:1080")
+
+    with pytest.raises(ConfigError) as refused:
+        env_proxy("https://discord.com/api/v10", "Discord")
+
+    assert "Discord" in refused.value.user_message
+    assert "s3cret" not in refused.value.user_message
