@@ -109,7 +109,7 @@ async def serve(client: ImagebotClient, token: str, stop: asyncio.Event) -> None
     except (aiohttp.ClientError, OSError) as error:
         raise StartupError(
             f"could not reach Discord at DISCORD_API_URL ({type(error).__name__}); "
-            "check the address and the network"
+            "check the address, the network and any HTTP(S)_PROXY"
         ) from None
 
 

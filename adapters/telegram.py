@@ -241,7 +241,7 @@ async def _receive(updater: Updater, webhook: Webhook | None) -> None:
     except TelegramError as error:
         raise StartupError(
             f"could not set the webhook at Telegram's Bot API ({type(error).__name__}); "
-            "check TELEGRAM_API_URL and the network"
+            "check TELEGRAM_API_URL, the network and any HTTP(S)_PROXY"
         ) from None
     except OSError as error:
         raise StartupError(
@@ -259,7 +259,7 @@ async def _initialize(application: Application[Any, Any, Any, Any, Any, Any]) ->
     except TelegramError as error:
         problem = (
             f"could not reach Telegram's Bot API at TELEGRAM_API_URL ({type(error).__name__}); "
-            "check the address and the network"
+            "check the address, the network and any HTTP(S)_PROXY"
         )
     else:
         return
