@@ -34,6 +34,7 @@ from telegram_load import (
     holdings,
     load_parser,
     percentile,
+    rounds,
     scenario_names,
     settlement_times,
     spawn_bot,
@@ -376,7 +377,7 @@ def report(outcome: DiscordOutcome) -> None:
 async def run(args: argparse.Namespace, gateway: Gateway, names: list[str]) -> list[Outcome]:
     outcomes: list[Outcome] = []
     kinds = [kind.strip() for kind in args.kinds.split(",") if kind.strip()]
-    for name in names:
+    for name in rounds(args.runs, names):
         scenario = SCENARIOS[name]
         print(
             f"\n{name}: {args.users} users send {scenario.command!r} at once "
