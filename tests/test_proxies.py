@@ -64,8 +64,13 @@ async def test_discord_rest_gateway_and_attachments_go_through_the_proxy(
             channel, alice, "/img2img snow", files=[File("cat.png", png(300, 200, "blue"))]
         )
         reply = await fake.wait_for(with_files(replies_to(command)))
+        fake.slash_command(channel, alice, "imagegen", {"prompt": "a fox", "model": "flux"})
+        edit = await fake.wait_for(
+            lambda call: call.name == "edit_original_response" and bool(call.files)
+        )
 
     assert reply.payload["content"].startswith("gpt-image · 1024x1024")
+    assert edit.payload["content"] == "flux · 1024x1024 · $0.042"  # interaction webhooks too
     assert proxy.targets(f"http://{ELSEWHERE}:")  # REST
     assert proxy.targets(fake.gateway_url)  # the gateway's websocket
     assert proxy.targets(fake.cdn_url)  # the attachment's download
