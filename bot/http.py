@@ -69,8 +69,11 @@ def _proxy_mounts(limits: httpx.Limits) -> dict[str, httpx.AsyncBaseTransport | 
     """``HTTP(S)_PROXY``, ``ALL_PROXY`` and ``NO_PROXY`` read as httpx reads them, once: httpx
     skips them for a client given its own transport (aiohttp's ``trust_env`` would read them,
     and ``~/.netrc``, in a thread on every request)."""
+    calls = "the image gateway and picture downloads"
     return {
-        pattern: None if url is None else _Transport(limits=limits, proxy=httpx.Proxy(url))
+        pattern: None
+        if url is None
+        else _Transport(limits=limits, proxy=httpx.Proxy(_usable(url, calls)))
         for pattern, url in get_environment_proxies().items()
     }
 
@@ -78,15 +81,24 @@ def _proxy_mounts(limits: httpx.Limits) -> dict[str, httpx.AsyncBaseTransport | 
 def env_proxy(url: str, calls: str) -> str | None:
     """The proxy ``HTTP(S)_PROXY`` or ``ALL_PROXY`` names for ``url``, None when none does or
     ``NO_PROXY`` names its host: the rule ``gateway_client`` follows, for a client that takes
-    one proxy for all its ``calls`` (the platforms' aiohttp sessions). ConfigError when that
-    proxy is not an HTTP one, which aiohttp cannot use."""
+    one proxy for all its ``calls`` (the platforms' aiohttp sessions)."""
     mounts = sorted(
         ((URLPattern(pattern), proxy) for pattern, proxy in get_environment_proxies().items()),
         key=lambda mount: mount[0],
     )
     target = httpx.URL(url)
     proxy = next((proxy for pattern, proxy in mounts if pattern.matches(target)), None)
-    if proxy is not None and httpx.URL(proxy).scheme not in ("http", "https"):
+    return None if proxy is None else _usable(proxy, calls)
+
+
+def _usable(proxy: str, calls: str) -> str:
+    """``proxy`` when aiohttp can go through it (an http:// or https:// URL), else ConfigError,
+    which names the variables but not the URL: it may hold a password."""
+    try:
+        scheme = httpx.URL(proxy).scheme
+    except httpx.InvalidURL:
+        scheme = ""
+    if scheme not in ("http", "https"):
         raise ConfigError(
             f"HTTP_PROXY, HTTPS_PROXY or ALL_PROXY names a proxy for {calls} that is not "
             "http:// or https://; name an HTTP proxy, or exempt the host in NO_PROXY"

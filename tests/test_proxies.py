@@ -16,7 +16,7 @@ from test_discord import replies_to, serving, started_stack, with_files
 from test_telegram import running, sent_to
 
 from bot.errors import ConfigError
-from bot.http import env_proxy
+from bot.http import env_proxy, gateway_client
 
 ELSEWHERE = "127.0.0.2"
 CREDENTIALS = "imagebot:pr0xy-s3cret"
@@ -115,13 +115,25 @@ def test_the_proxy_for_a_platform_is_read_as_the_gateways(
     assert env_proxy(url, "Telegram's Bot API") == expected
 
 
+@pytest.mark.parametrize(
+    ("proxy", "client"),
+    [
+        ("socks5://imagebot:pr0xy-s3cret@127.0.0.1:1080", "Discord"),
+        ("ftp://imagebot:pr0xy-s3cret@127.0.0.1:21", "Discord"),
+        ("socks5://imagebot:pr0xy-s3cret@127.0.0.1:1080", "gateway"),
+    ],
+)
 def test_a_proxy_aiohttp_cannot_use_is_refused_without_its_password(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, proxy: str, client: str
 ) -> None:
-    monkeypatch.setenv("ALL_PROXY", "socks5://imagebot:pr0xy-s3cret@127.0.0.1:1080")
+    monkeypatch.setenv("ALL_PROXY", proxy)
 
     with pytest.raises(ConfigError) as refused:
-        env_proxy("https://discord.com/api/v10", "Discord")
+        if client == "gateway":
+            gateway_client()
+        else:
+            env_proxy("https://discord.com/api/v10", "Discord")
 
-    assert "Discord" in refused.value.user_message
-    assert "s3cret" not in refused.value.user_message
+    message = refused.value.user_message
+    assert ("Discord" if client == "Discord" else "the image gateway") in message
+    assert "s3cret" not in message and "127.0.0.1" not in message
