@@ -13,7 +13,7 @@ from fake_discord import File
 from fake_proxy import FakeProxy
 from pictures import png
 from test_discord import replies_to, serving, started_stack, with_files
-from test_telegram import running, sent_to
+from test_telegram import edited_photo, running, sent_to
 
 from bot.errors import ConfigError
 from bot.http import env_proxy, gateway_client
@@ -35,11 +35,7 @@ async def test_telegram_calls_and_file_downloads_go_through_the_proxy(
 ) -> None:
     monkeypatch.setenv("HTTP_PROXY", proxy.url.replace("://", f"://{CREDENTIALS}@"))
     async with running(tmp_path, api_host=ELSEWHERE) as stack:
-        telegram = stack.telegram
-        chat = telegram.private_chat(111, "Alice", "alice")
-        original = telegram.send_photo(chat, chat.user, png(300, 200, "blue"))
-        telegram.send_text(chat, chat.user, "/img2img snow", reply_to=original["message_id"])
-        photo = await telegram.wait_for(sent_to(111, "sendPhoto"))
+        photo = await edited_photo(stack.telegram)
 
     assert photo.params["caption"].startswith("gpt-image · 1024x1024")
     assert proxy.targets(f"http://{ELSEWHERE}:")  # long polling, replies, the photo's download

@@ -137,13 +137,16 @@ async def test_a_job_over_a_second_shows_sending_photo_until_the_photo(stack: St
     assert status.at + INDICATOR_AFTER_SECONDS <= action.at < photo.at
 
 
-async def test_reply_to_a_photo_with_img2img_edits_it(stack: Stack) -> None:
-    telegram = stack.telegram
+async def edited_photo(telegram: FakeTelegram) -> Call:
+    """Alice (user 111) sends a photo and replies to it with /img2img; the photo that answers."""
     chat = telegram.private_chat(111, "Alice", "alice")
     original = telegram.send_photo(chat, chat.user, png(300, 200, "blue"))
     telegram.send_text(chat, chat.user, "/img2img make it winter", reply_to=original["message_id"])
+    return await telegram.wait_for(sent_to(111, "sendPhoto"))
 
-    photo = await telegram.wait_for(sent_to(111, "sendPhoto"))
+
+async def test_reply_to_a_photo_with_img2img_edits_it(stack: Stack) -> None:
+    photo = await edited_photo(stack.telegram)
 
     assert photo.params["caption"].startswith("gpt-image · 1024x1024")
     assert len(stack.gateway.settlements) == 1
