@@ -28,8 +28,8 @@ class FakeProxy:
     routes: dict[str, str] = field(default_factory=dict)  # host -> host to connect to instead
     passages: list[Passage] = field(default_factory=list)
     url: str = ""  # http://127.0.0.1:port, once started
-    _server: asyncio.Server | None = None
-    _connections: set[asyncio.Task[None]] = field(default_factory=set)
+    _server: asyncio.Server | None = field(default=None, repr=False)
+    _connections: set[asyncio.Task[None]] = field(default_factory=set, repr=False)
 
     async def start(self) -> str:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, limit=MAX_HEAD_BYTES)
