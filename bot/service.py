@@ -384,6 +384,8 @@ class ImageBot:
         try:
             made = command()
         except ImagebotError as error:
+            if not (self._user_allowed(sender) or sender.private or answers_private):
+                return Outcome.IGNORED  # an outsider's mistake is not for a group to read
             await chat.send_text(error.user_message)
             return Outcome.REFUSED
         if made is None:
@@ -456,13 +458,13 @@ class ImageBot:
             return Outcome.DONE
         if not isinstance(command, ImageCommand):
             return await self._administer(command, sender, chat, answers_private)
+        if not self._user_allowed(sender):
+            if not (sender.private or answers_private):  # no refusals for a group to read
+                return Outcome.IGNORED
+            await chat.send_text("Sorry, this bot makes pictures only for its members.")
+            return Outcome.REFUSED
         try:
             command.check()  # refuse what can be refused before anything is downloaded
-            if not self._user_allowed(sender):
-                if not (sender.private or answers_private):  # no refusals for a group to read
-                    return Outcome.IGNORED
-                await chat.send_text("Sorry, this bot makes pictures only for its members.")
-                return Outcome.REFUSED
         except ImagebotError as error:
             await chat.send_text(error.user_message)
             return Outcome.REFUSED
