@@ -16,7 +16,12 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from bot.chains import BASE, BASE_SEPOLIA, Chain, chain_for, gateway_chain
 from bot.errors import ConfigError
@@ -251,10 +256,35 @@ def url_passwords(url: str) -> set[str]:
     return {password, unquote(password)} if password else set()
 
 
+class _BuiltIn(Settings):
+    """The built-in defaults and the values given; nothing from the environment or ``.env``."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Read and validate the settings; a bad value raises ``ConfigError`` naming the variable."""
+    return _validated(Settings, overrides)
+
+
+def built_in_settings(**overrides: Any) -> Settings:
+    """The built-in defaults with ``overrides`` only, as ``imagebot demo`` runs: no deployment's
+    ledger, network, wallet or limits in the environment or ``.env`` reach it."""
+    return _validated(_BuiltIn, overrides)
+
+
+def _validated(kind: type[Settings], overrides: dict[str, Any]) -> Settings:
     try:
-        return Settings(**overrides)
+        return kind(**overrides)
     except ValidationError as error:
         lines = [_describe(problem) for problem in error.errors(include_input=False)]
         raise ConfigError("\n".join(lines)) from None

@@ -19,7 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bot.config import Settings, load_settings
+from bot.config import Settings, built_in_settings, load_settings
 from bot.errors import ConfigError
 from bot.service import Chat, ImageBot
 from bot.x402 import Wallet
@@ -167,10 +167,9 @@ async def _demo_async(once: str | None) -> int:
     )
     try:
         with tempfile.TemporaryDirectory(prefix="imagebot-demo-") as data_dir:
-            settings = load_settings(
-                _env_file=None,
-                image_api_url=url,
-                database_path=Path(data_dir) / "demo.sqlite3",
+            chosen = {"log_level": os.environ["LOG_LEVEL"]} if "LOG_LEVEL" in os.environ else {}
+            settings = built_in_settings(
+                image_api_url=url, database_path=Path(data_dir) / "demo.sqlite3", **chosen
             )
             return await _chat(settings, once, wallet)
     finally:

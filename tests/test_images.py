@@ -388,11 +388,25 @@ async def test_console_chat_writes_each_format_with_its_extension(tmp_path: Path
     assert saved.endswith(".png")
 
 
-def test_demo_once_runs_offline_from_the_command_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("deployed", [False, True])
+def test_demo_once_runs_offline_from_the_command_line(tmp_path: Path, deployed: bool) -> None:
+    """Also beside a deployment's settings, in the environment and ``.env``: none reaches the
+    demo (this ledger URL, network and cap would each make it fail)."""
+    deployment = {
+        "DATABASE_URL": "postgresql://imagebot:pw@127.0.0.1:9/imagebot",
+        "PAYMENT_NETWORK": "base",
+        "MAX_USD_PER_REQUEST": "0.000001",
+    }
+    if deployed:
+        (tmp_path / ".env").write_text("USER_DAILY_LIMIT_USD=0\nDATABASE_PATH=/nonexistent/x\n")
     result = subprocess.run(
         [sys.executable, "-m", "imagebot.cli", "demo", "--once", "/imagegen a red fox"],
         cwd=tmp_path,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).parents[1])},
+        env={
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": str(Path(__file__).parents[1]),
+            **(deployment if deployed else {}),
+        },
         capture_output=True,
         text=True,
         timeout=120,
