@@ -691,6 +691,7 @@ def _add_slash_commands(tree: app_commands.CommandTree[Any], bot: ImageBot) -> N
         mask="white = area to edit (OpenAI models, one image)",
         model="model (see /models)",
         size="WxH",
+        n="how many (1-4)",
     )
     async def img2img(
         interaction: discord.Interaction[Any],
@@ -702,10 +703,13 @@ def _add_slash_commands(tree: app_commands.CommandTree[Any], bot: ImageBot) -> N
         mask: discord.Attachment | None = None,
         model: str | None = None,
         size: str | None = None,
+        n: app_commands.Range[int, 1, MAX_N] | None = None,
     ) -> None:
         given = [file for file in (image, image2, image3, image4, mask) if file is not None]
         files = [RemoteFile(file.url, file.size, file.read) for file in given]
-        command = ImageCommand("img2img", prompt, model=model, size=size, mask=mask is not None)
+        command = ImageCommand(
+            "img2img", prompt, model=model, size=size, n=n, mask=mask is not None
+        )
         await _slash(bot, interaction, lambda: command, files, drawing=True)
 
     @tree.command(name="models", description=describe["models"])
@@ -754,6 +758,10 @@ def _add_slash_commands(tree: app_commands.CommandTree[Any], bot: ImageBot) -> N
 
     @tree.command(name="help", description=describe["help"])
     async def help_(interaction: discord.Interaction[Any]) -> None:
+        await _slash(bot, interaction, Help, ())
+
+    @tree.command(name="start", description=describe["help"])  # as Telegram's /start
+    async def start(interaction: discord.Interaction[Any]) -> None:
         await _slash(bot, interaction, Help, ())
 
     for command in (imagegen, img2img):

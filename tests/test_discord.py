@@ -388,13 +388,14 @@ async def test_slash_img2img_pays_for_the_same_body_as_the_message_command(stack
             "mask": File("mask.png", mask),
             "model": "gpt-image-2",
             "size": "1536x1024",
+            "n": 2,
         },
     )
     await fake.wait_for(with_files(of(interaction, "edit_original_response")))
     command = fake.send_message(
         channel,
         alice,
-        "/img2img --model gpt-image-2 --size 1536x1024 --mask -- add --snow and 'ice'",
+        "/img2img --model gpt-image-2 --size 1536x1024 --n 2 --mask -- add --snow and 'ice'",
         files=[File("in.png", source), File("mask.png", mask)],
     )
     await fake.wait_for(with_files(replies_to(command)))
@@ -402,8 +403,12 @@ async def test_slash_img2img_pays_for_the_same_body_as_the_message_command(stack
     slash, message = stack.paid_orders()
     assert slash.body == message.body
     assert (slash.model, slash.inputs, slash.mask) == ("openai/gpt-image-2", (source,), mask)
-    assert (slash.body["prompt"], slash.body["size"]) == ("add --snow and 'ice'", "1536x1024")
-    assert [s.amount_micro for s in stack.gateway.settlements] == [126_000, 126_000]
+    assert (slash.body["prompt"], slash.body["size"], slash.body["n"]) == (
+        "add --snow and 'ice'",
+        "1536x1024",
+        2,
+    )
+    assert [s.amount_micro for s in stack.gateway.settlements] == [252_000, 252_000]
 
 
 async def test_autocomplete_offers_the_models_for_the_command_and_their_sizes(
@@ -666,9 +671,11 @@ async def test_models_and_help_answer_only_the_caller(stack: Stack) -> None:
     alice = fake.user("alice")
     models = fake.slash_command(channel, alice, "models")
     usage = fake.slash_command(channel, alice, "help")
+    start = fake.slash_command(channel, alice, "start")
 
     assert "google/nano-banana" in await private_answer(fake, models)
     assert "/img2img" in await private_answer(fake, usage)
+    assert await private_answer(fake, start) == await private_answer(fake, usage)
     assert models.ack_delay is not None and models.ack_delay < 3
     assert fake.messages_in(channel) == []
 
