@@ -9,7 +9,9 @@ from bot.ledger import Budget, Report, UserSpend
 from bot.money import format_usd
 from bot.requests import MAX_N
 
-REPORT_LINES = 20  # a chat message stays short; `imagebot spend` lists everyone
+# Users ``/spend all`` lists, over as many messages as that takes (about 2 on Telegram, 4 on
+# Discord); a bigger crowd's rest is counted, and `imagebot spend` lists everyone.
+REPORT_LINES = 100
 
 
 def help_text() -> str:
@@ -87,7 +89,8 @@ def spend_text(spend: UserSpend, budget: Budget, *, own: bool) -> str:
 
 
 def report_text(report: Report) -> str:
-    """``/spend all``: the total, then the biggest spenders, one line each."""
+    """``/spend all``: the total, then every user (up to ``REPORT_LINES``), biggest spender
+    first, one line each."""
     requests = sum(user.requests for user in report.users)
     images = sum(user.images for user in report.users)
     lines = [

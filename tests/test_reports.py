@@ -14,6 +14,7 @@ from typing import Any
 from imagebot_cli import cli_env, imagebot
 
 from bot.ledger import Attempt, Budget, Report, ReportStream, SqliteLedger, UserTotal
+from bot.replies import REPORT_LINES, report_text
 from imagebot.reports import write_json
 
 
@@ -142,3 +143,20 @@ async def test_spend_csv_lists_each_settled_payment_and_json_names_persons(
     code, out = await imagebot("spend", "--json", env=env, cwd=tmp_path)
     persons = {entry["user"]: entry.get("person") for entry in json.loads(out)["users"]}
     assert persons == {"telegram:111": "telegram:111", "discord:5": "telegram:111"}
+
+
+def test_spend_all_lists_every_user_up_to_its_bound_and_counts_the_rest() -> None:
+    at = datetime(2026, 11, 21, 4, 38, 35, tzinfo=UTC)
+
+    def report(users: int) -> Report:
+        lines = [
+            UserTotal(f"telegram:{i}", "", 1, 1, 1_000 * (users - i), 0, at) for i in range(users)
+        ]
+        return Report(sum(line.micro for line in lines), 0, lines)
+
+    some = report_text(report(25)).splitlines()
+    many = report_text(report(REPORT_LINES + 7)).splitlines()
+
+    assert [line.split(":")[1] for line in some[1:]] == [str(i) for i in range(25)]
+    assert len(many) == 1 + REPORT_LINES + 1
+    assert many[-1] == "…and 7 more; `imagebot spend` on the server lists everyone."
