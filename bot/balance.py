@@ -91,7 +91,9 @@ class WalletWatch:
             log.exception("the low-balance check failed")
 
     async def _judge(self, micro: int) -> None:
-        if not self._low_micro or self._warn is None:
+        """Warn when the balance turned below the line; re-arm only once it is above it (at
+        the line it is neither, and nothing changes)."""
+        if not self._low_micro or self._warn is None or micro == self._low_micro:
             return
         if await self._ledger.note_low_balance(micro < self._low_micro):
             await self._warn(micro)

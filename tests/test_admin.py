@@ -233,6 +233,13 @@ async def test_a_low_balance_warns_each_admin_once_and_again_only_after_a_top_up
             await until(lambda: warnings() == (1, 1))
             await picture_of(telegram, user, "/imagegen -m flux a fox")
             await until(lambda: rpc.asked_balances >= 2)
+            rpc.hold(stack.wallet.address, 1_000_000)  # at the line: not above it
+            await picture_of(telegram, user, "/imagegen -m flux a hen")
+            await until(lambda: telegram_bot.wallet.last_micro == 1_000_000)
+            rpc.hold(stack.wallet.address, 900_000)
+            await picture_of(telegram, user, "/imagegen -m flux a pig")
+            await until(lambda: telegram_bot.wallet.last_micro == 900_000)
+            assert warnings() == (1, 1)
             rpc.hold(stack.wallet.address, 5_000_000)  # a top-up
             await picture_of(telegram, user, "/imagegen -m flux a cat")
             await until(lambda: telegram_bot.wallet.last_micro == 5_000_000)
