@@ -128,7 +128,8 @@ class AdminDesk:
             await self._ledger.set_daily_limit(admin, None, micro)
             return f"The default daily limit is now {format_usd(micro)}, in every process."
         controls = await self._ledger.controls(admin)
-        current = format_usd(controls.default_daily_micro or self._settings.user_daily_micro)
+        default = controls.default_daily_micro
+        current = format_usd(self._settings.user_daily_micro if default is None else default)
         return f"The default daily limit is {current}."
 
     async def link(self, user: str, command: LinkAccounts, private: bool) -> str:

@@ -288,6 +288,10 @@ async def test_budgets_are_set_shown_and_reset_in_one_process_and_obeyed_in_anot
             f"@bob ({bob_id}) has spent $0.105 today, $0.105 this month and $0.105 in all "
             "(2 images).\nLeft today: $0.00 of their $0.10 daily limit; it resets at 00:00 UTC."
         )
+        await telegram_says(telegram, admin, "/budget default 0")
+        assert await telegram_says(telegram, admin, "/budget default") == (
+            "The default daily limit is $0.00."
+        )
         assert await spend_matches(stack, tmp_path)
     async with aiosqlite.connect(stack.database) as db:
         changes = await db.execute_fetchall(
@@ -297,6 +301,7 @@ async def test_budgets_are_set_shown_and_reset_in_one_process_and_obeyed_in_anot
         (f"telegram:{ADMIN}", "budget", bob_id, 60_000),
         (f"telegram:{ADMIN}", "budget reset", bob_id, None),
         (f"telegram:{ADMIN}", "budget default", None, 100_000),
+        (f"telegram:{ADMIN}", "budget default", None, 0),
     ]
 
 
