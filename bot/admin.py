@@ -2,7 +2,8 @@
 make one person of a user's accounts on two platforms.
 
 Every answer is one short text. The switches and limits live in the ledger, so every process
-sharing it obeys them at its next reservation; each change is recorded with who made it.
+sharing it obeys them at once: a command already taken is refused when its payment is priced,
+before signing, if spending was paused meanwhile. Each change is recorded with who made it.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ from datetime import UTC, datetime
 from bot.balance import WalletWatch
 from bot.commands import BudgetChange, LinkAccounts, PauseSpending
 from bot.config import Settings
-from bot.ledger import Budget, Controls, Ledger, Linked, Status
+from bot.ledger import PAUSED_TEXT, Budget, Controls, Ledger, Linked, Status
 from bot.ledger.common import LINK_CODE_SECONDS, LINK_TRY_SECONDS, link_code_typed
 from bot.money import format_usd
 
-PAUSED = "Spending is paused by the bot's admins; try again later. Nothing was charged."
+PAUSED = PAUSED_TEXT
 _LINKED = {
     Linked.LINKED: (
         "Linked: this account and your other one are now one person, with one daily budget "

@@ -20,7 +20,7 @@ from test_service import RecordingChat
 
 from bot.buttons import Button
 from bot.config import load_settings
-from bot.ledger import SqliteLedger
+from bot.ledger import PAUSED_TEXT, SqliteLedger
 from bot.service import Cancellation, ImageBot, Outcome, Sender, cancel_text
 from bot.x402 import Wallet
 from imagebot.wiring import open_bot
@@ -234,6 +234,30 @@ async def test_a_job_cancelled_while_it_waits_is_never_paid_and_its_row_says_why
     assert await rows(tmp_path) == [
         ("telegram:111", "settled", None),
         ("discord:222", "failed", "cancelled by the requester"),
+    ]
+    assert await report_matches(tmp_path, sandbox)
+
+
+async def test_a_job_waiting_in_line_when_spending_is_paused_is_refused_at_its_turn_unpaid(
+    tmp_path: Path,
+) -> None:
+    gate = Gate()
+    holder, waiting = RecordingChat(), RecordingChat()
+    boss = Sender("telegram", "999", "boss", ("999",), private=True)
+    settings = {"max_concurrent_jobs": 1, "admin_ids": "telegram:999"}
+    async with running(tmp_path, gate, **settings) as (bot, sandbox):
+        first, second = await one_behind_another(bot, gate, (ALICE, holder), (BOB, waiting))
+        (paused,) = await ask(bot, boss, "/pause")
+        gate.opened.set()
+        assert await first is Outcome.DONE  # already paid for: it still arrives
+        assert await second is Outcome.REFUSED
+    assert paused.startswith("Spending is paused in every process")
+    assert len(holder.pictures) == 1
+    assert waiting.texts == [PAUSED_TEXT] and waiting.pictures == []
+    assert sandbox.payments_received == 1 and len(sandbox.settlements) == 1
+    assert await rows(tmp_path) == [
+        ("telegram:111", "settled", None),
+        ("discord:222", "failed", PAUSED_TEXT),
     ]
     assert await report_matches(tmp_path, sandbox)
 

@@ -26,6 +26,7 @@ import asyncpg
 import pytest
 
 from bot.ledger import (
+    PAUSED_TEXT,
     RESULT_KEEP_DAYS,
     Attempt,
     Budget,
@@ -39,6 +40,7 @@ from bot.ledger import (
     Linked,
     PostgresLedger,
     Report,
+    SpendingPaused,
     SqliteLedger,
     Status,
     UserSpend,
@@ -455,6 +457,26 @@ async def test_a_higher_price_that_no_longer_fits_leaves_the_row_unchanged(
     assert (stored["quoted_micro"], stored["nonce"]) == (50_000, nonce(1))
     with pytest.raises(BudgetExceeded):
         await ledger.reserve(attempt(), 1, budget)
+
+
+async def test_nothing_is_priced_while_spending_is_paused_whenever_its_command_came(
+    ledger: Ledger, ledger_backend: Backend
+) -> None:
+    """A command taken before the pause (waiting in line, downloading) is refused at its price,
+    the last step before signing: its row stays unsigned, to be failed."""
+    row = await ledger.reserve(attempt(), PRICE, ROOMY)
+    await ledger.set_paused("telegram:999", True)
+    before = await ledger_backend.rows()
+
+    with pytest.raises(SpendingPaused) as refused:
+        await price(ledger, row, PRICE, ROOMY, 1)
+
+    assert refused.value.user_message == PAUSED_TEXT
+    assert await ledger_backend.rows() == before
+    await ledger.set_paused("telegram:999", False)
+    await price(ledger, row, PRICE, ROOMY, 1)
+    (stored,) = await ledger_backend.rows()
+    assert stored["nonce"] == nonce(1)
 
 
 async def test_a_nonce_is_recorded_once(ledger: Ledger, ledger_backend: Backend) -> None:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from bot.errors import ConfigError
 from bot.ledger.api import (
+    PAUSED_TEXT,
     Attempt,
     Budget,
     BudgetExceeded,
@@ -27,6 +28,7 @@ from bot.ledger.api import (
     Payment,
     Report,
     ReportStream,
+    SpendingPaused,
     Status,
     UserSpend,
     UserTotal,
@@ -47,6 +49,7 @@ _BACKENDS = {  # name -> module, imported on first use
 __all__ = [
     "DATABASE_ERRORS",
     "DAY_SECONDS",
+    "PAUSED_TEXT",
     "RESULT_KEEP_DAYS",
     "Attempt",
     "Budget",
@@ -63,6 +66,7 @@ __all__ = [
     "PostgresLedger",
     "Report",
     "ReportStream",
+    "SpendingPaused",
     "SqliteLedger",
     "Status",
     "UserSpend",

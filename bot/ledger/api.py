@@ -160,6 +160,16 @@ class ReportStream:
     users: AsyncIterator[UserTotal]
 
 
+PAUSED_TEXT = "Spending is paused by the bot's admins; try again later. Nothing was charged."
+
+
+class SpendingPaused(PaymentRefused):
+    """The admins paused spending after the command was taken, before its payment was priced."""
+
+    def __init__(self) -> None:
+        super().__init__(PAUSED_TEXT)
+
+
 class BudgetExceeded(PaymentRefused):
     """A daily cap would be passed; ``scope`` is ``"user"`` or ``"global"``."""
 
@@ -291,8 +301,9 @@ class Ledger(Protocol):
 
         ``reply_to`` (the adapter's JSON) lets a later run tell the user what became of it.
 
-        Raises BudgetExceeded (row unchanged) if it no longer fits, ValueError if the row is not
-        pending or already priced, the store's integrity error if the nonce was recorded before.
+        Raises SpendingPaused (row unchanged) while spending is paused, BudgetExceeded (row
+        unchanged) if it no longer fits, ValueError if the row is not pending or already priced,
+        the store's integrity error if the nonce was recorded before.
         """
 
     async def settle(self, row_id: int, charged_micro: int, tx_hash: str | None) -> None:

@@ -34,6 +34,7 @@ from bot.ledger.api import (
     Payment,
     Report,
     ReportStream,
+    SpendingPaused,
     Status,
     UserSpend,
 )
@@ -279,6 +280,8 @@ class PostgresLedger:
             self._now(),
             *_caps(budget),
         )
+        if outcome == "paused":
+            raise SpendingPaused()
         if outcome == "refused":
             raise BudgetExceeded.refusing(amount_micro, budget, user_counted)
         if outcome != "priced":

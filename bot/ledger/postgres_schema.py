@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncpg
 
 from bot.errors import ConfigError
-from bot.ledger.common import DAY_SECONDS
+from bot.ledger.common import DAY_SECONDS, PAUSED
 
 # pg_advisory_xact_lock(space, key) spaces, so the locks of this schema never meet another's.
 LOCK_MIGRATIONS = 402_001  # key 0: one process migrates at a time
@@ -348,6 +348,42 @@ _V3_CANCELS = ("CREATE TABLE cancels (row_id bigint PRIMARY KEY, asked_at bigint
 
 _MEMBERS = members("p_platform", "p_user_id")
 
+
+def _price_attempt(guard: str = "") -> str:
+    """``price_attempt``: record a payment's quote and nonce, re-checking a higher quote against
+    the budgets; ``guard`` runs first and may end it with an outcome of its own."""
+    return f"""CREATE OR REPLACE FUNCTION price_attempt(
+        p_id bigint, p_amount whole, p_network text, p_payer text, p_nonce text,
+        p_valid_before whole, p_reply_to text, p_now bigint, p_exempt boolean,
+        p_user_cap bigint, p_global_cap bigint,
+        OUT outcome text, OUT user_counted bigint
+    ) LANGUAGE plpgsql AS $$
+    DECLARE
+        a attempts;
+        global_counted bigint;
+    BEGIN
+        {guard}SELECT * INTO a FROM attempts
+            WHERE id = p_id AND status = 'pending' AND nonce IS NULL;
+        IF FOUND AND p_amount > a.quoted_micro THEN
+            SELECT counted_micro - a.quoted_micro INTO global_counted FROM day_totals
+            WHERE day = a.created_at / {DAY_SECONDS} FOR UPDATE;
+            SELECT sum(counted_micro) - a.quoted_micro INTO user_counted FROM user_days
+            WHERE day = a.created_at / {DAY_SECONDS}
+                AND (platform, user_id) IN ({members("a.platform", "a.user_id")});
+            IF (NOT p_exempt AND user_counted + p_amount > p_user_cap)
+                OR global_counted + p_amount > p_global_cap THEN
+                outcome := 'refused';
+                RETURN;
+            END IF;
+        END IF;
+        UPDATE attempts SET quoted_micro = p_amount, network = p_network, payer = p_payer,
+            nonce = p_nonce, valid_before = p_valid_before, reply_to = p_reply_to,
+            updated_at = p_now
+        WHERE id = p_id AND status = 'pending' AND nonce IS NULL;
+        outcome := CASE WHEN FOUND THEN 'priced' ELSE 'not pending' END;
+    END $$"""
+
+
 # What admins set from the chat (the pause switch, daily limits, each change recorded) and the
 # links joining one person's identities on several platforms, with their one-time codes. A
 # person's identities share one budget: the budget functions are replaced to sum over them, and
@@ -426,39 +462,28 @@ _V4_ADMIN = (
             p_command, p_model, p_size, p_n, p_amount, 'pending', p_now, p_now)
         RETURNING id INTO row_id;
     END $$""",
-    f"""CREATE OR REPLACE FUNCTION price_attempt(
-        p_id bigint, p_amount whole, p_network text, p_payer text, p_nonce text,
-        p_valid_before whole, p_reply_to text, p_now bigint, p_exempt boolean,
-        p_user_cap bigint, p_global_cap bigint,
-        OUT outcome text, OUT user_counted bigint
-    ) LANGUAGE plpgsql AS $$
-    DECLARE
-        a attempts;
-        global_counted bigint;
-    BEGIN
-        SELECT * INTO a FROM attempts WHERE id = p_id AND status = 'pending' AND nonce IS NULL;
-        IF FOUND AND p_amount > a.quoted_micro THEN
-            SELECT counted_micro - a.quoted_micro INTO global_counted FROM day_totals
-            WHERE day = a.created_at / {DAY_SECONDS} FOR UPDATE;
-            SELECT sum(counted_micro) - a.quoted_micro INTO user_counted FROM user_days
-            WHERE day = a.created_at / {DAY_SECONDS}
-                AND (platform, user_id) IN ({members("a.platform", "a.user_id")});
-            IF (NOT p_exempt AND user_counted + p_amount > p_user_cap)
-                OR global_counted + p_amount > p_global_cap THEN
-                outcome := 'refused';
-                RETURN;
-            END IF;
+    _price_attempt(),
+)
+
+# No payment is priced (so none signed) while spending is paused, whenever its command came.
+_V5_PAUSED_PRICE = (
+    _price_attempt(
+        f"""IF coalesce((SELECT micro FROM switches WHERE name = '{PAUSED}'), 0) <> 0 THEN
+            outcome := 'paused';
+            RETURN;
         END IF;
-        UPDATE attempts SET quoted_micro = p_amount, network = p_network, payer = p_payer,
-            nonce = p_nonce, valid_before = p_valid_before, reply_to = p_reply_to,
-            updated_at = p_now
-        WHERE id = p_id AND status = 'pending' AND nonce IS NULL;
-        outcome := CASE WHEN FOUND THEN 'priced' ELSE 'not pending' END;
-    END $$""",
+        """
+    ),
 )
 
 # Applied in order from the version in schema_version; never edit a released step, add one.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2_RESULTS, _V3_CANCELS, _V4_ADMIN)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    _V1,
+    _V2_RESULTS,
+    _V3_CANCELS,
+    _V4_ADMIN,
+    _V5_PAUSED_PRICE,
+)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

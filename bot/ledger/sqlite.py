@@ -33,6 +33,7 @@ from bot.ledger.api import (
     Payment,
     Report,
     ReportStream,
+    SpendingPaused,
     Status,
     UserSpend,
 )
@@ -103,10 +104,13 @@ _RESERVE = f"""INSERT INTO attempts (run_id, platform, user_id, display_name, us
         AND coalesce(({_GLOBAL_TODAY}), 0) + :amount <= :global_cap
     RETURNING id"""
 
-# A price at or under the reservation only shrinks the spend, so only a higher one is re-checked.
+# A price at or under the reservation only shrinks the spend, so only a higher one is re-checked;
+# none is set while spending is paused.
+_PAUSED = f"SELECT coalesce((SELECT micro FROM switches WHERE name = '{PAUSED}'), 0)"
 _PRICE = f"""UPDATE attempts SET quoted_micro = :amount, network = :network, payer = :payer,
         nonce = :nonce, valid_before = :valid_before, reply_to = :reply_to, updated_at = :now
-    WHERE id = :id AND status = 'pending' AND nonce IS NULL AND (:amount <= quoted_micro OR (
+    WHERE id = :id AND status = 'pending' AND nonce IS NULL AND NOT ({_PAUSED})
+        AND (:amount <= quoted_micro OR (
         (:exempt OR (SELECT sum(d.counted_micro) FROM ({_ROW_MEMBERS}) AS who
             CROSS JOIN user_days AS d ON d.platform = who.platform AND d.user_id = who.user_id
                 AND d.day = attempts.created_at / {DAY_SECONDS})
@@ -242,6 +246,8 @@ class SqliteLedger:
         }
         if await self._db.execute_fetchall(_PRICE, params):
             return
+        if (await self._db.execute_fetchall(_PAUSED))[0][0]:
+            raise SpendingPaused()
         rows = await self._db.execute_fetchall(
             "SELECT platform, user_id, created_at, quoted_micro FROM attempts"
             " WHERE id = ? AND status = 'pending' AND nonce IS NULL",
