@@ -26,7 +26,7 @@ from test_service import RecordingChat
 from bot.buttons import Button
 from bot.config import load_settings
 from bot.images import Picture
-from bot.ledger import Status, open_ledger
+from bot.ledger import Attempt, Budget, SqliteLedger, Status, open_ledger
 from bot.ledger.journal import SettlementJournal
 from bot.service import Outcome, Sender
 from bot.x402 import Wallet
@@ -278,6 +278,37 @@ async def test_a_ledger_locked_for_20_s_during_a_slow_job_still_delivers_and_set
         assert not await asyncio.to_thread(journal.exists)
     assert await settled_micro(database) == sum(s.amount_micro for s in gateway.settlements)
     assert len(gateway.settlements) == 1
+
+
+async def test_a_settlement_journaled_before_a_crash_is_written_at_the_next_start(
+    tmp_path: Path,
+) -> None:
+    """A run paid, was charged, journaled the charge (its ledger was busy) and died: the next
+    start writes the charge before it recovers the dead run's rows, so the row is settled, not
+    taken for an unknown outcome."""
+    database = tmp_path / "ledger.sqlite3"
+    budget = Budget(10**9, 10**9, exempt=False)
+    async with await SqliteLedger.open(database) as crashed:  # closed: its run counts as dead
+        attempt = Attempt("telegram", "111", "@alice", "111", "imagegen", "flux", "1024x1024", 1)
+        row = await crashed.reserve(attempt, 42_000, budget)
+        await crashed.price(
+            row, 42_000, budget, network="eip155:84532", payer="0xPAYER", nonce="0x" + "1" * 64,
+            valid_before=2**31,
+        )  # fmt: skip
+    journal = SettlementJournal.beside(database)
+    journal.write_text(json.dumps({"row": row, "micro": 42_000, "tx": "0x" + "ab" * 32}) + "\n")
+    settings = load_settings(
+        _env_file=None, image_api_url="http://127.0.0.1:9", database_path=database
+    )
+
+    async with open_bot(settings, Wallet.create()):
+        pass
+
+    async with aiosqlite.connect(database) as db:
+        rows = await db.execute_fetchall("SELECT status, charged_micro, tx_hash FROM attempts")
+    assert rows == [("settled", 42_000, "0x" + "ab" * 32)]
+    assert not journal.exists()
+    assert await settled_micro(database) == 42_000
 
 
 # The chain's word on payments the gateway left unknown.
