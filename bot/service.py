@@ -96,6 +96,7 @@ CANCELS_SECONDS = 1.0  # how often a run with stoppable jobs looks for cancels a
 ALBUM_QUIET_SECONDS = 0.8  # an album's messages arrive together; gather once none came this long
 ALBUM_WAIT_SECONDS = 30.0  # an album still growing after this long is taken as it is
 KEEP_RESULT_SECONDS = 2.0  # a paid picture waits no longer than this for its buttons
+CLOSE_RETRY_SECONDS = 5.0  # how often a row the ledger would not close is written again
 _RESTARTING = "The bot is restarting; send that again in a minute. Nothing was charged."
 _CANCELLED = "Cancelled as you asked. Nothing was charged."
 _BY_REQUESTER = "cancelled by the requester"
@@ -239,6 +240,7 @@ class ImageBot:
         self._line = Line(settings.max_concurrent_jobs)
         self._draws: dict[asyncio.Task[Any], _Draw] = {}
         self._cancelling: set[asyncio.Task[Cancellation]] = set()  # asked by other runs
+        self._closing: set[asyncio.Task[None]] = set()  # rows the ledger would not close yet
         self._draining = False
         self._decoding = asyncio.Semaphore(MAX_DECODING)
         self._arrival = ArrivalOrder()
@@ -263,6 +265,9 @@ class ImageBot:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for task in self._closing:  # the next start recovers what is still open
+            task.cancel()
+        await asyncio.gather(*self._closing, return_exceptions=True)
 
     async def gather_album(self, album: str, part: str) -> list[str]:
         """All the messages (adapter JSON) of a chat album, to the one caller that gathers them.
@@ -340,8 +345,14 @@ class ImageBot:
             log.info("resumed job %d failed: %s", open_job.row_id, error.user_message)
             if chat is not None:
                 await _said(chat, error.user_message)
-            await _logged(
-                self._close_failed(open_job.row_id, error, open_job.quoted_micro, open_job.network)
+            await self._closed(
+                partial(
+                    self._close_failed,
+                    open_job.row_id,
+                    error,
+                    open_job.quoted_micro,
+                    open_job.network,
+                )
             )
         except asyncio.CancelledError:
             if not draw.settled:
@@ -593,7 +604,7 @@ class ImageBot:
             log.info("request failed: %s", error.user_message)
             await chat.send_text(error.user_message)
             charged = payment.signed_micro or request.estimate_micro
-            await _logged(self._close_failed(row_id, error, charged, payment.network))
+            await self._closed(partial(self._close_failed, row_id, error, charged, payment.network))
             return Outcome.REFUSED
         except asyncio.CancelledError:
             await self._stopped(draw, payment, chat)
@@ -678,13 +689,25 @@ class ImageBot:
         if not draw.stop.is_set():  # withdrawn because the bot is stopping
             if chat is not None:
                 await _said(chat, _RESTARTING)
-            await _logged(self._fail(draw.row_id, "the bot stopped before signing"))
+            await self._closed(partial(self._fail, draw.row_id, "the bot stopped before signing"))
             return
         draw.cancelled = True
         log.info("request %d cancelled by its requester", draw.row_id)
         if chat is not None:
             await _said(chat, _CANCELLED)
-        await _logged(self._close_uncharged(draw.row_id, _BY_REQUESTER, network))
+        await self._closed(partial(self._close_uncharged, draw.row_id, _BY_REQUESTER, network))
+
+    async def _closed(self, write: Callable[[], Awaitable[None]]) -> None:
+        """A ledger write closing a row after its user was answered. One the ledger refuses is
+        written again every ``CLOSE_RETRY_SECONDS`` in the background until it lands: a row left
+        pending would count against its user's budget and jobs until the next start."""
+        try:
+            await write()
+        except Exception as error:
+            log.error("ledger write failed (tried again in the background): %s", error)
+            task = asyncio.create_task(_until_written(write))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     def _forget(self, task: asyncio.Task[Any]) -> None:
         """A draw is over: out of the registry, and whoever waits for its end is told."""
@@ -764,7 +787,8 @@ class ImageBot:
             if self._draining:
                 await _said(chat, "The bot is restarting; your picture will come once it is back.")
             return
-        await _logged(self._close_interrupted(draw.row_id, payment, "interrupted: shutdown"))
+        interrupted = "interrupted: shutdown"
+        await self._closed(partial(self._close_interrupted, draw.row_id, payment, interrupted))
         if payment.signed_micro is not None:
             await _said(chat, f"The bot stopped before your picture arrived. {_MAYBE_CHARGED}")
 
@@ -773,7 +797,8 @@ class ImageBot:
         if draw.settled:
             await _said(chat, f"Your picture was paid for but I couldn't send it. {_ADMIN}")
             return
-        await _logged(self._close_interrupted(draw.row_id, payment, "failed unexpectedly"))
+        broke = "failed unexpectedly"
+        await self._closed(partial(self._close_interrupted, draw.row_id, payment, broke))
         if payment.signed_micro is None:
             await _said(chat, "Something went wrong on my side. Nothing was charged; try again.")
         else:
@@ -996,12 +1021,19 @@ async def _said(chat: Chat, text: str) -> None:
         log.warning("could not tell the user: %s", type(error).__name__)
 
 
-async def _logged(write: Awaitable[None]) -> None:
-    """A ledger write after the user was answered: a failure is logged, the row left for recover."""
-    try:
-        await write
-    except Exception as error:
-        log.error("ledger write failed: %s", error)
+async def _until_written(write: Callable[[], Awaitable[None]]) -> None:
+    while True:
+        await asyncio.sleep(CLOSE_RETRY_SECONDS)
+        try:
+            await write()
+        except ValueError as error:  # the row is closed already (by another run, or the chain)
+            log.warning("a row to close was closed meanwhile: %s", error)
+            return
+        except Exception as error:
+            log.warning("ledger write failed again: %s", error)
+            continue
+        log.info("a row the ledger had refused to close is closed now")
+        return
 
 
 _KINDS: dict[type, CommandKind] = {

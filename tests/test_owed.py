@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
+import local
 import pytest
 from aiohttp import web
 from fake_rpc import FakeRpc
@@ -23,6 +24,8 @@ from imagebot_cli import ROOT, cli_env, imagebot
 from local import until
 from test_service import RecordingChat
 
+import bot.ledger.sqlite
+import bot.service
 from bot.buttons import Button
 from bot.config import load_settings
 from bot.images import Picture
@@ -278,6 +281,46 @@ async def test_a_ledger_locked_for_20_s_during_a_slow_job_still_delivers_and_set
         assert not await asyncio.to_thread(journal.exists)
     assert await settled_micro(database) == sum(s.amount_micro for s in gateway.settlements)
     assert len(gateway.settlements) == 1
+
+
+async def test_a_failed_request_the_ledger_would_not_close_is_closed_once_it_can_be(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gateway fails a request while another process holds the ledger's write lock: the
+    user is told at once, and the row is failed as soon as the lock is gone, in the same run
+    (left pending, it would count against the user's budget and jobs until a restart)."""
+    monkeypatch.setattr(bot.ledger.sqlite, "BUSY_TIMEOUT_SECONDS", 0.2)
+    monkeypatch.setattr(bot.service, "CLOSE_RETRY_SECONDS", 0.1)
+    database = tmp_path / "ledger.sqlite3"
+    asked, answer = asyncio.Event(), asyncio.Event()
+
+    async def generations(request: web.Request) -> web.StreamResponse:
+        asked.set()
+        await answer.wait()
+        return web.json_response({"error": "upstream is down"}, status=503)
+
+    async with local.serving(("POST", "/v1/images/generations", generations)) as url:
+        settings = load_settings(_env_file=None, image_api_url=url, database_path=database)
+        async with open_bot(settings, Wallet.create()) as running:
+            chat = RecordingChat()
+            drawing = asyncio.create_task(running.handle(ALICE, chat, "/imagegen a fox"))
+            await asyncio.wait_for(asked.wait(), 10)  # reserved: the row is pending
+            locker = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", HOLD_WRITE_LOCK, str(database), "1.5",
+                stdout=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            assert locker.stdout is not None
+            assert await locker.stdout.readline() == b"locked\n"
+            answer.set()
+            assert await drawing is Outcome.REFUSED
+            assert chat.texts and "Nothing was charged" in chat.texts[-1]
+            assert await statuses(database) == ["pending"]  # refused while locked
+            await locker.wait()
+
+            async def failed() -> bool:
+                return await statuses(database) == ["failed"]
+
+            await until(failed, 10)
 
 
 async def test_a_settlement_journaled_before_a_crash_is_written_at_the_next_start(
