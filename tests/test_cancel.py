@@ -15,6 +15,7 @@ from typing import Any
 
 import aiosqlite
 import local
+import pytest
 from aiohttp import web
 from test_service import RecordingChat
 
@@ -277,12 +278,16 @@ async def test_a_fast_job_whose_payment_left_cannot_be_cancelled(tmp_path: Path)
     assert await report_matches(tmp_path, sandbox)
 
 
+@pytest.mark.parametrize("chain", [False, True])
 async def test_a_slow_job_cancelled_while_polling_stops_between_polls_and_is_never_settled(
-    tmp_path: Path,
+    tmp_path: Path, chain: bool
 ) -> None:
+    """With an RPC URL the row waits for the chain instead: the signed authorization could
+    still be used until it expires (nothing listens at this one)."""
     polls = Polls()
     chat = RecordingChat()
-    async with running(tmp_path, polls, job_seconds=0.6) as (bot, sandbox):
+    rpc = {"base_sepolia_rpc_url": "http://127.0.0.1:9/rpc"} if chain else {}
+    async with running(tmp_path, polls, job_seconds=0.6, **rpc) as (bot, sandbox):
         job = asyncio.create_task(bot.handle(ALICE, chat, "/imagegen a fox #slow"))
         await until(lambda: any(status.endswith(" s") for status in chat.progress))  # polled
         assert await ask(bot, ALICE, "/cancel") == [CANCELLED_ONE]
@@ -293,6 +298,16 @@ async def test_a_slow_job_cancelled_while_polling_stops_between_polls_and_is_nev
     assert chat.texts == [TOLD_CANCELLED] and chat.pictures == []
     assert sandbox.payments_received == 1  # the 202 carried the payment; no poll collected it
     assert sandbox.settlements == []
+    if chain:
+        assert await rows(tmp_path) == [
+            (
+                "telegram:111",
+                "unknown",
+                "the gateway said nothing was charged; waiting for the chain: "
+                "cancelled by the requester",
+            )
+        ]
+        return
     assert await rows(tmp_path) == [("telegram:111", "failed", "cancelled by the requester")]
     assert await report_matches(tmp_path, sandbox)
 
