@@ -360,8 +360,15 @@ class ImageBot:
             raise
         except Exception:
             log.exception("resumed job %d failed unexpectedly", open_job.row_id)
-            if chat is not None and draw.settled:
-                await _said(chat, f"Your picture was paid for but I couldn't send it. {_ADMIN}")
+            if draw.settled:
+                if chat is not None:
+                    await _said(chat, f"Your picture was paid for but I couldn't send it. {_ADMIN}")
+                return
+            # Paid when it started: not pending any more, and not known either (the chain may say).
+            unexpected = "failed unexpectedly"
+            await self._closed(partial(self._mark_unknown, open_job.row_id, unexpected))
+            if chat is not None:
+                await _said(chat, f"Something went wrong on my side. {_MAYBE_CHARGED}")
 
     async def handle(
         self,
