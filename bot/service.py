@@ -710,6 +710,8 @@ class ImageBot:
         pending would count against its user's budget and jobs until the next start."""
         try:
             await write()
+        except ValueError as error:  # the row is closed already (by another run, or the chain)
+            log.warning("a row to close was closed meanwhile: %s", error)
         except Exception as error:
             log.error("ledger write failed (tried again in the background): %s", error)
             task = asyncio.create_task(_until_written(write))
@@ -1029,6 +1031,7 @@ async def _said(chat: Chat, text: str) -> None:
 
 
 async def _until_written(write: Callable[[], Awaitable[None]]) -> None:
+    """``write`` again every ``CLOSE_RETRY_SECONDS`` until it lands or finds the row closed."""
     while True:
         await asyncio.sleep(CLOSE_RETRY_SECONDS)
         try:
