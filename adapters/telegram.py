@@ -312,7 +312,7 @@ class TelegramAdapter:
         that gathers them; [] to the others. Just ``message`` when the ledger fails."""
         key = f"telegram:{message.chat_id}:{message.media_group_id}"
         try:
-            parts = await self._bot.gather_album(key, message.to_json())
+            parts = await self._bot.gather_album(_sender(message), key, message.to_json())
         except Exception as error:  # the ledger is unreachable: better one picture than none
             log.warning("could not gather an album (%r); handling its message alone", error)
             return [message]

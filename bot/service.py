@@ -269,13 +269,16 @@ class ImageBot:
             task.cancel()
         await asyncio.gather(*self._closing, return_exceptions=True)
 
-    async def gather_album(self, album: str, part: str) -> list[str]:
+    async def gather_album(self, sender: Sender, album: str, part: str) -> list[str]:
         """All the messages (adapter JSON) of a chat album, to the one caller that gathers them.
 
         Each message of the album, whichever replica received it, comes here; once no part has
         arrived for ``ALBUM_QUIET_SECONDS``, exactly one caller gets every part (in the order
-        they came) and the others get ``[]``. Kept in the ledger, so replicas share albums.
+        they came) and the others get ``[]``. Kept in the ledger, so replicas share albums; an
+        album in a chat the bot does not serve is kept nowhere (``[]`` at once).
         """
+        if not self._chat_allowed(sender):
+            return []
         await self._ledger.add_album_part(album, part)
         deadline = time.monotonic() + ALBUM_WAIT_SECONDS
         quiet = ALBUM_QUIET_SECONDS

@@ -12,6 +12,7 @@ from io import BytesIO
 from itertools import pairwise
 from pathlib import Path
 
+import aiosqlite
 import pytest
 from fake_telegram import Call, FakeTelegram
 from imagebot_cli import cli_env, imagebot
@@ -344,6 +345,12 @@ async def test_a_slow_job_edits_its_status_at_most_every_few_seconds(
     await telegram.wait_for("deleteMessage")
 
 
+# A trigger counting the album parts the ledger is given: none for a chat the bot does not serve.
+KEPT_PARTS = """CREATE TABLE kept_parts (album TEXT);
+    CREATE TRIGGER keep_count AFTER INSERT ON album_parts
+    BEGIN INSERT INTO kept_parts VALUES (new.album); END;"""
+
+
 async def test_outsiders_get_one_refusal_in_private_and_silence_in_groups(tmp_path: Path) -> None:
     members = {"allowed_users": "telegram:111", "allowed_chats": "telegram:-100500"}
     async with running(tmp_path, **members) as stack:
@@ -354,8 +361,11 @@ async def test_outsiders_get_one_refusal_in_private_and_silence_in_groups(tmp_pa
             telegram.group_chat(-100500, "Club"),
             telegram.group_chat(-100600, "Other"),
         )
+        async with aiosqlite.connect(stack.database) as db:  # counts what the ledger is given
+            await db.executescript(KEPT_PARTS)
         telegram.send_text(elsewhere, alice.user, "/imagegen a fox")  # a chat not on the list
         telegram.send_text(elsewhere, alice.user, "/spend")
+        telegram.send_album(elsewhere, alice.user, [png(), png()], caption="/img2img blue")
         from_bob = [  # not on the list: no answer, not even to a mistake
             telegram.send_text(club, bob.user, command)
             for command in ("/imagegen a fox", "/imagegen -m nope a fox", "/imagegen --bad a fox")
@@ -373,6 +383,8 @@ async def test_outsiders_get_one_refusal_in_private_and_silence_in_groups(tmp_pa
         answered = [call.params.get("reply_parameters", {}).get("message_id") for call in in_club]
         assert not {message["message_id"] for message in from_bob} & set(answered)
         assert len(stack.gateway.settlements) == 1
+        async with aiosqlite.connect(stack.database) as db:
+            assert await db.execute_fetchall("SELECT count(*) FROM kept_parts") == [(0,)]
 
 
 async def test_budgets_and_the_per_user_job_limit_are_answered_in_the_chat(

@@ -25,7 +25,7 @@ import adapters.telegram
 from adapters.base import StartupError
 from adapters.telegram import build_application, serve
 from bot.config import load_settings
-from bot.service import ALBUM_QUIET_SECONDS, ImageBot
+from bot.service import ALBUM_QUIET_SECONDS, ImageBot, Sender
 from bot.x402 import Wallet
 from imagebot.wiring import open_bot
 from sandbox import Sandbox
@@ -210,7 +210,7 @@ async def test_an_album_split_over_two_replicas_is_one_img2img(tmp_path: Path) -
 async def test_an_album_is_its_captioned_message_alone_when_the_ledger_fails(
     stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def ledger_down(self: ImageBot, album: str, part: str) -> list[str]:
+    async def ledger_down(self: ImageBot, sender: Sender, album: str, part: str) -> list[str]:
         raise ConnectionError("the ledger is unreachable")
 
     monkeypatch.setattr(ImageBot, "gather_album", ledger_down)
