@@ -179,7 +179,8 @@ class Chat(Protocol):
 
 class LedgerPayment:
     """The payer's hook for one request: records the real quote on its ledger row before signing;
-    ``on_recorded`` is told once it is recorded, as the payment is about to leave."""
+    ``on_recorded`` is told once it is recorded, as the payment is about to leave. Once ``stop``
+    is set (a cancel) it records nothing and raises ``Withdrawn``: nothing is signed."""
 
     def __init__(
         self,
@@ -188,17 +189,23 @@ class LedgerPayment:
         budget: Budget,
         reply_to: str,
         *,
+        stop: asyncio.Event | None = None,
         on_recorded: Callable[[], None] = lambda: None,
     ) -> None:
         self._ledger = ledger
         self._row_id = row_id
         self._budget = budget
         self._reply_to = reply_to
+        self._stop = stop
         self._on_recorded = on_recorded
+        self.pricing = False  # set as the quote is recorded: from then on it may be signed
         self.signed_micro: int | None = None  # set once a payment may leave the process
         self.network: str | None = None  # the signed payment's network (CAIP-2)
 
     async def __call__(self, intent: PaymentIntent) -> None:
+        if self._stop is not None and self._stop.is_set():
+            raise Withdrawn()
+        self.pricing = True
         quote = intent.quote
         await self._ledger.price(
             self._row_id,
@@ -563,12 +570,16 @@ class ImageBot:
             await chat.send_text(f"{_LEDGER_DOWN} Nothing was charged.")
             return Outcome.REFUSED
         reply_to = chat.reply_address()
-        payment = LedgerPayment(self._ledger, row_id, budget, reply_to, on_recorded=ready)
         price = request.price_line(request.estimate_micro)
         verb = "Drawing" if isinstance(request, GenerateRequest) else "Editing"
         status = f"{verb} with {price}…"
         ticket = self._line.join(sender.principal)  # after the reservation: budgets come first
         draw = _Draw(row_id, sender.principal, ticket=ticket)
+        payment = LedgerPayment(
+            self._ledger, row_id, budget, reply_to, stop=draw.stop, on_recorded=ready
+        )
+        if self.wallet.address is not None:  # a proxy that pays (ClawRouter) is never stopped
+            draw.payment = payment  # stoppable until its quote is priced
         task = asyncio.current_task()
         assert task is not None
         self._draws[task] = draw
@@ -953,6 +964,7 @@ class _Draw:
     row_id: int
     principal: str  # its requester, the only one who may cancel it
     ticket: Ticket | None = None  # its place in the line, then its slot (none when resumed)
+    payment: LedgerPayment | None = None  # its payment, before it is signed (none when resumed)
     job: SlowJob | None = None  # the 202 job being polled
     resumable: bool = False  # a 202 job kept in the ledger: the next start can finish it
     settled: bool = False  # the gateway took the payment and the pictures are in hand
@@ -960,10 +972,12 @@ class _Draw:
 
     @property
     def stoppable(self) -> bool:
-        """Waiting in line, or a 202 job polled that nothing was charged for yet."""
+        """Waiting in line, getting its quote (nothing priced or signed yet), or a 202 job
+        polled that nothing was charged for yet."""
         waiting = self.ticket is not None and self.ticket.waiting
+        unpriced = self.payment is not None and not self.payment.pricing
         polling = self.job is not None and self.job.receipt_tx is None and not self.settled
-        return waiting or polling
+        return waiting or unpriced or polling
 
     stop: asyncio.Event = field(default_factory=asyncio.Event)  # its requester asked to stop it
     ended: asyncio.Event = field(default_factory=asyncio.Event)

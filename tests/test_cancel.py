@@ -38,21 +38,24 @@ _PLACE = re.compile(r"^Waiting in line for .+: (?:(\d+) jobs? ahead of yours|you
 
 
 class Gate:
-    """Holds the sandbox's paid image requests (or, with ``polls``, its polls) until opened."""
+    """Holds the sandbox's paid image requests (or, with ``polls``, its polls; with ``quotes``,
+    the unpaid requests that ask for a quote) until opened."""
 
-    def __init__(self, *, polls: bool = False) -> None:
+    def __init__(self, *, polls: bool = False, quotes: bool = False) -> None:
         self.opened = asyncio.Event()
         self.held = 0  # requests that reached the gate
         self.inside = self.most_inside = 0  # gated requests being answered at once
         self._polls = polls
+        self._quotes = quotes
 
     @web.middleware
     async def middleware(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         poll = request.method == "GET" and "/v1/images/generations/" in request.path
-        paid = request.method == "POST" and "PAYMENT-SIGNATURE" in request.headers
-        if not (poll if self._polls else paid):
+        post = request.method == "POST"
+        paid = "PAYMENT-SIGNATURE" in request.headers
+        if not (poll if self._polls else post and paid != self._quotes):
             return await handler(request)
         self.held += 1
         self.inside += 1
@@ -261,6 +264,24 @@ async def test_a_job_waiting_in_line_when_spending_is_paused_is_refused_at_its_t
         ("discord:222", "failed", PAUSED_TEXT),
     ]
     assert await report_matches(tmp_path, sandbox)
+
+
+async def test_a_job_cancelled_while_it_gets_its_quote_is_never_signed(tmp_path: Path) -> None:
+    """Out of the line, its quote asked for: a cancel still stops it before anything is priced
+    or signed."""
+    gate = Gate(quotes=True)
+    chat = RecordingChat()
+    async with running(tmp_path, gate) as (bot, sandbox):
+        job = start(bot, ALICE, chat)
+        await until(lambda: gate.held == 1)
+        cancelling = asyncio.create_task(bot.cancel_job("telegram:111", 1))
+        await asyncio.sleep(0)  # the cancel has begun: it waits for the job to end
+        gate.opened.set()  # the quote comes back
+        assert await cancelling is Cancellation.CANCELLED
+        assert await job is Outcome.REFUSED
+    assert chat.texts == [TOLD_CANCELLED] and chat.pictures == []
+    assert sandbox.payments_received == 0 and sandbox.settlements == []
+    assert await rows(tmp_path) == [("telegram:111", "failed", "cancelled by the requester")]
 
 
 async def test_a_fast_job_whose_payment_left_cannot_be_cancelled(tmp_path: Path) -> None:
