@@ -323,6 +323,42 @@ async def test_a_failed_request_the_ledger_would_not_close_is_closed_once_it_can
             await until(failed, 10)
 
 
+async def test_a_resumed_job_that_breaks_before_its_picture_is_unknown_and_its_user_told(
+    tmp_path: Path,
+) -> None:
+    """A stopped run's slow job the next run cannot poll (its stored poll address is broken): it
+    was paid for, so its row becomes unknown (the chain may tell), and its user hears of it."""
+    database = tmp_path / "ledger.sqlite3"
+    budget = Budget(10**9, 10**9, exempt=False)
+    async with await SqliteLedger.open(database) as stopped:
+        attempt = Attempt("telegram", "111", "@alice", "111", "imagegen", "flux", "1024x1024", 1)
+        row = await stopped.reserve(attempt, 42_000, budget)
+        await stopped.price(
+            row, 42_000, budget, network="eip155:84532", payer="0xPAYER", nonce="0x" + "2" * 64,
+            valid_before=2**31,
+        )  # fmt: skip
+        broken = json.dumps({"poll_url": "http://[::1", "header": None, "charged_micro": 42_000})
+        await stopped.start_job(row, broken, "{}")
+    settings = load_settings(
+        _env_file=None, image_api_url="http://127.0.0.1:9", database_path=database
+    )
+    chat = RecordingChat()
+
+    async def chat_for(platform: str, address: str) -> RecordingChat:
+        return chat
+
+    async with open_bot(settings, Wallet.create()) as running:
+        await running.resume_jobs(chat_for, ["telegram"])
+
+        async def unknown() -> bool:
+            return await statuses(database) == ["unknown"]
+
+        await until(unknown, 10)
+        await until(lambda: bool(chat.texts), 10)
+    assert chat.texts == ["Something went wrong on my side. It may have been charged. "
+                          "An admin can check /spend."]  # fmt: skip
+
+
 async def test_a_settlement_journaled_before_a_crash_is_written_at_the_next_start(
     tmp_path: Path,
 ) -> None:
