@@ -85,7 +85,10 @@ class StatusChat(ABC, Generic[Handle]):
             return
         self._edits.stop()
         self._edits = None
-        await self._delete_status(cast(Handle, self._status))
+        try:
+            await self._delete_status(cast(Handle, self._status))
+        except Exception as error:  # a status left behind is untidy; the answer matters more
+            log.warning("could not clear a status: %s", type(error).__name__)
 
     async def _edit(self, progress: Progress) -> float | None:
         if self._edits is None:  # cleared while this edit waited its turn

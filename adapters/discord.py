@@ -406,10 +406,10 @@ class MessageChat(StatusChat[discord.Message]):
         return json.dumps({"channel": self._command.channel.id, "message": self._command.id})
 
     async def _post_text(self, text: str) -> None:
-        await self._command.reply(text, mention_author=False)
+        await self._reply(text)
 
     async def _post_status(self, text: str, buttons: tuple[Button, ...]) -> discord.Message:
-        return await self._command.reply(text, view=_view(buttons), mention_author=False)
+        return await self._reply(text, view=_view(buttons))
 
     async def _post_pictures(
         self, pictures: Sequence[Picture], caption: str, buttons: tuple[Button, ...]
@@ -417,12 +417,19 @@ class MessageChat(StatusChat[discord.Message]):
         batches, caption = await _batches(pictures, caption)
         for index, files in enumerate(batches):
             first = index == 0
-            await self._command.reply(
+            await self._reply(
                 caption[:MAX_CONTENT_CHARS] if first else None,
                 files=files,
                 view=_view(buttons) if first else None,
-                mention_author=False,
             )
+
+    async def _reply(self, content: str | None, **options: Any) -> discord.Message:
+        """A reply to the command; a plain message in its channel once the command is deleted
+        (a paid picture still arrives)."""
+        reference = self._command.to_reference(fail_if_not_exists=False)
+        return await self._command.channel.send(
+            content, reference=reference, mention_author=False, **options
+        )
 
     async def _keep_alive(self) -> None:
         async with self._command.channel.typing():  # discord.py renews it every 5 s

@@ -42,6 +42,7 @@ from telegram.ext import (
     Application,
     CallbackQueryHandler,
     ContextTypes,
+    Defaults,
     MessageHandler,
     Updater,
     filters,
@@ -103,6 +104,8 @@ def build_application(
         .base_file_url(f"{api}/file/bot")
         .update_queue(HeldUpdates(MAX_HELD_UPDATES, refuse_when_full=webhook is not None))
         .concurrent_updates(CONCURRENT_UPDATES)
+        # A reply to a command deleted meanwhile goes as a plain message: a paid picture arrives.
+        .defaults(Defaults(allow_sending_without_reply=True))
         .request(BotApiRequest(CONNECTION_POOL, media_write_timeout=60, proxy=proxy))
         .get_updates_request(BotApiRequest(1, proxy=proxy))
         .build()

@@ -104,6 +104,7 @@ _ADMIN = "An admin can check /spend."
 _MAYBE_CHARGED = f"It may have been charged. {_ADMIN}"
 _CHAIN_DECIDES = "the gateway said nothing was charged; waiting for the chain"
 _LEDGER_LATE = "(The spending ledger is busy; this charge is kept and recorded shortly.)"
+_STOPPED_SENDING = f"Your picture was paid for, but the bot stopped while sending it. {_ADMIN}"
 _LEDGER_DOWN = "The spending ledger can't be reached right now; try again in a minute."
 _EXPIRED = (
     "That button has expired (the bot keeps results for 30 days); send the command again. "
@@ -263,7 +264,9 @@ class ImageBot:
         self._draining = True
         self._line.close()
         deadline = time.monotonic() + seconds
-        while busy := [task for task, draw in self._draws.items() if not draw.resumable]:
+        # A slow job kept in the ledger stops at once, unless it is delivering a picture it
+        # was charged for: that one finishes too (the next start would not send it again).
+        while busy := [t for t, draw in self._draws.items() if not draw.resumable or draw.settled]:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
@@ -367,6 +370,8 @@ class ImageBot:
         except asyncio.CancelledError:
             if not draw.settled:
                 log.info("resumed job %d left to the next start", open_job.row_id)
+            elif chat is not None:  # charged, its picture cut short by the stop
+                await _said(chat, _STOPPED_SENDING)
             raise
         except Exception:
             log.exception("resumed job %d failed unexpectedly", open_job.row_id)
@@ -623,7 +628,7 @@ class ImageBot:
             return Outcome.REFUSED
         except ImagebotError as error:
             log.info("request failed: %s", error.user_message)
-            await chat.send_text(error.user_message)
+            await _said(chat, error.user_message)  # whatever the platform does, the row closes
             charged = payment.signed_micro or request.estimate_micro
             await self._closed(partial(self._close_failed, row_id, error, charged, payment.network))
             return Outcome.REFUSED
@@ -804,8 +809,9 @@ class ImageBot:
 
     async def _stopped(self, draw: _Draw, payment: LedgerPayment, chat: Chat) -> None:
         """Cancelled (a shutdown): a kept slow job is left to the next start, told to its user."""
-        if draw.settled:
-            return  # an upload cut short after settling: the row stays as it is
+        if draw.settled:  # an upload cut short after settling: the row stays as it is
+            await _said(chat, _STOPPED_SENDING)
+            return
         if draw.resumable:  # kept in the ledger: the next start polls on
             if self._draining:
                 await _said(chat, "The bot is restarting; your picture will come once it is back.")

@@ -657,6 +657,11 @@ class FakeTelegram:
         """The bot's calls of ``method``, in order."""
         return [call for call in self.sent if call.method == method]
 
+    def delete_message(self, message: dict[str, Any]) -> None:
+        """Its sender deletes ``message``: it leaves the chat, and replies to it are refused
+        (unless sent with allow_sending_without_reply). Telegram tells bots nothing of it."""
+        del self._chats[message["chat"]["id"]].messages[message["message_id"]]
+
     def messages_in(self, chat: Chat | int) -> list[dict[str, Any]]:
         """The chat's messages as they stand (edits applied, deletions gone), oldest first."""
         return list(self._chats[chat if isinstance(chat, int) else chat.id].messages.values())

@@ -7,6 +7,7 @@ needs, so who waits, who runs and what a cancel meets are decided by the test, n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -420,6 +421,59 @@ async def test_stopping_the_bot_withdraws_waiting_jobs_unpaid_and_tells_their_us
         ("telegram:111", "failed", "the bot stopped before signing"),
     ]
     assert await report_matches(tmp_path, sandbox)
+
+
+class SlowUpload(RecordingChat):
+    """A chat whose upload of the pictures waits until ``upload`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.uploading, self.upload = asyncio.Event(), asyncio.Event()
+
+    async def send_pictures(
+        self, pictures: Sequence[Any], caption: str, buttons: Sequence[Button] = ()
+    ) -> None:
+        self.uploading.set()
+        await self.upload.wait()
+        await super().send_pictures(pictures, caption, buttons)
+
+
+async def test_a_stop_while_a_slow_job_sends_its_charged_picture_lets_it_finish(
+    tmp_path: Path,
+) -> None:
+    """Slow jobs kept in the ledger stop at once, but not one sending a picture it was charged
+    for: settled, the next start would not send it."""
+    chat = SlowUpload()
+    async with running(tmp_path, job_seconds=0.2) as (bot, sandbox):
+        job = asyncio.create_task(bot.handle(ALICE, chat, "/imagegen a fox #slow"))
+        await asyncio.wait_for(chat.uploading.wait(), 10)
+        draining = asyncio.create_task(bot.drain(10))
+        await asyncio.sleep(0.3)
+        assert not draining.done()  # waits for the upload
+        chat.upload.set()
+        await draining
+        assert await job is Outcome.DONE
+    assert len(chat.pictures) == 1 and chat.texts == []
+    assert await rows(tmp_path) == [("telegram:111", "settled", None)]
+    assert await report_matches(tmp_path, sandbox)
+
+
+async def test_a_charged_picture_still_sending_at_the_stop_deadline_is_not_left_in_silence(
+    tmp_path: Path,
+) -> None:
+    chat = SlowUpload()
+    async with running(tmp_path, job_seconds=0.2) as (bot, _):
+        job = asyncio.create_task(bot.handle(ALICE, chat, "/imagegen a fox #slow"))
+        await asyncio.wait_for(chat.uploading.wait(), 10)
+        await bot.drain(0.3)  # the upload never ends
+        with contextlib.suppress(asyncio.CancelledError):
+            await job
+    assert chat.pictures == []
+    assert chat.texts == [
+        "Your picture was paid for, but the bot stopped while sending it. "
+        "An admin can check /spend."
+    ]
+    assert await rows(tmp_path) == [("telegram:111", "settled", None)]
 
 
 async def test_a_slow_job_resumed_after_a_restart_can_be_cancelled(tmp_path: Path) -> None:

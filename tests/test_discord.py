@@ -216,6 +216,21 @@ async def test_message_imagegen_replies_with_the_picture(stack: Stack) -> None:
     assert len(stack.gateway.settlements) == 1
 
 
+async def test_a_command_deleted_before_its_picture_still_gets_the_picture(stack: Stack) -> None:
+    fake = stack.discord
+    channel = fake.guild("Artists").channel("general")
+    alice = fake.user("alice", "Alice")
+    command = fake.send_message(channel, alice, "/imagegen -m flux a fox")
+    await fake.wait_for(replies_to(command))  # the status: the job is under way
+    fake.delete_message(command)
+
+    picture = await fake.wait_for(lambda call: created_in(channel.id)(call) and bool(call.files))
+
+    assert picture.ok
+    assert fake.messages_in(channel)[-1]["attachments"]  # in the channel, replying to nothing
+    assert len(stack.gateway.settlements) == 1
+
+
 async def test_a_picture_at_a_public_link_is_downloaded_checked_and_attached(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -124,6 +124,20 @@ async def test_imagegen_replies_with_the_photo_and_clears_the_status(stack: Stac
     assert len(stack.gateway.settlements) == 1
 
 
+async def test_a_command_deleted_before_its_photo_still_gets_the_photo(stack: Stack) -> None:
+    telegram = stack.telegram
+    chat = telegram.private_chat(111, "Alice", "alice")
+    command = telegram.send_text(chat, chat.user, "/imagegen -m flux a fox")
+    await telegram.wait_for(sent_to(111, "sendMessage"))  # the status: the job is under way
+    telegram.delete_message(command)
+
+    photo = await telegram.wait_for(sent_to(111, "sendPhoto"))
+
+    assert photo.ok
+    assert telegram.messages_in(111)[-1].get("photo")  # in the chat, replying to nothing
+    assert len(stack.gateway.settlements) == 1
+
+
 async def test_a_job_over_a_second_shows_sending_photo_until_the_photo(stack: Stack) -> None:
     telegram = stack.telegram
     stack.gateway.latency = 1.5
