@@ -138,6 +138,20 @@ async def test_a_command_deleted_before_its_photo_still_gets_the_photo(stack: St
     assert len(stack.gateway.settlements) == 1
 
 
+async def test_a_status_telegram_will_not_delete_does_not_keep_the_answer_back(
+    stack: Stack,
+) -> None:
+    telegram = stack.telegram
+    chat = telegram.private_chat(111, "Alice", "alice")
+    telegram.fail("deleteMessage", 500, "Internal Server Error", times=10)
+    telegram.send_text(chat, chat.user, "/imagegen -m flux a fox #servererror")
+
+    answer = await reply_text(telegram, 111)
+
+    assert "Nothing was charged" in answer
+    assert stack.gateway.settlements == []
+
+
 async def test_a_job_over_a_second_shows_sending_photo_until_the_photo(stack: Stack) -> None:
     telegram = stack.telegram
     stack.gateway.latency = 1.5
