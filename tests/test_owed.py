@@ -323,22 +323,30 @@ async def test_a_failed_request_the_ledger_would_not_close_is_closed_once_it_can
             await until(failed, 10)
 
 
+async def signed_by_a_stopped_run(database: Path, job: str | None = None) -> int:
+    """A row whose $0.042 payment a run signed (and, with ``job``, whose slow job it kept)
+    before it stopped; its id."""
+    budget = Budget(10**9, 10**9, exempt=False)
+    async with await SqliteLedger.open(database) as stopped:  # closed: its run counts as dead
+        attempt = Attempt("telegram", "111", "@alice", "111", "imagegen", "flux", "1024x1024", 1)
+        row = await stopped.reserve(attempt, 42_000, budget)
+        await stopped.price(
+            row, 42_000, budget, network="eip155:84532", payer="0xPAYER", nonce="0x" + "1" * 64,
+            valid_before=2**31,
+        )  # fmt: skip
+        if job is not None:
+            await stopped.start_job(row, job, "{}")
+    return row
+
+
 async def test_a_resumed_job_that_breaks_before_its_picture_is_unknown_and_its_user_told(
     tmp_path: Path,
 ) -> None:
     """A stopped run's slow job the next run cannot poll (its stored poll address is broken): it
     was paid for, so its row becomes unknown (the chain may tell), and its user hears of it."""
     database = tmp_path / "ledger.sqlite3"
-    budget = Budget(10**9, 10**9, exempt=False)
-    async with await SqliteLedger.open(database) as stopped:
-        attempt = Attempt("telegram", "111", "@alice", "111", "imagegen", "flux", "1024x1024", 1)
-        row = await stopped.reserve(attempt, 42_000, budget)
-        await stopped.price(
-            row, 42_000, budget, network="eip155:84532", payer="0xPAYER", nonce="0x" + "2" * 64,
-            valid_before=2**31,
-        )  # fmt: skip
-        broken = json.dumps({"poll_url": "http://[::1", "header": None, "charged_micro": 42_000})
-        await stopped.start_job(row, broken, "{}")
+    broken = json.dumps({"poll_url": "http://[::1", "header": None, "charged_micro": 42_000})
+    await signed_by_a_stopped_run(database, job=broken)
     settings = load_settings(
         _env_file=None, image_api_url="http://127.0.0.1:9", database_path=database
     )
@@ -366,14 +374,7 @@ async def test_a_settlement_journaled_before_a_crash_is_written_at_the_next_star
     start writes the charge before it recovers the dead run's rows, so the row is settled, not
     taken for an unknown outcome."""
     database = tmp_path / "ledger.sqlite3"
-    budget = Budget(10**9, 10**9, exempt=False)
-    async with await SqliteLedger.open(database) as crashed:  # closed: its run counts as dead
-        attempt = Attempt("telegram", "111", "@alice", "111", "imagegen", "flux", "1024x1024", 1)
-        row = await crashed.reserve(attempt, 42_000, budget)
-        await crashed.price(
-            row, 42_000, budget, network="eip155:84532", payer="0xPAYER", nonce="0x" + "1" * 64,
-            valid_before=2**31,
-        )  # fmt: skip
+    row = await signed_by_a_stopped_run(database)
     journal = SettlementJournal.beside(database)
     journal.write_text(json.dumps({"row": row, "micro": 42_000, "tx": "0x" + "ab" * 32}) + "\n")
     settings = load_settings(
