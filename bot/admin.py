@@ -13,11 +13,10 @@ from datetime import UTC, datetime
 from bot.balance import WalletWatch
 from bot.commands import BudgetChange, LinkAccounts, PauseSpending
 from bot.config import Settings
-from bot.ledger import PAUSED_TEXT, Budget, Controls, Ledger, Linked, Status
+from bot.ledger import Budget, Controls, Ledger, Linked, Status
 from bot.ledger.common import LINK_CODE_SECONDS, LINK_TRY_SECONDS, link_code_typed
 from bot.money import format_usd
 
-PAUSED = PAUSED_TEXT
 _LINKED = {
     Linked.LINKED: (
         "Linked: this account and your other one are now one person, with one daily budget "

@@ -18,7 +18,7 @@ from enum import Enum
 from functools import partial
 from typing import Any, Protocol
 
-from bot.admin import PAUSED, AdminDesk, budget_for
+from bot.admin import AdminDesk, budget_for
 from bot.arrival import ArrivalOrder
 from bot.balance import WalletWatch
 from bot.buttons import (
@@ -60,6 +60,7 @@ from bot.images import (
     SlowJob,
 )
 from bot.ledger import (
+    PAUSED_TEXT,
     Attempt,
     Budget,
     BudgetExceeded,
@@ -521,7 +522,7 @@ class ImageBot:
             await chat.send_text(f"{_LEDGER_DOWN} Nothing was charged.")
             return Outcome.REFUSED
         if controls.paused:
-            await chat.send_text(PAUSED)
+            await chat.send_text(PAUSED_TEXT)
             return Outcome.REFUSED
         try:
             request = command.build(await inputs() if command.kind == "img2img" else ())
@@ -727,12 +728,7 @@ class ImageBot:
         """A ledger write closing a row after its user was answered. One the ledger refuses is
         written again every ``CLOSE_RETRY_SECONDS`` in the background until it lands: a row left
         pending would count against its user's budget and jobs until the next start."""
-        try:
-            await write()
-        except ValueError as error:  # the row is closed already (by another run, or the chain)
-            log.warning("a row to close was closed meanwhile: %s", error)
-        except Exception as error:
-            log.error("ledger write failed (tried again in the background): %s", error)
+        if not await _written(write):
             task = asyncio.create_task(_until_written(write))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
@@ -1053,20 +1049,24 @@ async def _said(chat: Chat, text: str) -> None:
         log.warning("could not tell the user: %s", type(error).__name__)
 
 
+async def _written(write: Callable[[], Awaitable[None]]) -> bool:
+    """One try of a ledger write closing a row: False when the ledger refused it."""
+    try:
+        await write()
+    except ValueError as error:  # the row is closed already (by another run, or the chain)
+        log.warning("a row to close was closed meanwhile: %s", error)
+    except Exception as error:
+        log.error("ledger write failed (tried again in %g s): %s", CLOSE_RETRY_SECONDS, error)
+        return False
+    return True
+
+
 async def _until_written(write: Callable[[], Awaitable[None]]) -> None:
     """``write`` again every ``CLOSE_RETRY_SECONDS`` until it lands or finds the row closed."""
     while True:
         await asyncio.sleep(CLOSE_RETRY_SECONDS)
-        try:
-            await write()
-        except ValueError as error:  # the row is closed already (by another run, or the chain)
-            log.warning("a row to close was closed meanwhile: %s", error)
+        if await _written(write):
             return
-        except Exception as error:
-            log.warning("ledger write failed again: %s", error)
-            continue
-        log.info("a row the ledger had refused to close is closed now")
-        return
 
 
 _KINDS: dict[type, CommandKind] = {
