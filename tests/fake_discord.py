@@ -77,8 +77,8 @@ from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any, NamedTuple, TypeVar
 
-from aiohttp import BodyPartReader, WSMsgType, hdrs, web
-from local import media_type, part_names
+from aiohttp import WSMsgType, hdrs, web
+from local import form_parts, media_type
 from PIL import Image
 
 try:  # discord.py asks for zstd-stream whenever one of these imports
@@ -454,6 +454,7 @@ def _unknown(what: str, code: int) -> _DiscordError:
 
 
 _TOO_LARGE = (413, 40005, "Request entity too large")
+_MALFORMED = (400, 50035, "Invalid Form Body")
 
 
 class FakeDiscord:
@@ -2186,25 +2187,21 @@ async def _read_body(request: web.Request) -> tuple[Any, list[Upload]]:
         payload: dict[str, Any] = {}
         files: list[Upload] = []
         size = 0
-        async for part in await request.multipart():
-            if not isinstance(part, BodyPartReader):
-                continue
-            name, filename = part_names(part)
-            if name is None:
-                continue
-            data = bytearray()
-            while not part.at_eof():
-                data += await part.read_chunk(2**20)
-            size += len(data)
-            if filename is not None:
-                content_type = part.headers.get(hdrs.CONTENT_TYPE, "application/octet-stream")
-                files.append(Upload(name, filename, content_type, bytes(data)))
-            elif name == "payload_json":
-                loaded = _json(bytes(data))
+        try:
+            parts = await form_parts(request)
+        except ValueError:
+            raise _DiscordError(*_MALFORMED) from None
+        for part in parts:
+            size += len(part.data)
+            if part.filename is not None:
+                content_type = part.content_type or "application/octet-stream"
+                files.append(Upload(part.name, part.filename, content_type, part.data))
+            elif part.name == "payload_json":
+                loaded = _json(part.data)
                 if isinstance(loaded, dict):
                     payload |= loaded
             else:
-                payload[name] = data.decode()
+                payload[part.name] = part.data.decode()
         if size > REQUEST_MAX_BYTES:
             raise _DiscordError(*_TOO_LARGE)
         return payload, files

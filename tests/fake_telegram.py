@@ -67,8 +67,8 @@ from pathlib import PurePosixPath
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
-from aiohttp import BodyPartReader, ClientError, ClientSession, ClientTimeout, hdrs, web
-from local import media_type, part_names
+from aiohttp import ClientError, ClientSession, ClientTimeout, web
+from local import form_parts, media_type
 from PIL import Image
 
 DEFAULT_TOKEN = "123456789:AAFakeTelegramTokenForImagebotTests"
@@ -1321,21 +1321,17 @@ async def _read_params(request: web.Request) -> tuple[dict[str, Any], dict[str, 
     if body_type == "multipart/form-data":
         if (request.content_length or 0) > UPLOAD_MAX_BYTES:
             raise _ApiError(413, "Request Entity Too Large")
-        # Read parts into memory: request.post() would spool every upload to a temporary file.
-        async for part in await request.multipart():
-            if not isinstance(part, BodyPartReader):
-                continue
-            name, filename = part_names(part)
-            if name is None:
-                continue
-            data = bytearray()
-            while not part.at_eof():  # part.read() goes 8 KiB at a time: slow for photos
-                data += await part.read_chunk(2**20)
-            if filename is None:
-                raw[name] = data.decode()  # PTB sends its fields as UTF-8 without a charset
+        try:
+            parts = await form_parts(request)
+        except ValueError:
+            raise _ApiError(400, "Bad Request: can't parse multipart/form-data") from None
+        for part in parts:
+            if part.filename is None:
+                # PTB sends its fields as UTF-8 without a charset
+                raw[part.name] = part.data.decode()
             else:
-                content_type = part.headers.get(hdrs.CONTENT_TYPE, "application/octet-stream")
-                files[name] = Upload(filename, content_type, bytes(data))
+                content_type = part.content_type or "application/octet-stream"
+                files[part.name] = Upload(part.filename, content_type, part.data)
     elif body_type == "application/json":
         body = await request.json()
         if isinstance(body, dict):
