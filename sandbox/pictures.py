@@ -73,6 +73,7 @@ def draw_placeholder(order: Order, index: int) -> bytes:
     return out.getvalue()
 
 
-def png_data_uri(png: bytes) -> str:
-    """``png`` as a base64 data URI, the way gpt-image models hand pictures out."""
-    return "data:image/png;base64," + base64.b64encode(png).decode()
+def png_data_uri(png: bytes) -> bytes:
+    """``png`` as a base64 data URI, the way gpt-image models hand pictures out; as bytes, for
+    the gateway to splice into its JSON answers."""
+    return b"data:image/png;base64," + base64.b64encode(png)
