@@ -30,8 +30,11 @@ READ_AHEAD_BYTES = 16 * 1024
 PLAIN_PIECE_BYTES = 256 * 1024
 
 
-def gateway_client(max_connections: int = GATEWAY_CONNECTIONS) -> httpx.AsyncClient:
-    """The httpx client every gateway call goes through.
+def gateway_client(
+    max_connections: int = GATEWAY_CONNECTIONS, *, env_proxies: bool = True
+) -> httpx.AsyncClient:
+    """The httpx client every gateway call goes through; through the environment's proxies
+    unless ``env_proxies`` is False (the demo's gateway is its own, on loopback).
 
     httpx's API with aiohttp's connection pool underneath: httpcore's pool costs ~10 ms of CPU
     per paid request at 50 concurrent requests and ~25 ms at 500; aiohttp's ~1 ms (bench/README).
@@ -41,7 +44,7 @@ def gateway_client(max_connections: int = GATEWAY_CONNECTIONS) -> httpx.AsyncCli
     limits = pool_limits(max_connections)
     return _CookielessClient(
         transport=_Transport(limits=limits),
-        mounts=_proxy_mounts(limits),
+        mounts=_proxy_mounts(limits) if env_proxies else None,
         timeout=httpx.Timeout(120.0, connect=10.0),
         event_hooks=FREE_WHEN_CLOSED,
     )

@@ -171,18 +171,20 @@ async def _demo_async(once: str | None) -> int:
             settings = built_in_settings(
                 image_api_url=url, database_path=Path(data_dir) / "demo.sqlite3", **chosen
             )
-            return await _chat(settings, once, wallet)
+            return await _chat(settings, once, wallet, env_proxies=False)  # a loopback sandbox
     finally:
         await sandbox.close()
 
 
-async def _chat(settings: Settings, once: str | None, wallet: Wallet | None = None) -> int:
+async def _chat(
+    settings: Settings, once: str | None, wallet: Wallet | None = None, *, env_proxies: bool = True
+) -> int:
     from adapters.console import run_console
 
     # The console is the chat: logs stay out of it unless LOG_LEVEL asks for them.
     level = settings.log_level if "log_level" in settings.model_fields_set else "ERROR"
     configure_logging(level, secrets_of(settings))
-    async with open_bot(settings, wallet) as bot:
+    async with open_bot(settings, wallet, env_proxies=env_proxies) as bot:
         return await run_console(bot, OUT_DIR, once)
 
 

@@ -23,11 +23,16 @@ log = logging.getLogger(__name__)
 
 @asynccontextmanager
 async def open_bot(
-    settings: Settings, wallet: Wallet | None = None, **service_options: float
+    settings: Settings,
+    wallet: Wallet | None = None,
+    *,
+    env_proxies: bool = True,
+    **service_options: float,
 ) -> AsyncIterator[ImageBot]:
     """One image service, one ledger and one bot for every adapter in the process.
 
-    The wallet comes from ``WALLET_PRIVATE_KEY`` unless one is given (the demo's throwaway).
+    The wallet comes from ``WALLET_PRIVATE_KEY`` unless one is given (the demo's throwaway);
+    gateway calls go through ``HTTP(S)_PROXY`` unless ``env_proxies`` is False (the demo's).
     Settlements a previous run journaled (its ledger was busy) are written, and payments left
     pending by a crashed run are settled as ``unknown`` (or ``failed`` when nothing was signed)
     before the bot takes its first command; their slow jobs stay open for ``resume_jobs``.
@@ -48,7 +53,7 @@ async def open_bot(
                 unknown,
                 failed,
             )
-        async with gateway_client() as http:
+        async with gateway_client(env_proxies=env_proxies) as http:
             payer = X402Payer(http, wallet, max_micro=settings.max_micro_per_request)
             metrics = Metrics()
             images = ImageService(

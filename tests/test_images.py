@@ -391,11 +391,14 @@ async def test_console_chat_writes_each_format_with_its_extension(tmp_path: Path
 @pytest.mark.parametrize("deployed", [False, True])
 def test_demo_once_runs_offline_from_the_command_line(tmp_path: Path, deployed: bool) -> None:
     """Also beside a deployment's settings, in the environment and ``.env``: none reaches the
-    demo (this ledger URL, network and cap would each make it fail)."""
+    demo (this ledger URL, network, cap and proxy would each make it fail). The demo's gateway
+    is its own, on loopback: no proxy could reach it."""
     deployment = {
         "DATABASE_URL": "postgresql://imagebot:pw@127.0.0.1:9/imagebot",
         "PAYMENT_NETWORK": "base",
         "MAX_USD_PER_REQUEST": "0.000001",
+        "HTTP_PROXY": "http://127.0.0.1:9",
+        "ALL_PROXY": "socks5://127.0.0.1:9",
     }
     if deployed:
         (tmp_path / ".env").write_text("USER_DAILY_LIMIT_USD=0\nDATABASE_PATH=/nonexistent/x\n")
