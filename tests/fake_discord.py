@@ -1696,7 +1696,9 @@ class FakeDiscord:
             attachment |= {
                 "width": image[0],
                 "height": image[1],
-                "placeholder": base64.b64encode(hashlib.sha1(data).digest()[:18]).decode(),
+                # Discord's is a thumbhash of the picture; this one is per attachment (a hash of
+                # the whole file was 0.7 ms of a load bench's photo of 1.4 MB).
+                "placeholder": base64.b64encode(hashlib.sha1(path.encode()).digest()[:18]).decode(),
                 "placeholder_version": 1,
             }
         attachment["content_scan_version"] = 2

@@ -85,9 +85,7 @@ async def read_body(request: web.Request) -> bytes:
     async for chunk in request.content.iter_any():
         size += len(chunk)
         if size > request.client_max_size:
-            raise web.HTTPRequestEntityTooLarge(
-                max_size=request.client_max_size, actual_size=size
-            )
+            raise web.HTTPRequestEntityTooLarge(max_size=request.client_max_size, actual_size=size)
         chunks.append(chunk)
     return b"".join(chunks)
 
