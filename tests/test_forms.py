@@ -73,3 +73,18 @@ async def test_preamble_quoted_boundary_and_nameless_parts() -> None:
 )
 async def test_malformed_bodies_are_refused(body: bytes, content_type: str) -> None:
     assert await _parts_of(body, content_type) == "malformed"
+
+
+async def test_a_body_over_the_apps_size_cap_is_a_413() -> None:
+    async def handler(request: web.Request) -> web.Response:
+        await form_parts(request)
+        return web.Response()
+
+    form = aiohttp.FormData()
+    form.add_field("photo", bytes(2**20 + 1), filename="big.png")  # aiohttp's cap: 1 MiB
+    async with (
+        serving(("POST", "/", handler)) as url,
+        aiohttp.ClientSession() as session,
+        session.post(url, data=form) as response,
+    ):
+        assert response.status == 413
