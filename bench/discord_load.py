@@ -34,6 +34,7 @@ from telegram_load import (
     holdings,
     load_parser,
     percentile,
+    quiet_collector,
     rounds,
     scenario_names,
     settlement_times,
@@ -275,18 +276,21 @@ async def measure(
     settled_before = len(await asyncio.to_thread(settlement_times, gateway))
     clock = time.time() - time.monotonic()  # the sandbox stamps settlements with time.time()
     outcome.baseline_rss_mb = bot.memory_mb("VmRSS")
-    sandbox_start, fake_start = gateway.cpu_seconds(), time.process_time()
-    user_start, system_start = bot.cpu()
-    started = time.monotonic()
-    commands = [send(fake, kinds[n % len(kinds)], user, command) for n, user in enumerate(users)]
-    tracker.expect(commands)
-    try:
-        await tracker.wait(bot, limit)
-    finally:
-        user_end, system_end = bot.cpu()
-        with contextlib.suppress(OSError):
-            outcome.rss_end_mb = bot.memory_mb("VmRSS")
-    outcome.fake_cpu = time.process_time() - fake_start
+    with quiet_collector():
+        sandbox_start, fake_start = gateway.cpu_seconds(), time.process_time()
+        user_start, system_start = bot.cpu()
+        started = time.monotonic()
+        commands = [
+            send(fake, kinds[n % len(kinds)], user, command) for n, user in enumerate(users)
+        ]
+        tracker.expect(commands)
+        try:
+            await tracker.wait(bot, limit)
+        finally:
+            user_end, system_end = bot.cpu()
+            with contextlib.suppress(OSError):
+                outcome.rss_end_mb = bot.memory_mb("VmRSS")
+        outcome.fake_cpu = time.process_time() - fake_start
     outcome.sandbox_cpu = gateway.cpu_seconds() - sandbox_start
     outcome.cpu_user, outcome.cpu_system = user_end - user_start, system_end - system_start
     settled_at = [
