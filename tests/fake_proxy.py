@@ -1,12 +1,15 @@
 """A forwarding HTTP proxy on loopback, of the kind ``HTTP_PROXY`` names: it records the first
 request of every connection made through it and passes the bytes on both ways (a websocket's
-upgrade and frames too). ``routes`` sends a host it names to another address, so a test can
-give the bot an address it can reach only through the proxy."""
+upgrade and frames too); an ``https://`` address comes as ``CONNECT``, a tunnel the proxy cannot
+read. ``routes`` sends a host it names to another address, so a test can give the bot an address
+it can reach only through the proxy. ``tls_front`` serves TLS in front of a plain local server."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -19,7 +22,7 @@ class Passage:
     """A connection's first request as the proxy got it."""
 
     method: str
-    target: str  # the absolute URL
+    target: str  # the absolute URL, or host:port for CONNECT
     authorization: str | None  # its Proxy-Authorization header
 
 
@@ -69,21 +72,60 @@ class FakeProxy:
             for name, _, value in (line.partition(":") for line in lines if line)
         }
         self.passages.append(Passage(method, target, headers.get("proxy-authorization")))
-        address = urlsplit(target)
+        address = urlsplit(f"//{target}" if method == "CONNECT" else target)
         if address.hostname is None:
-            raise ValueError("not an absolute URL")  # CONNECT (https) is not needed here
+            raise ValueError("not an absolute URL")
         host = self.routes.get(address.hostname, address.hostname)
         upstream, to_upstream = await asyncio.open_connection(host, address.port or 80)
         try:
-            to_upstream.write(head)  # absolute-form, which servers take as it is
+            if method == "CONNECT":
+                to_client.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            else:
+                to_upstream.write(head)  # absolute-form, which servers take as it is
             await asyncio.gather(_pipe(client, to_upstream), _pipe(upstream, to_client))
         finally:
             to_upstream.close()
+
+
+@contextlib.asynccontextmanager
+async def tls_front(upstream_port: int, certfile: str, keyfile: str) -> AsyncIterator[int]:
+    """TLS on a loopback port, with this certificate, for the plain server at ``upstream_port``:
+    an HTTPS address for a test server; yields the port."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certfile, keyfile)
+    connections: set[asyncio.Task[None]] = set()
+
+    async def serve(client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        connections.add(task)
+        try:
+            upstream, to_upstream = await asyncio.open_connection("127.0.0.1", upstream_port)
+            try:
+                await asyncio.gather(_pipe(client, to_upstream), _pipe(upstream, to_client))
+            finally:
+                to_upstream.close()
+        except (OSError, ssl.SSLError):
+            pass  # a client gone: the connection ends
+        finally:
+            to_client.close()
+            connections.discard(task)
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=context)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for task in list(connections):
+            task.cancel()
+        await asyncio.gather(*connections, return_exceptions=True)
+        await server.wait_closed()
 
 
 async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
     while chunk := await source.read(_CHUNK_BYTES):
         sink.write(chunk)
         await sink.drain()
-    with contextlib.suppress(OSError):
-        sink.write_eof()
+    if sink.can_write_eof():  # not TLS's
+        with contextlib.suppress(OSError):
+            sink.write_eof()

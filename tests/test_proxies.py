@@ -1,22 +1,26 @@
 """Telegram's and Discord's calls go through the proxy ``HTTP(S)_PROXY`` names, as the gateway's
 do, credentials included; hosts in ``NO_PROXY`` are reached directly. The bot is told each
-platform is at 127.0.0.2, where nothing listens: only the proxy (its route) reaches the fake."""
+platform is at 127.0.0.2, where nothing listens: only the proxy (its route) reaches the fake. An
+``https://`` gateway is reached through the proxy's tunnel (``CONNECT``)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from fake_discord import File
-from fake_proxy import FakeProxy
+from fake_proxy import FakeProxy, tls_front
+from imagebot_cli import cli_env, imagebot
 from pictures import png
 from test_discord import replies_to, serving, started_stack, with_files
 from test_telegram import edited_photo, running, sent_to
 
 from bot.errors import ConfigError
 from bot.http import env_proxy, gateway_client
+from sandbox import Sandbox
 
 ELSEWHERE = "127.0.0.2"
 CREDENTIALS = "imagebot:pr0xy-s3cret"
@@ -83,6 +87,48 @@ async def test_hosts_in_no_proxy_are_reached_directly(
         await stack.telegram.wait_for(sent_to(111, "sendPhoto"))
 
     assert proxy.passages == []
+
+
+async def test_an_https_gateway_is_paid_through_the_proxys_tunnel(
+    tmp_path: Path, proxy: FakeProxy
+) -> None:
+    """The gateway at https://gateway.test, a name only the proxy resolves; the bot trusts the
+    test's certificate through ``SSL_CERT_FILE``, as OpenSSL reads it."""
+    certificate, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    openssl = await asyncio.create_subprocess_exec(
+        *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+        *("-subj", "/CN=gateway.test", "-addext", "subjectAltName=DNS:gateway.test"),
+        *("-keyout", str(key), "-out", str(certificate)),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert await openssl.wait() == 0
+    proxy.routes["gateway.test"] = "127.0.0.1"
+    sandbox = Sandbox()
+    url = await sandbox.start()
+    try:
+        plain_port = int(url.rsplit(":", 1)[1].split("/")[0])
+        async with tls_front(plain_port, str(certificate), str(key)) as port:
+            env = cli_env(
+                f"https://gateway.test:{port}",
+                tmp_path / "ledger.sqlite3",
+                HTTPS_PROXY=proxy.url.replace("://", f"://{CREDENTIALS}@"),
+                SSL_CERT_FILE=str(certificate),
+                PAYMENT_NETWORK="base-sepolia",
+            )
+            code, out = await imagebot(
+                "console", "--once", "/imagegen -m gpt-image a fox", env=env, cwd=tmp_path
+            )
+    finally:
+        await sandbox.close()
+
+    assert code == 0, out
+    assert "saved out/" in out
+    assert len(sandbox.settlements) == 1
+    basic = "Basic " + base64.b64encode(CREDENTIALS.encode()).decode()
+    assert {(p.method, p.target, p.authorization) for p in proxy.passages} == {
+        ("CONNECT", f"gateway.test:{port}", basic)
+    }
 
 
 @pytest.mark.parametrize(
