@@ -1,7 +1,7 @@
 """Telegram's and Discord's calls go through the proxy ``HTTP(S)_PROXY`` names, as the gateway's
 do, credentials included; hosts in ``NO_PROXY`` are reached directly. The bot is told each
-platform is at 127.0.0.2, where nothing listens: only the proxy (its route) reaches the fake. An
-``https://`` gateway is reached through the proxy's tunnel (``CONNECT``)."""
+platform is at 127.0.0.2, where nothing listens: only the proxy (its route) reaches the fake.
+``https://`` addresses are reached through the proxy's tunnels (``CONNECT``)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from fake_discord import File
 from fake_proxy import FakeProxy, tls_front
-from imagebot_cli import cli_env, imagebot
+from fake_telegram import FakeTelegram
+from imagebot_cli import cli_env, imagebot_run
 from pictures import png
 from test_discord import replies_to, serving, started_stack, with_files
 from test_telegram import edited_photo, running, sent_to
@@ -89,46 +90,59 @@ async def test_hosts_in_no_proxy_are_reached_directly(
     assert proxy.passages == []
 
 
-async def test_an_https_gateway_is_paid_through_the_proxys_tunnel(
+async def test_https_telegram_and_gateway_go_through_the_proxys_tunnels(
     tmp_path: Path, proxy: FakeProxy
 ) -> None:
-    """The gateway at https://gateway.test, a name only the proxy resolves; the bot trusts the
-    test's certificate through ``SSL_CERT_FILE``, as OpenSSL reads it."""
+    """``imagebot run`` with Telegram at https://api.telegram.test and the gateway at
+    https://gateway.test, names only the proxy resolves; the bot trusts the test's certificate
+    through ``SSL_CERT_FILE``, as OpenSSL reads it."""
     certificate, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     openssl = await asyncio.create_subprocess_exec(
         *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
-        *("-subj", "/CN=gateway.test", "-addext", "subjectAltName=DNS:gateway.test"),
-        *("-keyout", str(key), "-out", str(certificate)),
+        *("-subj", "/CN=imagebot test", "-keyout", str(key), "-out", str(certificate)),
+        *("-addext", "subjectAltName=DNS:api.telegram.test,DNS:gateway.test"),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
     )
     assert await openssl.wait() == 0
-    proxy.routes["gateway.test"] = "127.0.0.1"
-    sandbox = Sandbox()
-    url = await sandbox.start()
+    proxy.routes |= {"api.telegram.test": "127.0.0.1", "gateway.test": "127.0.0.1"}
+    telegram, gateway = FakeTelegram(), Sandbox()
+    await telegram.start()
+    await gateway.start()
     try:
-        plain_port = int(url.rsplit(":", 1)[1].split("/")[0])
-        async with tls_front(plain_port, str(certificate), str(key)) as port:
+        async with (
+            tls_front(_port(telegram.url), str(certificate), str(key)) as telegram_port,
+            tls_front(_port(gateway.url), str(certificate), str(key)) as gateway_port,
+        ):
             env = cli_env(
-                f"https://gateway.test:{port}",
+                f"https://gateway.test:{gateway_port}",
                 tmp_path / "ledger.sqlite3",
+                TELEGRAM_BOT_TOKEN=telegram.token,
+                TELEGRAM_API_URL=f"https://api.telegram.test:{telegram_port}",
+                PAYMENT_NETWORK="base-sepolia",
                 HTTPS_PROXY=proxy.url.replace("://", f"://{CREDENTIALS}@"),
                 SSL_CERT_FILE=str(certificate),
-                PAYMENT_NETWORK="base-sepolia",
             )
-            code, out = await imagebot(
-                "console", "--once", "/imagegen -m gpt-image a fox", env=env, cwd=tmp_path
-            )
+            async with imagebot_run(env, tmp_path / "run.log"):
+                await telegram.wait_for("setMyCommands", timeout=30)
+                alice = telegram.private_chat(111, "Alice")
+                telegram.send_text(alice, alice.user, "/imagegen -m gpt-image a fox")
+                photo = await telegram.wait_for("sendPhoto", timeout=30)
     finally:
-        await sandbox.close()
+        await gateway.close()
+        await telegram.close()
 
-    assert code == 0, out
-    assert "saved out/" in out
-    assert len(sandbox.settlements) == 1
+    assert photo.params["caption"].startswith("gpt-image · 1024x1024")
+    assert len(gateway.settlements) == 1
     basic = "Basic " + base64.b64encode(CREDENTIALS.encode()).decode()
     assert {(p.method, p.target, p.authorization) for p in proxy.passages} == {
-        ("CONNECT", f"gateway.test:{port}", basic)
+        ("CONNECT", f"api.telegram.test:{telegram_port}", basic),
+        ("CONNECT", f"gateway.test:{gateway_port}", basic),
     }
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
 
 
 @pytest.mark.parametrize(
