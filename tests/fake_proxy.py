@@ -105,7 +105,7 @@ async def tls_front(upstream_port: int, certfile: str, keyfile: str) -> AsyncIte
                 await asyncio.gather(_pipe(client, to_upstream), _pipe(upstream, to_client))
             finally:
                 to_upstream.close()
-        except (OSError, ssl.SSLError):
+        except OSError:  # ssl.SSLError included
             pass  # a client gone: the connection ends
         finally:
             to_client.close()
