@@ -106,6 +106,8 @@ _MAYBE_CHARGED = f"It may have been charged. {_ADMIN}"
 _CHAIN_DECIDES = "the gateway said nothing was charged; waiting for the chain"
 _LEDGER_LATE = "(The spending ledger is busy; this charge is kept and recorded shortly.)"
 _STOPPED_SENDING = f"Your picture was paid for, but the bot stopped while sending it. {_ADMIN}"
+_UNSENT = f"Your picture was paid for but I couldn't send it. {_ADMIN}"
+_BROKE_MAYBE_CHARGED = f"Something went wrong on my side. {_MAYBE_CHARGED}"
 _LEDGER_DOWN = "The spending ledger can't be reached right now; try again in a minute."
 _EXPIRED = (
     "That button has expired (the bot keeps results for 30 days); send the command again. "
@@ -378,13 +380,13 @@ class ImageBot:
             log.exception("resumed job %d failed unexpectedly", open_job.row_id)
             if draw.settled:
                 if chat is not None:
-                    await _said(chat, f"Your picture was paid for but I couldn't send it. {_ADMIN}")
+                    await _said(chat, _UNSENT)
                 return
             # Paid when it started: not pending any more, and not known either (the chain may say).
             unexpected = "failed unexpectedly"
             await self._closed(partial(self._mark_unknown, open_job.row_id, unexpected))
             if chat is not None:
-                await _said(chat, f"Something went wrong on my side. {_MAYBE_CHARGED}")
+                await _said(chat, _BROKE_MAYBE_CHARGED)
 
     async def handle(
         self,
@@ -820,14 +822,14 @@ class ImageBot:
     async def _broke(self, draw: _Draw, payment: LedgerPayment, chat: Chat) -> None:
         """A bug or a failing part after the request began: keep the row honest, say so once."""
         if draw.settled:
-            await _said(chat, f"Your picture was paid for but I couldn't send it. {_ADMIN}")
+            await _said(chat, _UNSENT)
             return
         broke = "failed unexpectedly"
         await self._closed(partial(self._close_interrupted, draw.row_id, payment, broke))
         if payment.signed_micro is None:
             await _said(chat, "Something went wrong on my side. Nothing was charged; try again.")
         else:
-            await _said(chat, f"Something went wrong on my side. {_MAYBE_CHARGED}")
+            await _said(chat, _BROKE_MAYBE_CHARGED)
 
     async def _close_interrupted(self, row_id: int, payment: LedgerPayment, reason: str) -> None:
         if payment.signed_micro is None:
