@@ -532,12 +532,17 @@ class FakeDiscord:
         self._runner = web.AppRunner(self.app, shutdown_timeout=1.0, handler_cancellation=True)
         await self._runner.setup()
         await web.TCPSite(self._runner, host, port).start()
-        self.url = f"http://{host}:{self._runner.addresses[0][1]}"
-        self.api_url = f"{self.url}/api/v{API_VERSION}"
-        self.gateway_url = f"ws://{host}:{self._runner.addresses[0][1]}/gateway"
+        self.serve_as(f"http://{host}:{self._runner.addresses[0][1]}")
+
+    def serve_as(self, root: str) -> None:
+        """Give discord.py addresses under ``root`` (``http://`` or ``https://`` host and port):
+        the server's own at start, or a TLS front's that only a proxy can reach."""
+        self.url = root
+        self.api_url = f"{root}/api/v{API_VERSION}"
+        self.gateway_url = f"{root.replace('http', 'ws', 1)}/gateway"
         self.resume_gateway_url = self.gateway_url + "-resume"
-        self.cdn_url = f"{self.url}/cdn"
-        self.media_url = f"{self.url}/media"
+        self.cdn_url = f"{root}/cdn"
+        self.media_url = f"{root}/media"
 
     async def close(self) -> None:
         for connection in self.connections:

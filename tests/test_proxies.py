@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from fake_discord import File
+from fake_discord import FakeDiscord, File
 from fake_proxy import FakeProxy, tls_front
 from fake_telegram import FakeTelegram
 from imagebot_cli import cli_env, imagebot_run
@@ -96,15 +96,7 @@ async def test_https_telegram_and_gateway_go_through_the_proxys_tunnels(
     """``imagebot run`` with Telegram at https://api.telegram.test and the gateway at
     https://gateway.test, names only the proxy resolves; the bot trusts the test's certificate
     through ``SSL_CERT_FILE``, as OpenSSL reads it."""
-    certificate, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    openssl = await asyncio.create_subprocess_exec(
-        *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
-        *("-subj", "/CN=imagebot test", "-keyout", str(key), "-out", str(certificate)),
-        *("-addext", "subjectAltName=DNS:api.telegram.test,DNS:gateway.test"),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    assert await openssl.wait() == 0
+    certificate, key = await _certificate(tmp_path, "api.telegram.test", "gateway.test")
     proxy.routes |= {"api.telegram.test": "127.0.0.1", "gateway.test": "127.0.0.1"}
     telegram, gateway = FakeTelegram(), Sandbox()
     await telegram.start()
@@ -139,6 +131,62 @@ async def test_https_telegram_and_gateway_go_through_the_proxys_tunnels(
         ("CONNECT", f"api.telegram.test:{telegram_port}", basic),
         ("CONNECT", f"gateway.test:{gateway_port}", basic),
     }
+
+
+async def test_https_discord_rest_gateway_and_attachments_go_through_a_tunnel(
+    tmp_path: Path, proxy: FakeProxy
+) -> None:
+    """``imagebot run`` with Discord at https://discord.test (REST, the gateway's wss:// and
+    the attachments' CDN), a name only the proxy resolves, trusted through ``SSL_CERT_FILE``."""
+    certificate, key = await _certificate(tmp_path, "discord.test")
+    proxy.routes |= {"discord.test": "127.0.0.1"}
+    fake, gateway = FakeDiscord(), Sandbox()
+    await fake.start()
+    await gateway.start()
+    try:
+        async with tls_front(_port(fake.url), str(certificate), str(key)) as port:
+            fake.serve_as(f"https://discord.test:{port}")
+            env = cli_env(
+                gateway.url,  # http:// on loopback: reached directly, HTTPS_PROXY is not its
+                tmp_path / "ledger.sqlite3",
+                DISCORD_BOT_TOKEN=fake.token,
+                DISCORD_API_URL=fake.api_url,
+                HTTPS_PROXY=proxy.url.replace("://", f"://{CREDENTIALS}@"),
+                SSL_CERT_FILE=str(certificate),
+            )
+            async with imagebot_run(env, tmp_path / "run.log"):
+                await fake.wait_ready(timeout=30)
+                channel = fake.guild("Artists").channel("general")
+                alice = fake.user("alice")
+                command = fake.send_message(
+                    channel, alice, "/img2img snow", files=[File("cat.png", png(300, 200))]
+                )
+                reply = await fake.wait_for(with_files(replies_to(command)), timeout=30)
+    finally:
+        await gateway.close()
+        await fake.close()
+
+    assert reply.payload["content"].startswith("gpt-image · 1024x1024")
+    assert len(gateway.settlements) == 1
+    basic = "Basic " + base64.b64encode(CREDENTIALS.encode()).decode()
+    assert {(p.method, p.target, p.authorization) for p in proxy.passages} == {
+        ("CONNECT", f"discord.test:{port}", basic)
+    }
+    assert any(frame.op == 2 for frame in fake.received)  # IDENTIFY came through the tunnel
+
+
+async def _certificate(tmp_path: Path, *names: str) -> tuple[Path, Path]:
+    """A self-signed certificate for ``names`` and its key, made by openssl."""
+    certificate, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    openssl = await asyncio.create_subprocess_exec(
+        *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+        *("-subj", "/CN=imagebot test", "-keyout", str(key), "-out", str(certificate)),
+        *("-addext", "subjectAltName=" + ",".join(f"DNS:{name}" for name in names)),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert await openssl.wait() == 0
+    return certificate, key
 
 
 def _port(url: str) -> int:
