@@ -50,6 +50,7 @@ from bot.x402 import (
     SignedPayment,
     X402Payer,
     read_receipt,
+    refusal_reason,
 )
 
 log = logging.getLogger(__name__)
@@ -350,7 +351,7 @@ class ImageService:
             return await _json_body(response, charged=True)
         if response.status_code == 202:  # BlockRun charges a job on its completed poll
             return await _json_body(response, charged=paid.receipt is not None)
-        raise _error_for(response, paid.payment, paid.receipt is not None)
+        raise _error_for(response, paid.payment, paid.receipt is not None, resent=paid.resent)
 
     def _poll_url(self, envelope: dict[str, Any], charged_micro: int) -> str:
         """The job's absolute poll address; only the gateway's own origin gets the payment."""
@@ -414,7 +415,7 @@ class ImageService:
         if response.status_code == 402 and job.receipt is None:
             body = _safe_json(response)
             details = body.get("details") if isinstance(body, dict) else None
-            reason = (plain_reason(str(details)) if details else _error_message(body)) or "refused"
+            reason = (plain_reason(str(details)) if details else _refusal(response)) or "refused"
             raise InsufficientFunds(
                 f"The image service could not collect the payment ({reason}). {_NOTHING} "
                 "An admin should check that the bot's wallet has USDC."
@@ -693,13 +694,30 @@ def _charged_micro(
 
 
 def _error_for(
-    response: httpx.Response, payment: SignedPayment | PaymentHeader | None, charged: bool | None
+    response: httpx.Response,
+    payment: SignedPayment | PaymentHeader | None,
+    charged: bool | None,
+    *,
+    resent: bool = False,
 ) -> GatewayError:
+    """The error a failed answer means; ``resent`` when it answers a payment sent again after a
+    lost connection."""
     status = response.status_code
-    detail = _error_message(_safe_json(response))
+    detail = _refusal(response) if status == 402 else _error_message(_safe_json(response))
     charge_note = _CHARGED_ANYWAY if charged else _NOTHING
     error: GatewayError
-    if status == 403:
+    used = status == 402 and "nonce" in (detail or "").lower()
+    if payment is not None and not charged and (resent or used):
+        # The first send may have been charged with its answer lost (a nonce already used is
+        # that, whoever sent it again): nothing in this answer proves otherwise.
+        reason = f": {detail}" if detail else ""
+        error = GatewayRefused(
+            f"The connection dropped after the payment was sent, and the image service refused "
+            f"it when it came again (HTTP {status}{reason}); it may have been charged. An admin "
+            "can check /spend."
+        )
+        charged = None
+    elif status == 403:
         error = ContentRefused(
             f"The image service refused this prompt under its content policy. {charge_note}"
         )
@@ -708,14 +726,6 @@ def _error_for(
         error = RateLimited(
             f"The image service is busy; try again in {retry_after} s. {charge_note}", retry_after
         )
-    elif status == 402 and payment is not None and "nonce" in (detail or "").lower():
-        # Only a resend of the same signed header after a lost connection meets a used nonce:
-        # the first send may have been charged.
-        error = GatewayRefused(
-            "The connection dropped after the payment was sent and the image service now "
-            "reports it as used; it may have been charged. An admin can check /spend."
-        )
-        charged = None
     elif status == 402:
         reason = f" ({detail})" if detail else ""
         error = InsufficientFunds(
@@ -731,6 +741,14 @@ def _error_for(
         error = GatewayRefused(f"The image service failed (HTTP {status}). {charge_note}")
     error.charged = charged
     return error
+
+
+def _refusal(response: httpx.Response) -> str | None:
+    """Why a 402 refused the payment: its body's error, else its payment requirements' (the x402
+    SDK's servers say it only in PAYMENT-REQUIRED)."""
+    return _error_message(_safe_json(response)) or _error_message(
+        {"error": refusal_reason(response)}
+    )
 
 
 def _retry_after(response: httpx.Response) -> int:

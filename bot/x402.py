@@ -188,11 +188,13 @@ AnswerHook = Callable[[httpx.Response], Awaitable[None]]
 
 @dataclass(frozen=True)
 class PaidResponse:
-    """The final answer and the payment made for it, if any."""
+    """The final answer and the payment made for it, if any; ``resent`` when the payment went
+    again after a lost connection, so its first send may have been charged whatever this says."""
 
     response: httpx.Response
     payment: SignedPayment | None
     receipt: Receipt | None
+    resent: bool = False
 
 
 class Wallet:
@@ -334,7 +336,8 @@ class X402Payer:
     ) -> httpx.Response:
         """GET, e.g. to poll a 202 job, with the same payment header; resends like post."""
         async with self._in_flight:
-            return await self._send("GET", url, header, None, on_answer)
+            response, _ = await self._send("GET", url, header, None, on_answer)
+            return response
 
     async def _pay(
         self,
@@ -364,8 +367,8 @@ class X402Payer:
         if on_payment is not None:
             await on_payment(intent)
         payment = _signed(intent, self._wallet.sign(intent))
-        response = await self._send("POST", url, payment.header, json, on_answer)
-        return PaidResponse(response, payment, read_receipt(response))
+        response, resent = await self._send("POST", url, payment.header, json, on_answer)
+        return PaidResponse(response, payment, read_receipt(response), resent)
 
     def _intent(self, quote: Quote, payer: str) -> PaymentIntent:
         now = int(self._clock())
@@ -393,14 +396,15 @@ class X402Payer:
         payment: PaymentHeader | None,
         json: dict[str, Any] | None,
         on_answer: AnswerHook | None,
-    ) -> httpx.Response:
-        """Send, resending the identical request on transport errors; never re-signs."""
+    ) -> tuple[httpx.Response, bool]:
+        """Send, resending the identical request on transport errors; never re-signs. The
+        answer, and whether it answers a resend."""
         headers = {payment.name: payment.value} if payment else {}
         for attempt in range(self._resend_attempts + 1):
             if attempt:
                 await asyncio.sleep(FIRST_RESEND_DELAY_SECONDS * 2 ** (attempt - 1))
             try:
-                return await self._exchange(method, url, headers, json, on_answer)
+                return await self._exchange(method, url, headers, json, on_answer), attempt > 0
             except httpx.TransportError as exc:
                 lost = exc
                 logger.warning(
@@ -523,6 +527,15 @@ def _payment_required(response: httpx.Response) -> dict[str, Any]:
     if not isinstance(offer, dict):
         raise BadPaymentRequest("bad JSON")
     return offer
+
+
+def refusal_reason(response: httpx.Response) -> Any:
+    """The ``error`` of a 402's payment requirements: why a payment was refused (the x402 SDK's
+    servers say it only there, in the PAYMENT-REQUIRED header); None without one."""
+    try:
+        return _payment_required(response).get("error")
+    except BadPaymentRequest:
+        return None
 
 
 def _check_offer(requirement: dict[str, Any]) -> tuple[Chain | None, str]:

@@ -201,6 +201,57 @@ async def sdk_stack(polls_before_done: int = 3) -> AsyncIterator[tuple[str, Stub
             await runner.cleanup()
 
 
+@asynccontextmanager
+async def answer_lost(gateway: str) -> AsyncIterator[str]:
+    """A relay in front of ``gateway``: the first paid request gets through and is answered
+    (the SDK has settled it by then), but that answer never comes back; the connection drops."""
+    host, port = gateway.removeprefix("http://").rsplit(":", 1)
+    lost = asyncio.Event()
+    relays: set[asyncio.Task[None]] = set()
+
+    async def relay(bot: asyncio.StreamReader, to_bot: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        relays.add(task)
+        upstream, to_gateway = await asyncio.open_connection(host, int(port))
+        paid = False
+
+        async def requests() -> None:
+            nonlocal paid
+            while data := await bot.read(65536):
+                paid = paid or (not lost.is_set() and b"payment-signature:" in data.lower())
+                to_gateway.write(data)
+                await to_gateway.drain()
+
+        async def answers() -> None:
+            while data := await upstream.read(65536):
+                if paid and not lost.is_set():
+                    lost.set()
+                    to_bot.transport.abort()
+                    return
+                to_bot.write(data)
+                await to_bot.drain()
+
+        try:
+            await asyncio.gather(requests(), answers())
+        except OSError:
+            pass  # the bot's side dropped
+        finally:
+            to_gateway.close()
+            to_bot.close()
+            relays.discard(task)
+
+    server = await asyncio.start_server(relay, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        for task in list(relays):
+            task.cancel()
+        await asyncio.gather(*relays, return_exceptions=True)
+        assert lost.is_set()
+
+
 async def run_bot(url: str, database: Path, text: str) -> RecordingChat:
     settings = load_settings(_env_file=None, image_api_url=url, database_path=database)
     chat = RecordingChat()
@@ -246,3 +297,22 @@ async def test_a_receipt_on_the_sdks_202_is_charged_when_the_job_never_finishes(
     assert "charged anyway" in chat.texts[-1]
     assert [amount for _, amount in facilitator.settled] == [PRICE_MICRO]
     assert await ledger_total(database) == (PRICE_MICRO, 0)
+
+
+async def test_a_paid_answer_lost_then_refused_when_resent_stays_unknown_in_the_ledger(
+    tmp_path: Path,
+) -> None:
+    """The SDK settles the payment, its answer is lost, and the bot's resend of the same header
+    is refused (the nonce is used, said only in PAYMENT-REQUIRED): the row stays unknown,
+    counted for admins, and the user hears it may have been charged."""
+    database = tmp_path / "l.sqlite3"
+    async with sdk_stack() as (url, facilitator), answer_lost(url) as relay:
+        settings = load_settings(_env_file=None, image_api_url=relay, database_path=database)
+        chat = RecordingChat()
+        async with open_bot(settings, Wallet.create(), poll_interval=0.05) as bot:
+            outcome = await bot.handle(ALICE, chat, "/imagegen a fox")
+
+    assert outcome is Outcome.REFUSED and not chat.pictures
+    assert "may have been charged" in chat.texts[-1]
+    assert [amount for _, amount in facilitator.settled] == [PRICE_MICRO]
+    assert await ledger_total(database) == (0, PRICE_MICRO)

@@ -445,6 +445,52 @@ async def test_resent_payment_reported_as_used_is_an_unknown_outcome(
     assert "may have been charged" in caught.value.user_message
 
 
+def sdk_refusal(reason: str) -> web.Response:
+    """A 402 as the x402 SDK's servers send it for a refused payment: the reason only in the
+    PAYMENT-REQUIRED header, the body ``{}``."""
+    offer = {"x402Version": 2, "error": reason, "accepts": [REQUIREMENT]}
+    header = base64.b64encode(json.dumps(offer).encode()).decode()
+    return web.json_response({}, status=402, headers={"PAYMENT-REQUIRED": header})
+
+
+async def test_any_refusal_of_a_resent_payment_is_an_unknown_outcome(
+    http: httpx.AsyncClient,
+) -> None:
+    """The first send's answer is lost; the resend of the same header is refused in words that
+    name no nonce, as an x402 SDK gateway words it: the first send may have been charged."""
+    headers_seen: list[str] = []
+
+    async def generations(request: web.Request) -> web.StreamResponse:
+        header = request.headers.get("PAYMENT-SIGNATURE")
+        if header is None:
+            return web.json_response({"x402Version": 2, "accepts": [REQUIREMENT]}, status=402)
+        headers_seen.append(header)
+        if len(headers_seen) == 1:
+            assert request.transport is not None
+            request.transport.close()  # settled, and the answer lost
+            return web.Response()
+        return sdk_refusal("invalid_exact_evm_insufficient_balance")
+
+    async with serving(("POST", "/v1/images/generations", generations)) as url:
+        service = service_for(http, url)
+        with pytest.raises(ImagebotError) as caught:
+            await run(service, "/imagegen a fox")
+    assert len(headers_seen) == 2 and headers_seen[0] == headers_seen[1]
+    assert caught.value.charged is None
+    assert "may have been charged" in caught.value.user_message
+
+
+async def test_a_refusal_in_the_payment_required_header_is_said(http: httpx.AsyncClient) -> None:
+    route = quoting(lambda: sdk_refusal("invalid_exact_evm_insufficient_balance"))
+    async with serving(("POST", "/v1/images/generations", route)) as url:
+        service = service_for(http, url)
+        with pytest.raises(ImagebotError) as caught:
+            await run(service, "/imagegen a fox")
+    assert "(invalid_exact_evm_insufficient_balance)" in caught.value.user_message
+    assert "Nothing was charged" in caught.value.user_message
+    assert caught.value.charged is False
+
+
 async def test_results_in_hand_are_bounded_and_slow_jobs_wait_without_a_slot(
     sandbox: RunningSandbox, http: httpx.AsyncClient
 ) -> None:
