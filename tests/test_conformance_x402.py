@@ -57,6 +57,7 @@ class StubFacilitator:
 
     settled: list[tuple[str, int]] = field(default_factory=list)  # (payer, micro-USDC)
     used_nonces: set[str] = field(default_factory=set)
+    refusal: str = ""  # an invalid reason given for every payment, as for an empty wallet
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -125,7 +126,7 @@ class StubFacilitator:
             return payer, "invalid_exact_evm_payload_authorization_valid_before"
         if authorization["nonce"].lower() in self.used_nonces:
             return payer, "invalid_exact_evm_payload_authorization_nonce_used"
-        return payer, ""
+        return payer, self.refusal
 
 
 def sdk_gateway(facilitator_url: str, polls_before_done: int) -> FastAPI:
@@ -316,3 +317,23 @@ async def test_a_paid_answer_lost_then_refused_when_resent_stays_unknown_in_the_
     assert "may have been charged" in chat.texts[-1]
     assert [amount for _, amount in facilitator.settled] == [PRICE_MICRO]
     assert await ledger_total(database) == (0, PRICE_MICRO)
+
+
+async def test_a_payment_the_sdk_refuses_is_said_with_its_reason_and_costs_nothing(
+    tmp_path: Path,
+) -> None:
+    """The SDK gives its facilitator's reason only in PAYMENT-REQUIRED; the user and the admin
+    read it, and nothing is charged or counted."""
+    database = tmp_path / "l.sqlite3"
+    async with sdk_stack() as (url, facilitator):
+        facilitator.refusal = "invalid_exact_evm_insufficient_balance"
+        settings = load_settings(_env_file=None, image_api_url=url, database_path=database)
+        chat = RecordingChat()
+        async with open_bot(settings, Wallet.create(), poll_interval=0.05) as bot:
+            outcome = await bot.handle(ALICE, chat, "/imagegen a fox")
+
+    assert outcome is Outcome.REFUSED and not chat.pictures
+    assert "(invalid_exact_evm_insufficient_balance)" in chat.texts[-1]
+    assert "Nothing was charged" in chat.texts[-1] and "wallet has USDC" in chat.texts[-1]
+    assert facilitator.settled == []
+    assert await ledger_total(database) == (0, 0)
