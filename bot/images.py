@@ -413,9 +413,7 @@ class ImageService:
         if response.status_code in _STILL_RUNNING_CODES:
             return _STILL_RUNNING
         if response.status_code == 402 and job.receipt is None:
-            body = _safe_json(response)
-            details = body.get("details") if isinstance(body, dict) else None
-            reason = (plain_reason(str(details)) if details else _refusal(response)) or "refused"
+            reason = _refusal(response) or "refused"
             raise InsufficientFunds(
                 f"The image service could not collect the payment ({reason}). {_NOTHING} "
                 "An admin should check that the bot's wallet has USDC."
@@ -744,11 +742,14 @@ def _error_for(
 
 
 def _refusal(response: httpx.Response) -> str | None:
-    """Why a 402 refused the payment: its body's error, else its payment requirements' (the x402
-    SDK's servers say it only in PAYMENT-REQUIRED)."""
-    return _error_message(_safe_json(response)) or _error_message(
-        {"error": refusal_reason(response)}
-    )
+    """Why a 402 refused the payment: the facilitator's reason BlockRun gives as ``details``,
+    else the body's error, else its payment requirements' (the x402 SDK's servers say it only
+    in PAYMENT-REQUIRED)."""
+    body = _safe_json(response)
+    details = body.get("details") if isinstance(body, dict) else None
+    if details:
+        return plain_reason(str(details)) or None
+    return _error_message(body) or _error_message({"error": refusal_reason(response)})
 
 
 def _retry_after(response: httpx.Response) -> int:

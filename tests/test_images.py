@@ -480,8 +480,17 @@ async def test_any_refusal_of_a_resent_payment_is_an_unknown_outcome(
     assert "may have been charged" in caught.value.user_message
 
 
-async def test_a_refusal_in_the_payment_required_header_is_said(http: httpx.AsyncClient) -> None:
-    route = quoting(lambda: sdk_refusal("invalid_exact_evm_insufficient_balance"))
+def blockrun_refusal(details: str) -> web.Response:
+    """A 402 to a paid request as blockrun-llm reads it: the facilitator's reason in ``details``."""
+    body = {"error": "Payment verification failed", "details": details}
+    return web.json_response(body, status=402)
+
+
+@pytest.mark.parametrize("refusal", [sdk_refusal, blockrun_refusal])
+async def test_the_gateways_reason_for_refusing_a_payment_is_said(
+    http: httpx.AsyncClient, refusal: Callable[[str], web.Response]
+) -> None:
+    route = quoting(lambda: refusal("invalid_exact_evm_insufficient_balance"))
     async with serving(("POST", "/v1/images/generations", route)) as url:
         service = service_for(http, url)
         with pytest.raises(ImagebotError) as caught:
@@ -489,6 +498,21 @@ async def test_a_refusal_in_the_payment_required_header_is_said(http: httpx.Asyn
     assert "(invalid_exact_evm_insufficient_balance)" in caught.value.user_message
     assert "Nothing was charged" in caught.value.user_message
     assert caught.value.charged is False
+
+
+@pytest.mark.parametrize("refusal", [sdk_refusal, blockrun_refusal])
+async def test_a_payment_the_gateway_calls_used_may_have_been_charged(
+    http: httpx.AsyncClient, refusal: Callable[[str], web.Response]
+) -> None:
+    """Sent once by the bot, yet refused as already used: something between (a proxy that
+    retried the POST) delivered it twice, and the first may have been charged."""
+    route = quoting(lambda: refusal("invalid_exact_evm_payload_authorization_nonce_used"))
+    async with serving(("POST", "/v1/images/generations", route)) as url:
+        service = service_for(http, url)
+        with pytest.raises(ImagebotError) as caught:
+            await run(service, "/imagegen a fox")
+    assert caught.value.charged is None
+    assert "may have been charged" in caught.value.user_message
 
 
 async def test_results_in_hand_are_bounded_and_slow_jobs_wait_without_a_slot(
