@@ -112,8 +112,9 @@ def _usable(proxy: str, calls: str) -> str:
 class _Transport(AiohttpTransport):
     """httpx-aiohttp's transport, raising an answer aiohttp refuses to parse as httpx's
     protocol error rather than a raw aiohttp one: aiohttp bounds what it accepts (8,190 bytes
-    a header line or field, 128 headers). Uncompressed answers are read in bigger pieces
-    (``PLAIN_PIECE_BYTES``)."""
+    a header line or field, 128 headers); and a connection never made as httpx's ConnectError
+    (a payment it would have carried never left). Uncompressed answers are read in bigger
+    pieces (``PLAIN_PIECE_BYTES``)."""
 
     def get_client(self) -> aiohttp.ClientSession:
         """httpx-aiohttp's session and pool, reading ahead ``READ_AHEAD_BYTES``, without cookies
@@ -132,6 +133,11 @@ class _Transport(AiohttpTransport):
             response = await super().handle_async_request(request)
         except aiohttp.ClientResponseError as error:
             raise httpx.RemoteProtocolError(error.message, request=request) from None
+        except httpx.ConnectTimeout as error:  # httpx-aiohttp's name for any connection error
+            cause = error.__cause__
+            if isinstance(cause, aiohttp.ClientConnectorError):  # no connection: nothing sent
+                raise httpx.ConnectError(str(error), request=request) from cause
+            raise
         stream = response.stream
         if isinstance(stream, AiohttpResponseStream) and "content-encoding" not in response.headers:
             stream.CHUNK_SIZE = PLAIN_PIECE_BYTES

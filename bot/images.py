@@ -351,7 +351,9 @@ class ImageService:
             return await _json_body(response, charged=True)
         if response.status_code == 202:  # BlockRun charges a job on its completed poll
             return await _json_body(response, charged=paid.receipt is not None)
-        raise _error_for(response, paid.payment, paid.receipt is not None, resent=paid.resent)
+        raise _error_for(
+            response, paid.payment, paid.receipt is not None, sent_before=paid.sent_before
+        )
 
     def _poll_url(self, envelope: dict[str, Any], charged_micro: int) -> str:
         """The job's absolute poll address; only the gateway's own origin gets the payment."""
@@ -696,16 +698,16 @@ def _error_for(
     payment: SignedPayment | PaymentHeader | None,
     charged: bool | None,
     *,
-    resent: bool = False,
+    sent_before: bool = False,
 ) -> GatewayError:
-    """The error a failed answer means; ``resent`` when it answers a payment sent again after a
-    lost connection."""
+    """The error a failed answer means; ``sent_before`` when it answers a payment sent again
+    after an earlier send was lost on its way."""
     status = response.status_code
     detail = _refusal(response) if status == 402 else _error_message(_safe_json(response))
     charge_note = _CHARGED_ANYWAY if charged else _NOTHING
     error: GatewayError
     used = status == 402 and "nonce" in (detail or "").lower()
-    if payment is not None and not charged and (resent or used):
+    if payment is not None and not charged and (sent_before or used):
         # The first send may have been charged with its answer lost (a nonce already used is
         # that, whoever sent it again): nothing in this answer proves otherwise.
         reason = f": {detail}" if detail else ""

@@ -188,13 +188,13 @@ AnswerHook = Callable[[httpx.Response], Awaitable[None]]
 
 @dataclass(frozen=True)
 class PaidResponse:
-    """The final answer and the payment made for it, if any; ``resent`` when the payment went
-    again after a lost connection, so its first send may have been charged whatever this says."""
+    """The final answer and the payment made for it, if any; ``sent_before`` when an earlier
+    send of that payment was lost on its way and may have been charged, whatever this says."""
 
     response: httpx.Response
     payment: SignedPayment | None
     receipt: Receipt | None
-    resent: bool = False
+    sent_before: bool = False
 
 
 class Wallet:
@@ -367,8 +367,8 @@ class X402Payer:
         if on_payment is not None:
             await on_payment(intent)
         payment = _signed(intent, self._wallet.sign(intent))
-        response, resent = await self._send("POST", url, payment.header, json, on_answer)
-        return PaidResponse(response, payment, read_receipt(response), resent)
+        response, sent_before = await self._send("POST", url, payment.header, json, on_answer)
+        return PaidResponse(response, payment, read_receipt(response), sent_before)
 
     def _intent(self, quote: Quote, payer: str) -> PaymentIntent:
         now = int(self._clock())
@@ -398,15 +398,21 @@ class X402Payer:
         on_answer: AnswerHook | None,
     ) -> tuple[httpx.Response, bool]:
         """Send, resending the identical request on transport errors; never re-signs. The
-        answer, and whether it answers a resend."""
+        answer, and whether an earlier send may have reached the gateway.
+
+        A payment whose every send met a connection never made never left: its last error is
+        raised as is, not ``PaymentOutcomeUnknown``.
+        """
         headers = {payment.name: payment.value} if payment else {}
+        sent_before = False
         for attempt in range(self._resend_attempts + 1):
             if attempt:
                 await asyncio.sleep(FIRST_RESEND_DELAY_SECONDS * 2 ** (attempt - 1))
             try:
-                return await self._exchange(method, url, headers, json, on_answer), attempt > 0
+                return await self._exchange(method, url, headers, json, on_answer), sent_before
             except httpx.TransportError as exc:
                 lost = exc
+                sent_before = sent_before or not isinstance(exc, httpx.ConnectError)
                 logger.warning(
                     "%s %s lost (%s), attempt %d of %d",
                     method,
@@ -419,7 +425,7 @@ class X402Payer:
                 if payment is None:
                     raise
                 raise PaymentOutcomeUnknown() from exc
-        if payment is None:
+        if payment is None or not sent_before:
             raise lost
         logger.warning("no answer after sending a payment to %s", url)
         raise PaymentOutcomeUnknown() from lost

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 from aiohttp import web
-from local import Handler, serving
+from local import Handler, serving, until
 from pictures import png
 
 from adapters.console import ConsoleChat
@@ -478,6 +478,61 @@ async def test_any_refusal_of_a_resent_payment_is_an_unknown_outcome(
     assert len(headers_seen) == 2 and headers_seen[0] == headers_seen[1]
     assert caught.value.charged is None
     assert "may have been charged" in caught.value.user_message
+
+
+async def quote_then_close(request: web.Request) -> web.Response:
+    """REQUIREMENT's 402 quote, on a connection the client may not keep."""
+    assert "PAYMENT-SIGNATURE" not in request.headers
+    quote = {"x402Version": 2, "accepts": [REQUIREMENT]}
+    return web.json_response(quote, status=402, headers={"Connection": "close"})
+
+
+async def test_a_payment_no_connection_ever_carried_charged_nothing(
+    http: httpx.AsyncClient, unused_tcp_port: int
+) -> None:
+    """The gateway quotes and goes away before the paid request: every send of the signed
+    payment meets a refused connection, so it never left the bot."""
+    signed, gone = asyncio.Event(), asyncio.Event()
+
+    async def recorded(_: PaymentIntent) -> None:
+        signed.set()
+        await gone.wait()
+
+    service = service_for(http, f"http://127.0.0.1:{unused_tcp_port}")
+    async with serving(("POST", "/v1/images/generations", quote_then_close), port=unused_tcp_port):
+        drawing = asyncio.create_task(service.generate(request("/imagegen a fox"), recorded))
+        await signed.wait()
+    gone.set()
+    with pytest.raises(ImagebotError) as caught:
+        await drawing
+    assert caught.value.charged is False
+    assert "couldn't reach" in caught.value.user_message
+    assert "Nothing was charged" in caught.value.user_message
+
+
+async def test_a_refusal_after_a_refused_connection_is_a_refusal(
+    http: httpx.AsyncClient, unused_tcp_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The paid request's first send meets a refused connection (it carried nothing); the
+    resend reaches the gateway back on its port, which refuses the payment: nothing charged."""
+    signed, gone = asyncio.Event(), asyncio.Event()
+
+    async def recorded(_: PaymentIntent) -> None:
+        signed.set()
+        await gone.wait()
+
+    service = service_for(http, f"http://127.0.0.1:{unused_tcp_port}")
+    async with serving(("POST", "/v1/images/generations", quote_then_close), port=unused_tcp_port):
+        drawing = asyncio.create_task(service.generate(request("/imagegen a fox"), recorded))
+        await signed.wait()
+    gone.set()
+    await until(lambda: "lost (ClientConnectorError)" in caplog.text)
+    refused = quoting(lambda: sdk_refusal("invalid_exact_evm_insufficient_balance"))
+    async with serving(("POST", "/v1/images/generations", refused), port=unused_tcp_port):
+        with pytest.raises(ImagebotError) as caught:
+            await drawing
+    assert caught.value.charged is False
+    assert "(invalid_exact_evm_insufficient_balance)" in caught.value.user_message
 
 
 def blockrun_refusal(details: str) -> web.Response:
