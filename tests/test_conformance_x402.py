@@ -253,11 +253,13 @@ async def answer_lost(gateway: str) -> AsyncIterator[str]:
         assert lost.is_set()
 
 
-async def run_bot(url: str, database: Path, text: str) -> RecordingChat:
+async def run_bot(
+    url: str, database: Path, text: str, outcome: Outcome = Outcome.DONE
+) -> RecordingChat:
     settings = load_settings(_env_file=None, image_api_url=url, database_path=database)
     chat = RecordingChat()
     async with open_bot(settings, Wallet.create(), poll_interval=0.05, job_deadline=10) as bot:
-        assert await bot.handle(ALICE, chat, text) is Outcome.DONE, chat.texts
+        assert await bot.handle(ALICE, chat, text) is outcome, chat.texts
     return chat
 
 
@@ -308,13 +310,9 @@ async def test_a_paid_answer_lost_then_refused_when_resent_stays_unknown_in_the_
     counted for admins, and the user hears it may have been charged."""
     database = tmp_path / "l.sqlite3"
     async with sdk_stack() as (url, facilitator), answer_lost(url) as relay:
-        settings = load_settings(_env_file=None, image_api_url=relay, database_path=database)
-        chat = RecordingChat()
-        async with open_bot(settings, Wallet.create(), poll_interval=0.05) as bot:
-            outcome = await bot.handle(ALICE, chat, "/imagegen a fox")
+        chat = await run_bot(relay, database, "/imagegen a fox", Outcome.REFUSED)
 
-    assert outcome is Outcome.REFUSED and not chat.pictures
-    assert "may have been charged" in chat.texts[-1]
+    assert not chat.pictures and "may have been charged" in chat.texts[-1]
     assert [amount for _, amount in facilitator.settled] == [PRICE_MICRO]
     assert await ledger_total(database) == (0, PRICE_MICRO)
 
@@ -327,13 +325,9 @@ async def test_a_payment_the_sdk_refuses_is_said_with_its_reason_and_costs_nothi
     database = tmp_path / "l.sqlite3"
     async with sdk_stack() as (url, facilitator):
         facilitator.refusal = "invalid_exact_evm_insufficient_balance"
-        settings = load_settings(_env_file=None, image_api_url=url, database_path=database)
-        chat = RecordingChat()
-        async with open_bot(settings, Wallet.create(), poll_interval=0.05) as bot:
-            outcome = await bot.handle(ALICE, chat, "/imagegen a fox")
+        chat = await run_bot(url, database, "/imagegen a fox", Outcome.REFUSED)
 
-    assert outcome is Outcome.REFUSED and not chat.pictures
-    assert "(invalid_exact_evm_insufficient_balance)" in chat.texts[-1]
+    assert not chat.pictures and "(invalid_exact_evm_insufficient_balance)" in chat.texts[-1]
     assert "Nothing was charged" in chat.texts[-1] and "wallet has USDC" in chat.texts[-1]
     assert facilitator.settled == []
     assert await ledger_total(database) == (0, 0)

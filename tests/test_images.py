@@ -419,10 +419,27 @@ def test_demo_once_runs_offline_from_the_command_line(tmp_path: Path, deployed: 
     assert len(list((tmp_path / "out").glob("*.png"))) == 1
 
 
-async def test_resent_payment_reported_as_used_is_an_unknown_outcome(
-    http: httpx.AsyncClient,
+def sdk_refusal(reason: str) -> web.Response:
+    """A 402 as the x402 SDK's servers send it for a refused payment: the reason only in the
+    PAYMENT-REQUIRED header, the body ``{}``."""
+    offer = {"x402Version": 2, "error": reason, "accepts": [REQUIREMENT]}
+    header = base64.b64encode(json.dumps(offer).encode()).decode()
+    return web.json_response({}, status=402, headers={"PAYMENT-REQUIRED": header})
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        lambda: web.json_response({"error": "nonce_already_used"}, status=402),
+        lambda: sdk_refusal("invalid_exact_evm_insufficient_balance"),  # no nonce named
+    ],
+    ids=["nonce-used", "any-refusal"],
+)
+async def test_a_refusal_of_a_payment_resent_after_a_lost_answer_is_an_unknown_outcome(
+    http: httpx.AsyncClient, refusal: Callable[[], web.Response]
 ) -> None:
-    """The gateway got the paid request, the answer was lost, the resend meets a used nonce."""
+    """The gateway got the paid request (and may have settled it), the answer was lost, and
+    the resend of the same header is refused, whatever its words."""
     headers_seen: list[str] = []
 
     async def generations(request: web.Request) -> web.StreamResponse:
@@ -434,7 +451,7 @@ async def test_resent_payment_reported_as_used_is_an_unknown_outcome(
             assert request.transport is not None
             request.transport.close()  # the answer to the paid request is lost
             return web.Response()
-        return web.json_response({"error": "nonce_already_used"}, status=402)
+        return refusal()
 
     async with serving(("POST", "/v1/images/generations", generations)) as url:
         service = service_for(http, url)
@@ -445,46 +462,26 @@ async def test_resent_payment_reported_as_used_is_an_unknown_outcome(
     assert "may have been charged" in caught.value.user_message
 
 
-def sdk_refusal(reason: str) -> web.Response:
-    """A 402 as the x402 SDK's servers send it for a refused payment: the reason only in the
-    PAYMENT-REQUIRED header, the body ``{}``."""
-    offer = {"x402Version": 2, "error": reason, "accepts": [REQUIREMENT]}
-    header = base64.b64encode(json.dumps(offer).encode()).decode()
-    return web.json_response({}, status=402, headers={"PAYMENT-REQUIRED": header})
+async def gone_after_quote(http: httpx.AsyncClient, port: int) -> asyncio.Task[ImageResult]:
+    """A draw whose gateway, on ``port``, quotes and goes away: the draw's payment is signed and
+    about to go to nothing listening."""
+    signed, gone = asyncio.Event(), asyncio.Event()
 
+    async def quote(request: web.Request) -> web.Response:
+        assert "PAYMENT-SIGNATURE" not in request.headers
+        answer = {"x402Version": 2, "accepts": [REQUIREMENT]}
+        return web.json_response(answer, status=402, headers={"Connection": "close"})
 
-async def test_any_refusal_of_a_resent_payment_is_an_unknown_outcome(
-    http: httpx.AsyncClient,
-) -> None:
-    """The first send's answer is lost; the resend of the same header is refused in words that
-    name no nonce, as an x402 SDK gateway words it: the first send may have been charged."""
-    headers_seen: list[str] = []
+    async def recorded(_: PaymentIntent) -> None:
+        signed.set()
+        await gone.wait()
 
-    async def generations(request: web.Request) -> web.StreamResponse:
-        header = request.headers.get("PAYMENT-SIGNATURE")
-        if header is None:
-            return web.json_response({"x402Version": 2, "accepts": [REQUIREMENT]}, status=402)
-        headers_seen.append(header)
-        if len(headers_seen) == 1:
-            assert request.transport is not None
-            request.transport.close()  # settled, and the answer lost
-            return web.Response()
-        return sdk_refusal("invalid_exact_evm_insufficient_balance")
-
-    async with serving(("POST", "/v1/images/generations", generations)) as url:
-        service = service_for(http, url)
-        with pytest.raises(ImagebotError) as caught:
-            await run(service, "/imagegen a fox")
-    assert len(headers_seen) == 2 and headers_seen[0] == headers_seen[1]
-    assert caught.value.charged is None
-    assert "may have been charged" in caught.value.user_message
-
-
-async def quote_then_close(request: web.Request) -> web.Response:
-    """REQUIREMENT's 402 quote, on a connection the client may not keep."""
-    assert "PAYMENT-SIGNATURE" not in request.headers
-    quote = {"x402Version": 2, "accepts": [REQUIREMENT]}
-    return web.json_response(quote, status=402, headers={"Connection": "close"})
+    service = service_for(http, f"http://127.0.0.1:{port}")
+    async with serving(("POST", "/v1/images/generations", quote), port=port):
+        drawing = asyncio.create_task(service.generate(request("/imagegen a fox"), recorded))
+        await signed.wait()
+    gone.set()
+    return drawing
 
 
 async def test_a_payment_no_connection_ever_carried_charged_nothing(
@@ -492,17 +489,7 @@ async def test_a_payment_no_connection_ever_carried_charged_nothing(
 ) -> None:
     """The gateway quotes and goes away before the paid request: every send of the signed
     payment meets a refused connection, so it never left the bot."""
-    signed, gone = asyncio.Event(), asyncio.Event()
-
-    async def recorded(_: PaymentIntent) -> None:
-        signed.set()
-        await gone.wait()
-
-    service = service_for(http, f"http://127.0.0.1:{unused_tcp_port}")
-    async with serving(("POST", "/v1/images/generations", quote_then_close), port=unused_tcp_port):
-        drawing = asyncio.create_task(service.generate(request("/imagegen a fox"), recorded))
-        await signed.wait()
-    gone.set()
+    drawing = await gone_after_quote(http, unused_tcp_port)
     with pytest.raises(ImagebotError) as caught:
         await drawing
     assert caught.value.charged is False
@@ -515,17 +502,7 @@ async def test_a_refusal_after_a_refused_connection_is_a_refusal(
 ) -> None:
     """The paid request's first send meets a refused connection (it carried nothing); the
     resend reaches the gateway back on its port, which refuses the payment: nothing charged."""
-    signed, gone = asyncio.Event(), asyncio.Event()
-
-    async def recorded(_: PaymentIntent) -> None:
-        signed.set()
-        await gone.wait()
-
-    service = service_for(http, f"http://127.0.0.1:{unused_tcp_port}")
-    async with serving(("POST", "/v1/images/generations", quote_then_close), port=unused_tcp_port):
-        drawing = asyncio.create_task(service.generate(request("/imagegen a fox"), recorded))
-        await signed.wait()
-    gone.set()
+    drawing = await gone_after_quote(http, unused_tcp_port)
     await until(lambda: "lost (ClientConnectorError)" in caplog.text)
     refused = quoting(lambda: sdk_refusal("invalid_exact_evm_insufficient_balance"))
     async with serving(("POST", "/v1/images/generations", refused), port=unused_tcp_port):
