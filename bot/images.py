@@ -51,6 +51,7 @@ from bot.x402 import (
     X402Payer,
     read_receipt,
     refusal_reason,
+    tx_hash_in,
 )
 
 log = logging.getLogger(__name__)
@@ -335,8 +336,8 @@ class ImageService:
         items = reply.pop("data", None)
         pictures = await self._fetch_all(items, charged, n)
         stated = reply.get("payment")
-        tx_hash = _text(stated.get("tx_hash")) if isinstance(stated, dict) else None
-        tx_hash = tx_hash or (receipt.tx_hash if receipt else None)
+        tx_hash = tx_hash_in(stated.get("tx_hash")) if isinstance(stated, dict) else None
+        tx_hash = tx_hash or (tx_hash_in(receipt.tx_hash) if receipt else None)
         revised = next((_text(item.get("revised_prompt")) for item in items), None)
         del items
         result = ImageResult(pictures, charged, tx_hash, revised)

@@ -62,6 +62,7 @@ _DOMAIN_TYPEHASH = keccak(
 )
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 _PRIVATE_KEY = re.compile(r"(0x)?[0-9a-fA-F]{64}")
+_TX_HASH = re.compile(r"0x[0-9a-fA-F]{64}")
 _UINT256_DIGITS = 78
 
 
@@ -596,8 +597,15 @@ def _short(text: str) -> str:
     return plain_reason(text, 42)
 
 
+def tx_hash_in(value: Any) -> str | None:
+    """``value`` when it is a transaction hash (0x and 64 hex digits), else None: whatever else
+    a gateway puts there never reaches the ledger (or a spreadsheet, through its CSV)."""
+    return value if isinstance(value, str) and _TX_HASH.fullmatch(value) else None
+
+
 def read_receipt(response: httpx.Response) -> Receipt | None:
-    """The settlement receipt from PAYMENT-RESPONSE / X-PAYMENT-RESPONSE, else the JSON body."""
+    """The settlement receipt from PAYMENT-RESPONSE / X-PAYMENT-RESPONSE, else the JSON body,
+    else BlockRun's X-Payment-Receipt (a bare transaction hash, as blockrun-llm reads it)."""
     for name in ("PAYMENT-RESPONSE", "X-PAYMENT-RESPONSE"):
         header = response.headers.get(name)
         if header is None:
@@ -613,11 +621,12 @@ def read_receipt(response: httpx.Response) -> Receipt | None:
     try:
         body = loads(response.content)
     except ValueError:
-        return None
+        body = None
     payment = body.get("payment") if isinstance(body, dict) else None
-    if not isinstance(payment, dict):
-        return None
-    return _receipt(payment, "tx_hash")
+    if isinstance(payment, dict) and (receipt := _receipt(payment, "tx_hash")):
+        return receipt
+    tx_hash = tx_hash_in(response.headers.get("X-Payment-Receipt"))
+    return Receipt(tx_hash) if tx_hash else None
 
 
 def _receipt(report: dict[str, Any], tx_hash_key: str) -> Receipt | None:

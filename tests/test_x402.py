@@ -750,6 +750,8 @@ def settle_header(network: str) -> str:
         (httpx.Response(200, json={"payment": "settled"}), None),
         (httpx.Response(200, json={"payment": {"tx_hash": 7, "network": ""}}), None),
         (httpx.Response(200, json=[1, 2]), None),
+        (httpx.Response(200, headers={"X-Payment-Receipt": TX_HASH}), Receipt(TX_HASH)),
+        (httpx.Response(200, headers={"X-Payment-Receipt": "=1+1"}), None),
     ],
     ids=[
         "payment-response-header",
@@ -762,6 +764,8 @@ def settle_header(network: str) -> str:
         "payment-not-object",
         "wrong-types",
         "body-list",
+        "x-payment-receipt",
+        "x-payment-receipt-not-a-hash",
     ],
 )
 def test_receipt_is_read_from_headers_or_body_and_garbage_is_tolerated(
