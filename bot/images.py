@@ -61,6 +61,7 @@ EXCHANGE_DEADLINE = 180.0  # seconds for one paid request and its whole answer
 POLL_DEADLINE = 60.0  # seconds for one poll of a 202 job and its whole answer
 _RESOLVE_DEADLINE = 10.0  # seconds to learn whether a picture link's host is public
 DOWNLOAD_DEADLINE = 60.0  # seconds for one picture's download
+REVISED_PROMPT_CHARS = 400  # a caption's share for the gateway's revised prompt, made plain text
 # Calls holding pictures at once: bounds the bot's memory when many multi-MB results land
 # together or the chat platform uploads slowly. A call takes its slot when its answer's headers
 # are in (an edit, when it builds its request), so waiting for the gateway holds none, and gives
@@ -339,6 +340,7 @@ class ImageService:
         tx_hash = tx_hash_in(stated.get("tx_hash")) if isinstance(stated, dict) else None
         tx_hash = tx_hash or (tx_hash_in(receipt.tx_hash) if receipt else None)
         revised = next((_text(item.get("revised_prompt")) for item in items), None)
+        revised = plain_reason(revised, REVISED_PROMPT_CHARS) or None if revised else None
         del items
         result = ImageResult(pictures, charged, tx_hash, revised)
         if on_result is not None:

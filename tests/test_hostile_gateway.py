@@ -32,7 +32,7 @@ from bot.config import load_settings
 from bot.errors import ConfigError, ImagebotError, PaymentRefused
 from bot.fetching import MAX_ANSWER_BYTES, MAX_SMALL_BODY_BYTES
 from bot.http import gateway_client
-from bot.images import BadReply, ImageService, JobAbandoned
+from bot.images import REVISED_PROMPT_CHARS, BadReply, ImageService, JobAbandoned
 from bot.ledger import SqliteLedger
 from bot.service import Outcome
 from bot.x402 import Wallet, X402Payer
@@ -611,3 +611,30 @@ async def test_a_transaction_hash_that_is_not_one_never_reaches_the_ledger_or_it
     (row,) = csv_text.splitlines()[1:]
     assert row.endswith(",0.052500,")
     assert "HYPERLINK" not in csv_text
+
+
+async def test_a_revised_prompt_reaches_the_caption_as_plain_text(
+    unused_tcp_port: int, tmp_path: Path
+) -> None:
+    """A gateway's revised prompt carrying a link, pings, markup, a direction override and
+    too much text: the caption keeps the words, plain and bounded."""
+    revised = (
+        "A red fox in the snow. Claim your refund at https://evil.test/claim or www.evil.test "
+        "@everyone <@&123> **now**\u202e" + " and more" * 200
+    )
+    body = {"data": [{"url": data_uri(png()), "revised_prompt": revised}]}
+    chat = RecordingChat()
+    async with serving(
+        ("POST", GENERATIONS, quoting(paid_answer(body))), port=unused_tcp_port
+    ) as url:
+        settings = load_settings(_env_file=None, image_api_url=url, database_path=tmp_path / "l")
+        async with open_bot(settings, Wallet.create()) as bot:
+            assert await bot.handle(ALICE, chat, "/imagegen a fox") is Outcome.DONE
+
+    ((_, caption),) = chat.pictures
+    price, shown = caption.split("\n", 1)
+    assert price == "nano-banana · 1024x1024 · $0.0525"
+    assert shown.startswith("A red fox in the snow. Claim your refund at")
+    for injected in ("evil", "https", "@everyone", "<@&", "**", "\u202e"):
+        assert injected not in shown
+    assert len(shown) <= REVISED_PROMPT_CHARS
