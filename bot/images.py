@@ -38,7 +38,14 @@ from bot.fetching import (
     too_large,
 )
 from bot.money import MICRO_PER_USD, format_usd
-from bot.requests import MAX_N, EditRequest, GenerateRequest, ImageInput, detect_mime
+from bot.requests import (
+    MAX_N,
+    MAX_PROMPT_CHARS,
+    EditRequest,
+    GenerateRequest,
+    ImageInput,
+    detect_mime,
+)
 from bot.x402 import (
     AnswerHook,
     PaidResponse,
@@ -61,7 +68,7 @@ EXCHANGE_DEADLINE = 180.0  # seconds for one paid request and its whole answer
 POLL_DEADLINE = 60.0  # seconds for one poll of a 202 job and its whole answer
 _RESOLVE_DEADLINE = 10.0  # seconds to learn whether a picture link's host is public
 DOWNLOAD_DEADLINE = 60.0  # seconds for one picture's download
-REVISED_PROMPT_CHARS = 400  # a caption's share for the gateway's revised prompt, made plain text
+REVISED_PROMPT_CHARS = MAX_PROMPT_CHARS  # the revised prompt shown: as long as a prompt may be
 # Calls holding pictures at once: bounds the bot's memory when many multi-MB results land
 # together or the chat platform uploads slowly. A call takes its slot when its answer's headers
 # are in (an edit, when it builds its request), so waiting for the gateway holds none, and gives

@@ -492,7 +492,8 @@ async def test_nothing_the_bot_sends_on_discord_pings_anyone_but_the_requester(
         (call.name, call.payload) for call in sent if pinged(call) - {f"user:{alice.id}"}
     ]
     [reply] = [call for call in sent if replies_to(drawn)(call) and call.files]
-    assert "@everyone @here <@&4242>" in reply.payload["content"]  # shown, never pinged
+    content = reply.payload["content"]  # the prompt echoed in the revised one, made plain
+    assert "a fox" in content and "@everyone" not in content and "<@&4242>" not in content
 
 
 _POSTING = {

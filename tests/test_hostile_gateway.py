@@ -620,7 +620,7 @@ async def test_a_revised_prompt_reaches_the_caption_as_plain_text(
     too much text: the caption keeps the words, plain and bounded."""
     revised = (
         "A red fox in the snow. Claim your refund at https://evil.test/claim or www.evil.test "
-        "@everyone <@&123> **now**\u202e" + " and more" * 200
+        "@everyone <@&123> **now**\u202e" + " and more" * 500
     )
     body = {"data": [{"url": data_uri(png()), "revised_prompt": revised}]}
     chat = RecordingChat()
