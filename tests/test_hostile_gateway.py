@@ -368,16 +368,21 @@ async def test_fields_of_the_wrong_type_never_break_the_bot(
     unused_tcp_port: int, tmp_path: Path, oddity: dict[str, Any]
 ) -> None:
     body = {"data": [{"url": data_uri(png())}]} | oddity
+    caption = await delivered_caption(paid_answer(body), unused_tcp_port, tmp_path / "l")
+    assert caption == "nano-banana · 1024x1024 · $0.0525"
+
+
+async def delivered_caption(answer: Callable[[], web.Response], port: int, database: Path) -> str:
+    """The caption of the one picture the bot delivers for ``/imagegen a fox`` when the gateway
+    on ``port`` answers the paid request with ``answer()``."""
     chat = RecordingChat()
-    async with serving(
-        ("POST", GENERATIONS, quoting(paid_answer(body))), port=unused_tcp_port
-    ) as url:
-        settings = load_settings(_env_file=None, image_api_url=url, database_path=tmp_path / "l")
+    async with serving(("POST", GENERATIONS, quoting(answer)), port=port) as url:
+        settings = load_settings(_env_file=None, image_api_url=url, database_path=database)
         async with open_bot(settings, Wallet.create()) as bot:
             outcome = await bot.handle(ALICE, chat, "/imagegen a fox")
     assert (outcome, chat.texts) == (Outcome.DONE, [])
     ((_, caption),) = chat.pictures
-    assert caption == "nano-banana · 1024x1024 · $0.0525"
+    return caption
 
 
 async def test_an_oversized_header_on_the_paid_answer_is_one_clear_message(
@@ -600,14 +605,11 @@ async def test_a_transaction_hash_that_is_not_one_never_reaches_the_ledger_or_it
         return web.json_response(body, headers=receipt.get("headers", {}))
 
     database = tmp_path / "l.sqlite3"
-    chat = RecordingChat()
-    async with serving(("POST", GENERATIONS, quoting(answer)), port=unused_tcp_port) as url:
-        settings = load_settings(_env_file=None, image_api_url=url, database_path=database)
-        async with open_bot(settings, Wallet.create()) as bot:
-            assert await bot.handle(ALICE, chat, "/imagegen a fox") is Outcome.DONE
-    code, csv_text = await imagebot("spend", "--csv", env=cli_env(url, database), cwd=tmp_path)
+    await delivered_caption(answer, unused_tcp_port, database)
+    env = cli_env("http://127.0.0.1:9", database)
+    code, csv_text = await imagebot("spend", "--csv", env=env, cwd=tmp_path)
 
-    assert code == 0 and len(chat.pictures) == 1
+    assert code == 0
     (row,) = csv_text.splitlines()[1:]
     assert row.endswith(",0.052500,")
     assert "HYPERLINK" not in csv_text
@@ -623,15 +625,8 @@ async def test_a_revised_prompt_reaches_the_caption_as_plain_text(
         "@everyone <@&123> **now**\u202e" + " and more" * 500
     )
     body = {"data": [{"url": data_uri(png()), "revised_prompt": revised}]}
-    chat = RecordingChat()
-    async with serving(
-        ("POST", GENERATIONS, quoting(paid_answer(body))), port=unused_tcp_port
-    ) as url:
-        settings = load_settings(_env_file=None, image_api_url=url, database_path=tmp_path / "l")
-        async with open_bot(settings, Wallet.create()) as bot:
-            assert await bot.handle(ALICE, chat, "/imagegen a fox") is Outcome.DONE
+    caption = await delivered_caption(paid_answer(body), unused_tcp_port, tmp_path / "l")
 
-    ((_, caption),) = chat.pictures
     price, shown = caption.split("\n", 1)
     assert price == "nano-banana · 1024x1024 · $0.0525"
     assert shown.startswith("A red fox in the snow. Claim your refund at")
