@@ -347,7 +347,7 @@ class ImageService:
         tx_hash = tx_hash_in(stated.get("tx_hash")) if isinstance(stated, dict) else None
         tx_hash = tx_hash or (tx_hash_in(receipt.tx_hash) if receipt else None)
         revised = next((_text(item.get("revised_prompt")) for item in items), None)
-        revised = plain_reason(revised, REVISED_PROMPT_CHARS) or None if revised else None
+        revised = (plain_reason(revised, REVISED_PROMPT_CHARS) or None) if revised else None
         del items
         result = ImageResult(pictures, charged, tx_hash, revised)
         if on_result is not None:
