@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from local import serving_streams
+
 MAX_HEAD_BYTES = 64 * 1024
 _CHUNK_BYTES = 64 * 1024
 
@@ -31,37 +33,28 @@ class FakeProxy:
     routes: dict[str, str] = field(default_factory=dict)  # host -> host to connect to instead
     passages: list[Passage] = field(default_factory=list)
     url: str = ""  # http://127.0.0.1:port, once started
-    _server: asyncio.Server | None = field(default=None, repr=False)
-    _connections: set[asyncio.Task[None]] = field(default_factory=set, repr=False)
+    _running: contextlib.AsyncExitStack = field(
+        default_factory=contextlib.AsyncExitStack, repr=False
+    )
 
     async def start(self) -> str:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, limit=MAX_HEAD_BYTES)
-        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        serving = serving_streams(self._serve, limit=MAX_HEAD_BYTES)
+        self.url = f"http://127.0.0.1:{await self._running.enter_async_context(serving)}"
         return self.url
 
     async def close(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._connections):
-            task.cancel()
-        await asyncio.gather(*self._connections, return_exceptions=True)
-        await self._server.wait_closed()
+        await self._running.aclose()
 
     def targets(self, prefix: str) -> list[str]:
         """The recorded targets that start with ``prefix``."""
         return [p.target for p in self.passages if p.target.startswith(prefix)]
 
     async def _serve(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections.add(task)
-        try:
+        # A client gone, or a request this fake cannot forward: the connection ends.
+        with contextlib.suppress(
+            OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError
+        ):
             await self._forward(client, to_client)
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
-            pass  # a client gone, or a request this fake cannot forward: the connection ends
-        finally:
-            to_client.close()
-            self._connections.discard(task)
 
     async def _forward(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
         head = await client.readuntil(b"\r\n\r\n")
@@ -93,12 +86,8 @@ async def tls_front(upstream_port: int, certfile: str, keyfile: str) -> AsyncIte
     an HTTPS address for a test server; yields the port."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(certfile, keyfile)
-    connections: set[asyncio.Task[None]] = set()
 
     async def serve(client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        connections.add(task)
         try:
             upstream, to_upstream = await asyncio.open_connection("127.0.0.1", upstream_port)
             try:
@@ -107,19 +96,9 @@ async def tls_front(upstream_port: int, certfile: str, keyfile: str) -> AsyncIte
                 to_upstream.close()
         except OSError:  # ssl.SSLError included
             pass  # a client gone: the connection ends
-        finally:
-            to_client.close()
-            connections.discard(task)
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=context)
-    try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        server.close()
-        for task in list(connections):
-            task.cancel()
-        await asyncio.gather(*connections, return_exceptions=True)
-        await server.wait_closed()
+    async with serving_streams(serve, ssl=context) as port:
+        yield port
 
 
 async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:

@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from ssl import SSLContext
 from typing import Any
 
 from aiohttp import hdrs, web
@@ -39,6 +40,39 @@ async def serving(*routes: tuple[str, str, Handler], port: int = 0) -> AsyncIter
         yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:
         await runner.cleanup()
+
+
+Connection = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@asynccontextmanager
+async def serving_streams(
+    handle: Connection, *, ssl: SSLContext | None = None, limit: int = 2**16
+) -> AsyncIterator[int]:
+    """A raw TCP server on loopback (TLS with ``ssl``) running ``handle`` for each connection,
+    whose writer is closed once it returns; yields its port. Connections still open at the end
+    are cancelled."""
+    connections: set[asyncio.Task[None]] = set()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        connections.add(task)
+        try:
+            await handle(reader, writer)
+        finally:
+            writer.close()
+            connections.discard(task)
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=ssl, limit=limit)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for task in list(connections):
+            task.cancel()
+        await asyncio.gather(*connections, return_exceptions=True)
+        await server.wait_closed()
 
 
 async def until(check: Callable[[], Any], seconds: float = 30.0, every: float = 0.05) -> None:

@@ -31,6 +31,7 @@ from eth_account.messages import encode_typed_data
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from imagebot_cli import cli_env, imagebot
+from local import serving_streams
 from pictures import png
 from test_sandbox import TRANSFER_TYPES
 from test_service import RecordingChat
@@ -208,12 +209,8 @@ async def answer_lost(gateway: str) -> AsyncIterator[str]:
     (the SDK has settled it by then), but that answer never comes back; the connection drops."""
     host, port = gateway.removeprefix("http://").rsplit(":", 1)
     lost = asyncio.Event()
-    relays: set[asyncio.Task[None]] = set()
 
     async def relay(bot: asyncio.StreamReader, to_bot: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        relays.add(task)
         upstream, to_gateway = await asyncio.open_connection(host, int(port))
         paid = False
 
@@ -239,18 +236,10 @@ async def answer_lost(gateway: str) -> AsyncIterator[str]:
             pass  # the bot's side dropped
         finally:
             to_gateway.close()
-            to_bot.close()
-            relays.discard(task)
 
-    server = await asyncio.start_server(relay, "127.0.0.1", 0)
-    try:
-        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    finally:
-        server.close()
-        for task in list(relays):
-            task.cancel()
-        await asyncio.gather(*relays, return_exceptions=True)
-        assert lost.is_set()
+    async with serving_streams(relay) as relay_port:
+        yield f"http://127.0.0.1:{relay_port}"
+    assert lost.is_set()
 
 
 async def run_bot(
