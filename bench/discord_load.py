@@ -26,6 +26,7 @@ from telegram_load import (
     SCENARIOS,
     STATUS_PREFIXES,
     BotProcess,
+    CpuTrail,
     Outcome,
     Scenario,
     Watcher,
@@ -35,6 +36,7 @@ from telegram_load import (
     load_parser,
     percentile,
     quiet_collector,
+    report_floor,
     rounds,
     scenario_names,
     settlement_times,
@@ -273,6 +275,7 @@ async def measure(
     await warm_up(fake, bot, command, kinds)
     users = [fake.user(f"user{number}") for number in range(1, 1 + outcome.users)]
     tracker = Tracker(fake)
+    trail = CpuTrail(bot, gateway)
     settled_before = len(await asyncio.to_thread(settlement_times, gateway))
     clock = time.time() - time.monotonic()  # the sandbox stamps settlements with time.time()
     outcome.baseline_rss_mb = bot.memory_mb("VmRSS")
@@ -285,9 +288,10 @@ async def measure(
         ]
         tracker.expect(commands)
         try:
-            await tracker.wait(bot, limit)
+            await tracker.wait(bot, limit, trail)
         finally:
             user_end, system_end = bot.cpu()
+            trail.sample()
             with contextlib.suppress(OSError):
                 outcome.rss_end_mb = bot.memory_mb("VmRSS")
         outcome.fake_cpu = time.process_time() - fake_start
@@ -299,6 +303,7 @@ async def measure(
     ]
     photos = tracker.photos
     outcome.settled = len(settled_at)
+    outcome.after_first = trail.after(min(settled_at), started) if settled_at else None
     outcome.photos = len(photos)
     outcome.chats = len(photos)  # kept by DM channel, one per user
     outcome.error_replies = len(tracker.replies)
@@ -374,6 +379,7 @@ def report(outcome: DiscordOutcome) -> None:
         f"  [fake Discord CPU {outcome.fake_cpu / users * 1000:.2f} ms/command, "
         f"sandbox CPU {outcome.sandbox_cpu / users * 1000:.2f} ms/command; not the bot's]"
     )
+    report_floor(outcome, "fake Discord")
     if outcome.problem:
         print(f"  PROBLEM: {outcome.problem}")
 

@@ -103,6 +103,7 @@ class Outcome:
     rss_top_at: float = math.nan  # seconds into the batch when the sampled RSS was highest
     rss_top_mb: float = 0.0
     held_at_rss_top: int = 0
+    after_first: AfterFirst | None = None
 
     @property
     def cpu_ms(self) -> float:
@@ -115,6 +116,8 @@ class Outcome:
             figures["wall / ideal"] = self.wall / self.latency
             figures["added latency p50"] = percentile(self.added, 0.5) * 1000
             figures["added latency p99"] = percentile(self.added, 0.99) * 1000
+        if self.after_first is not None:
+            figures["wall floor, free bot"] = self.after_first.floor(self.latency) / self.latency
         return figures
 
     def rows(self) -> list[tuple[str, str, str, bool | None]]:
@@ -165,6 +168,9 @@ class Outcome:
                     p99 <= target.target_p99_ms,
                 ),
             ]
+        if self.after_first is not None:
+            floor = self.after_first.floor(self.latency) / self.latency
+            rows.append(("wall floor, free bot", f"{floor:.2f}x", "-", None))
         rows.append(("exit after SIGTERM", str(self.exit_code), "0", self.exit_code == 0))
         if target.name == "small" and self.photo_bytes:
             size = max(self.photo_bytes)
@@ -176,6 +182,49 @@ class Outcome:
     @property
     def delivered(self) -> bool:
         return self.photos == self.chats == self.users and not self.problem
+
+
+@dataclass(frozen=True)
+class AfterFirst:
+    """The CPU seconds each process spent from the first paid answer out of the sandbox to the
+    end of the burst: work that cannot start before the gateway's latency has passed."""
+
+    at: float  # when the first answer left the sandbox, seconds into the batch
+    bot_user: float
+    bot_system: float
+    fake: float  # the bench process: the fake platform, and the bench's own polling
+    sandbox: float
+
+    def floor(self, latency: float, cores: int = os.cpu_count() or 1) -> float:
+        """The soonest the burst could end on ``cores``, in seconds, were the first answer out
+        at ``latency`` and the bot's own code free: the fakes' work, and the kernel's for the
+        bot's sockets and files (its system CPU), shared perfectly among the cores."""
+        return latency + (self.bot_system + self.fake + self.sandbox) / cores
+
+
+class CpuTrail:
+    """Every process's CPU through a burst, sampled each time the watcher polls."""
+
+    def __init__(self, bot: BotProcess, gateway: Gateway) -> None:
+        self._bot = bot
+        self._gateway = gateway
+        # (time.monotonic(), bot user, bot system, this process, the sandbox), seconds
+        self.samples: list[tuple[float, float, float, float, float]] = []
+
+    def sample(self) -> None:
+        user, system = self._bot.cpu()
+        sandbox = self._gateway.cpu_seconds()
+        self.samples.append((time.monotonic(), user, system, time.process_time(), sandbox))
+
+    def after(self, moment: float, started: float) -> AfterFirst | None:
+        """What each process spent from ``moment`` (the last sample before it, polls are
+        ``POLL_SECONDS`` apart) to the last sample; ``started`` is the batch's start."""
+        before = [sample for sample in self.samples if sample[0] <= moment]
+        if not before:
+            return None
+        first, last = before[-1], self.samples[-1]
+        spent = [end - start for start, end in zip(first[1:], last[1:], strict=True)]
+        return AfterFirst(moment - started, *spent)
 
 
 class BotProcess:
@@ -245,9 +294,11 @@ class Watcher:
         """What is still unanswered after ``limit`` seconds, for the error."""
         raise NotImplementedError
 
-    async def wait(self, bot: BotProcess, limit: float) -> None:
+    async def wait(self, bot: BotProcess, limit: float, trail: CpuTrail | None = None) -> None:
         deadline = time.monotonic() + limit
         while True:
+            if trail is not None:
+                trail.sample()
             self.scan()
             if self.done:
                 return
@@ -427,6 +478,7 @@ async def measure(
         for user in range(1, 1 + outcome.users)
     ]
     tracker = Tracker(fake, {chat.id for chat in chats})
+    trail = CpuTrail(bot, gateway)
     profiler = await start_profiler(bot, profile, outcome.scenario.name)
     settled_before = len(await asyncio.to_thread(settlement_times, gateway))
     clock = time.time() - time.monotonic()  # the sandbox stamps settlements with time.time()
@@ -440,9 +492,10 @@ async def measure(
             assert chat.user is not None
             messages.append(fake.send_text(chat, chat.user, outcome.scenario.command))
         try:
-            await tracker.wait(bot, limit)
+            await tracker.wait(bot, limit, trail)
         finally:
             user_end, system_end = bot.cpu()
+            trail.sample()
             await stop_profiler(profiler)
         outcome.fake_cpu = time.process_time() - fake_start
     outcome.sandbox_cpu = gateway.cpu_seconds() - sandbox_start
@@ -452,6 +505,7 @@ async def measure(
         for moment in (await asyncio.to_thread(settlement_times, gateway))[settled_before:]
     ]
     outcome.settled = len(settled_at)
+    outcome.after_first = trail.after(min(settled_at), started) if settled_at else None
     outcome.photos = len(tracker.photos)
     outcome.chats = len({call.chat_id for call in tracker.photos.values()})
     outcome.error_replies = len(tracker.replies)
@@ -574,8 +628,24 @@ def report(outcome: Outcome) -> None:
         f"  [fake Telegram CPU {outcome.fake_cpu / users * 1000:.2f} ms/command, "
         f"sandbox CPU {outcome.sandbox_cpu / users * 1000:.2f} ms/command; not the bot's]"
     )
+    report_floor(outcome, "fake Telegram")
     if outcome.problem:
         print(f"  PROBLEM: {outcome.problem}")
+
+
+def report_floor(outcome: Outcome, fake: str) -> None:
+    """The CPU spent once the first answer was out, and the wall it leaves no bot below."""
+    after = outcome.after_first
+    if after is None:
+        return
+    cores, latency = os.cpu_count() or 1, outcome.latency
+    floor = after.floor(latency, cores)
+    print(
+        f"  after the first answer (+{after.at:.2f} s): bot {after.bot_user + after.bot_system:.2f}"
+        f" s CPU (system {after.bot_system:.2f} s), {fake} {after.fake:.2f} s, sandbox "
+        f"{after.sandbox:.2f} s; on {cores} cores a bot whose own code cost nothing could not "
+        f"end the burst before {floor:.2f} s = {floor / latency:.2f}x"
+    )
 
 
 def summary(outcomes: list[Outcome]) -> bool:
@@ -603,6 +673,7 @@ SPREAD: dict[str, tuple[int, str, Callable[[Scenario], float] | None]] = {
     "wall / ideal": (2, "x", lambda scenario: scenario.target_wall),
     "added latency p50": (0, " ms", None),
     "added latency p99": (0, " ms", lambda scenario: scenario.target_p99_ms),
+    "wall floor, free bot": (2, "x", None),
 }
 
 
