@@ -166,6 +166,10 @@ class AnswerTimedOut(GatewayError):
 
 
 _NOTHING = "Nothing was charged."
+# A paid request that failed on the gateway's side with no receipt: usually nothing moved, but
+# BlockRun can settle after the error (blockrun-llm's paid_request_error_prefix), so the bot
+# says only what it was told.
+_NO_CHARGE_REPORTED = "It reported no charge."
 _CHARGED_ANYWAY = "It was charged anyway; an admin can check /spend."
 _STILL_RUNNING: dict[str, Any] = {"status": "in_progress"}
 _STILL_RUNNING_CODES = frozenset({202, 429, 500, 502, 503, 504})
@@ -715,6 +719,8 @@ def _error_for(
     status = response.status_code
     detail = _refusal(response) if status == 402 else _error_message(_safe_json(response))
     charge_note = _CHARGED_ANYWAY if charged else _NOTHING
+    if payment is not None and not charged and status >= 500:
+        charge_note = _NO_CHARGE_REPORTED
     error: GatewayError
     used = status == 402 and "nonce" in (detail or "").lower()
     if payment is not None and not charged and (sent_before or used):

@@ -274,26 +274,43 @@ async def test_multi_image_fusion(sandbox: RunningSandbox, http: httpx.AsyncClie
     assert result.charged_micro == 52_500
 
 
+NOTHING, NO_CHARGE_REPORTED = "Nothing was charged.", "It reported no charge."
+
+
 @pytest.mark.parametrize(
-    ("word", "error", "fragment"),
+    ("word", "error", "fragment", "charge"),
     [
-        ("#policy", ContentRefused, "content policy"),
-        ("#ratelimit", RateLimited, "try again in 7 s"),
-        ("#servererror", ImagebotError, "failed"),
-        ("#timeout", ImagebotError, "timed out"),
-        ("#nofunds", InsufficientFunds, "wallet"),
-        ("#fail", JobAbandoned, "could not make it"),
-        ("#settlefail", InsufficientFunds, "could not collect the payment (insufficient_funds)"),
+        ("#policy", ContentRefused, "content policy", NOTHING),
+        ("#ratelimit", RateLimited, "try again in 7 s", NOTHING),
+        ("#servererror", ImagebotError, "failed (HTTP 500)", NO_CHARGE_REPORTED),
+        ("#timeout", ImagebotError, "timed out", NO_CHARGE_REPORTED),
+        ("#nofunds", InsufficientFunds, "wallet", NOTHING),
+        ("#fail", JobAbandoned, "could not make it", NOTHING),
+        (
+            "#settlefail",
+            InsufficientFunds,
+            "could not collect the payment (insufficient_funds)",
+            NOTHING,
+        ),
     ],
 )
 async def test_each_failure_has_its_message_and_charges_nothing(
-    sandbox: RunningSandbox, http: httpx.AsyncClient, word: str, error: type, fragment: str
+    sandbox: RunningSandbox,
+    http: httpx.AsyncClient,
+    word: str,
+    error: type,
+    fragment: str,
+    charge: str,
 ) -> None:
+    """A refusal charges nothing. A paid request the gateway failed (5xx) without a receipt
+    usually charged nothing either, but BlockRun can settle after an error: the user is told
+    only that it reported no charge."""
     service = service_for(http, sandbox.url)
     with pytest.raises(error) as caught:
         await run(service, f"/imagegen a fox {word}")
     assert fragment in caught.value.user_message
-    assert "Nothing was charged." in caught.value.user_message
+    assert charge in caught.value.user_message
+    assert (NOTHING in caught.value.user_message) == (charge == NOTHING)
     assert caught.value.charged is False
     assert sandbox.settlements == []
 

@@ -412,10 +412,11 @@ async def test_the_chain_settles_or_fails_what_the_gateway_left_open(
         async with open_bot(settings, Wallet.create(), poll_interval=0.1) as bot:
             for word in ("#servererror", "#timeout"):
                 assert await bot.handle(ALICE, chat, f"/imagegen a fox {word}") is Outcome.REFUSED
-        # The gateway said nothing was charged, but the signed authorizations stay valid: with
-        # an RPC URL the rows keep counting until the chain decides.
+        # The gateway reported no charge, but the signed authorizations stay valid: with an RPC
+        # URL the rows keep counting until the chain decides; the users were promised nothing.
         assert await statuses(database) == ["unknown", "unknown"]
-        assert all("Nothing was charged." in text for text in chat.texts)
+        assert all("It reported no charge." in text for text in chat.texts)
+        assert not any("Nothing was charged" in text for text in chat.texts)
         async with await open_ledger(settings) as ledger:
             first, second = sorted(await ledger.payments(Status.UNKNOWN), key=lambda p: p.row_id)
         assert first.payer is not None and first.nonce is not None

@@ -148,7 +148,7 @@ async def test_a_status_telegram_will_not_delete_does_not_keep_the_answer_back(
 
     answer = await reply_text(telegram, 111)
 
-    assert "Nothing was charged" in answer
+    assert "It reported no charge" in answer
     assert stack.gateway.settlements == []
 
 
