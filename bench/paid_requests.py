@@ -80,9 +80,11 @@ class Batch:
         return self.cpu_seconds / self.count * 1000
 
 
-def process_cpu(pid: int) -> tuple[float, float]:
-    """User and system CPU seconds of every thread of process ``pid`` so far, from /proc."""
-    with open(f"/proc/{pid}/stat") as stat:
+def process_cpu(pid: int, thread: int | None = None) -> tuple[float, float]:
+    """User and system CPU seconds of every thread of process ``pid`` so far, or of its thread
+    ``thread`` alone, from /proc."""
+    path = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
+    with open(path) as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
     return int(fields[11]) / ticks, int(fields[12]) / ticks

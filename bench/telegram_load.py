@@ -192,6 +192,7 @@ class AfterFirst:
     at: float  # when the first answer left the sandbox, seconds into the batch
     bot_user: float
     bot_system: float
+    bot_loop: float  # the thread running the event loop, user and system
     fake: float  # the bench process: the fake platform, and the bench's own polling
     sandbox: float
 
@@ -208,13 +209,14 @@ class CpuTrail:
     def __init__(self, bot: BotProcess, gateway: Gateway) -> None:
         self._bot = bot
         self._gateway = gateway
-        # (time.monotonic(), bot user, bot system, this process, the sandbox), seconds
-        self.samples: list[tuple[float, float, float, float, float]] = []
+        # (time.monotonic(), bot user, bot system, bot loop, this process, the sandbox), seconds
+        self.samples: list[tuple[float, float, float, float, float, float]] = []
 
     def sample(self) -> None:
         user, system = self._bot.cpu()
+        loop = sum(self._bot.loop_cpu())
         sandbox = self._gateway.cpu_seconds()
-        self.samples.append((time.monotonic(), user, system, time.process_time(), sandbox))
+        self.samples.append((time.monotonic(), user, system, loop, time.process_time(), sandbox))
 
     def after(self, moment: float, started: float) -> AfterFirst | None:
         """What each process spent from ``moment`` (the last sample before it, polls are
@@ -241,6 +243,10 @@ class BotProcess:
     def cpu(self) -> tuple[float, float]:
         """User and system CPU seconds of every thread so far."""
         return process_cpu(self.pid)
+
+    def loop_cpu(self) -> tuple[float, float]:
+        """User and system CPU seconds so far of the main thread, which runs the event loop."""
+        return process_cpu(self.pid, self.pid)
 
     def memory_mb(self, name: str) -> float:
         """A ``/proc/<pid>/status`` size in MB, e.g. VmRSS or VmHWM (the peak RSS)."""
@@ -642,9 +648,10 @@ def report_floor(outcome: Outcome, fake: str) -> None:
     floor = after.floor(latency, cores)
     print(
         f"  after the first answer (+{after.at:.2f} s): bot {after.bot_user + after.bot_system:.2f}"
-        f" s CPU (system {after.bot_system:.2f} s), {fake} {after.fake:.2f} s, sandbox "
-        f"{after.sandbox:.2f} s; on {cores} cores a bot whose own code cost nothing could not "
-        f"end the burst before {floor:.2f} s = {floor / latency:.2f}x"
+        f" s CPU (system {after.bot_system:.2f} s; its event loop's thread {after.bot_loop:.2f} s"
+        f" of the {outcome.wall - after.at:.2f} s to the last picture), {fake} {after.fake:.2f} s,"
+        f" sandbox {after.sandbox:.2f} s; on {cores} cores a bot whose own code cost nothing"
+        f" could not end the burst before {floor:.2f} s = {floor / latency:.2f}x"
     )
 
 
