@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+import queue
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from logging.handlers import QueueHandler, QueueListener
 
 from pydantic import BaseModel, SecretStr
 
@@ -14,6 +17,10 @@ from bot.config import url_passwords
 _QUIET_LOGGERS = ("httpx", "httpcore", "aiohttp.access")
 _MASK = "[secret]"
 _PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")  # any case, as httpx reads them
+# Log lines waiting for the writing thread; past this they are dropped, and counted.
+LOG_QUEUE_LINES = 10_000
+
+log = logging.getLogger(__name__)
 
 
 class _Redacting(logging.Formatter):
@@ -56,3 +63,45 @@ def configure_logging(level: str, secrets: Iterable[str] = ()) -> None:
         handler.setFormatter(formatter)
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+class _Dropping(QueueHandler):
+    """Hands each record to the writing thread, or drops it (counted) when that is behind."""
+
+    def __init__(self, lines: queue.Queue[logging.LogRecord]) -> None:
+        super().__init__(lines)
+        self.dropped = 0
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+
+class _Writer(QueueListener):
+    """Writes queued records with the real handlers; at the end, after all the queue holds."""
+
+    def enqueue_sentinel(self) -> None:
+        self.queue.put(self._sentinel)  # waits for room, where the base class would raise
+
+
+@contextmanager
+def logging_in_a_thread(lines: int = LOG_QUEUE_LINES) -> Iterator[None]:
+    """Within the block the root logger's handlers write from a thread of their own, so a
+    stderr that stalls (a full pipe, a stuck log collector) holds up log lines, never the event
+    loop; past ``lines`` waiting, lines are dropped and their number logged at the end, when
+    the rest is written."""
+    root = logging.getLogger()
+    writers = root.handlers[:]
+    handler = _Dropping(queue.Queue(lines))
+    listener = _Writer(handler.queue, *writers, respect_handler_level=True)
+    root.handlers = [handler]
+    listener.start()
+    try:
+        yield
+    finally:
+        listener.stop()
+        root.handlers = writers
+        if handler.dropped:
+            log.warning("%d log lines were dropped: stderr did not keep up", handler.dropped)

@@ -24,7 +24,7 @@ from bot.errors import ConfigError
 from bot.service import Chat, ImageBot
 from bot.x402 import Wallet
 from imagebot.health import serving_health
-from imagebot.logs import configure_logging, secrets_of
+from imagebot.logs import configure_logging, logging_in_a_thread, secrets_of
 from imagebot.wiring import open_bot
 
 log = logging.getLogger(__name__)
@@ -61,11 +61,16 @@ async def _serve(settings: Settings) -> int:
 
     On SIGTERM or SIGINT the bot drains first (a late command is told it is restarting, paid
     requests in flight finish for up to 60 s, slow jobs are left to the next start), then the
-    adapters stop.
+    adapters stop. Log lines are written from a thread: a stalled stderr never stops the loop.
     """
+    configure_logging(settings.log_level, secrets_of(settings))
+    with logging_in_a_thread():
+        return await _serve_adapters(settings)
+
+
+async def _serve_adapters(settings: Settings) -> int:
     from adapters import discord, telegram
 
-    configure_logging(settings.log_level, secrets_of(settings))
     stop = asyncio.Event()  # a signal, or an adapter that ended
     halt = asyncio.Event()  # the adapters stop once the bot has drained
     loop = asyncio.get_running_loop()
