@@ -424,13 +424,27 @@ async def test_the_chain_settles_or_fails_what_the_gateway_left_open(
         rpc.use(first.payer, first.nonce)  # settled on chain after all
         rpc.block_timestamp = second.valid_before + 1  # the other can never be used now
 
-        async with open_bot(settings, Wallet.create()):  # a restart: resolved at start-up
+        told = RecordingChat()
+        asked_for: list[tuple[str, str]] = []
+
+        async def chat_for(platform: str, address: str) -> RecordingChat:
+            asked_for.append((platform, address))
+            return told
+
+        async with open_bot(settings, Wallet.create()) as bot:  # a restart: resolved at start-up
+            await bot.resume_jobs(chat_for, ["telegram"])  # as `imagebot run` does, adapters up
 
             async def resolved() -> bool:
-                return await statuses(database) == ["settled", "failed"]
+                return await statuses(database) == ["settled", "failed"] and bool(told.texts)
 
             await until(resolved, 15)
     finally:
         await rpc.close()
     assert await settled_micro(database) == first.quoted_micro
     assert gateway.settlements == []  # the sandbox never settled: only the chain knew
+    # Alice is told, where she asked, of the one the chain shows charged; not of the other.
+    assert asked_for == [("telegram", chat.reply_address())]
+    assert told.texts == [
+        "Your earlier imagegen with google/nano-banana was charged $0.0525 after all, but no "
+        "picture came back. An admin can check /spend."
+    ]
