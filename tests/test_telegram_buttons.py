@@ -198,6 +198,29 @@ async def test_again_sends_the_same_three_pictures_and_vary_edits_the_result(
         assert await spend_matches_gateway(stack, tmp_path)
 
 
+async def test_again_and_vary_of_pictures_telegram_no_longer_has_say_so_and_pay_nothing(
+    tmp_path: Path,
+) -> None:
+    gone = "That picture is no longer on Telegram, so I can't use it again. Nothing was charged."
+    async with running(tmp_path) as stack:
+        telegram = stack.telegram
+        chat = telegram.private_chat(111, "Alice", "alice")
+        telegram.send_album(chat, chat.user, [png(120, 90, "red")], caption="/img2img a fox")
+        first = await result_count(telegram, chat, 1)
+        paid_before = len(paid(stack.orders))
+
+        for label in ("🔁 Again", "🎨 Vary"):  # the command's picture, and the result itself
+            unavailable = "Bad Request: wrong file_id or the file is temporarily unavailable"
+            telegram.fail("getFile", 400, unavailable)
+            assert (
+                await alert(telegram, telegram.press(first, chat.user, data_of(first, label)))
+                == gone
+            )
+
+        assert len(paid(stack.orders)) == paid_before == 1
+        assert await rows(stack.database) == [("telegram:111", "settled")]  # nothing reserved
+
+
 async def test_several_pictures_get_again_on_a_message_of_their_own(tmp_path: Path) -> None:
     async with running(tmp_path) as stack:
         telegram = stack.telegram
