@@ -448,3 +448,29 @@ async def test_the_chain_settles_or_fails_what_the_gateway_left_open(
         "Your earlier imagegen with google/nano-banana was charged $0.0525 after all, but no "
         "picture came back. An admin can check /spend."
     ]
+
+
+async def test_a_paid_request_cut_off_by_the_stop_deadline_is_told_and_left_unknown(
+    tmp_path: Path,
+) -> None:
+    """A paid answer that has not come when the stop's drain runs out: the user hears that it
+    may have been charged, and the row counts as unknown until the chain decides."""
+    gateway = Sandbox(latency=30.0)
+    await gateway.start()
+    database = tmp_path / "ledger.sqlite3"
+    settings = load_settings(_env_file=None, image_api_url=gateway.url, database_path=database)
+    chat = RecordingChat()
+    try:
+        async with open_bot(settings, Wallet.create()) as bot:
+            drawing = asyncio.create_task(bot.handle(ALICE, chat, "/imagegen a fox"))
+            await until(lambda: gateway.payments_received == 1)
+            await bot.drain(seconds=0.2)
+            assert drawing.done()
+    finally:
+        await gateway.close()
+    assert chat.texts == [
+        "The bot stopped before your picture arrived. It may have been charged. An admin can "
+        "check /spend."
+    ]
+    assert await statuses(database) == ["unknown"]
+    assert gateway.settlements == []
