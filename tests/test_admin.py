@@ -195,6 +195,8 @@ async def test_wallet_shows_the_balance_with_an_rpc_and_says_when_there_is_none(
             await picture_of(stack.telegram, admin, "/imagegen -m flux a fox")
             with_rpc = await telegram_says(stack.telegram, admin, "/wallet")
             without = await slash(stack.discord, stack.discord_admin, "wallet")
+            stack.rpc.mode = "http500"
+            unanswered = await telegram_says(stack.telegram, admin, "/wallet")
     address = stack.wallet.address
     assert with_rpc == (
         f"Wallet {address} on base-sepolia (eip155:84532).\n"
@@ -207,6 +209,7 @@ async def test_wallet_shows_the_balance_with_an_rpc_and_says_when_there_is_none(
         "Balance: unknown, no RPC URL set (BASE_SEPOLIA_RPC_URL).",
     ]
     assert stack.rpc.asked_balances >= 1
+    assert unanswered.splitlines()[1] == "Balance: the RPC URL did not answer; try again later."
 
 
 async def test_a_low_balance_warns_each_admin_once_and_again_only_after_a_top_up(
@@ -365,6 +368,11 @@ async def test_linking_shares_one_budget_across_the_platforms(
         assert linked.startswith("Linked: this account and your other one are now one person")
         again = await slash(fake, fake.user("mallory"), "link", code=code)
         assert again == "That code is wrong or has expired; ask for a new one with /link."
+        offer = await telegram_says(telegram, alice, "/link")  # Alice has a Discord account
+        second = offer.split("\n")[0].removeprefix("Your link code: ")
+        assert await slash(fake, fake.user("mallory"), "link", code=second) == (
+            "One of the two accounts is already linked to another; /unlink it first."
+        )
 
         await picture_of(telegram, alice, "/imagegen a fox")  # $0.0525 of the shared $0.10
         refused = fake.slash_command(
@@ -382,6 +390,9 @@ async def test_linking_shares_one_budget_across_the_platforms(
 
         assert await slash(fake, alice_on_discord, "unlink") == (
             "Unlinked: your accounts have separate budgets again."
+        )
+        assert await slash(fake, alice_on_discord, "unlink") == (
+            "This account is not linked to another one."
         )
         await drawn_on_discord(fake, alice_on_discord, "a cat")  # its own budget again
         assert await spend_matches(stack, tmp_path)
