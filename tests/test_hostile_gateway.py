@@ -62,7 +62,7 @@ def paid_answer(body: dict[str, Any]) -> Callable[[], web.Response]:
 
 
 @pytest.fixture
-async def secret(unused_tcp_port_factory: Callable[[], int]) -> AsyncIterator[tuple[str, list]]:
+async def secret() -> AsyncIterator[tuple[str, list]]:
     """A server on loopback, on another origin than the gateway: it must never be asked."""
     hits: list[str] = []
 
@@ -70,9 +70,8 @@ async def secret(unused_tcp_port_factory: Callable[[], int]) -> AsyncIterator[tu
         hits.append(request.path)
         return web.Response(body=png(), content_type="image/png")
 
-    port = unused_tcp_port_factory()
-    async with serving(("GET", "/{tail:.*}", leak), port=port):
-        yield f"127.0.0.1:{port}", hits
+    async with serving(("GET", "/{tail:.*}", leak)) as url:
+        yield url.removeprefix("http://"), hits
 
 
 @pytest.mark.parametrize(
@@ -89,12 +88,12 @@ async def secret(unused_tcp_port_factory: Callable[[], int]) -> AsyncIterator[tu
     ],
 )
 async def test_an_image_link_to_a_private_address_is_never_fetched(
-    http: httpx.AsyncClient, unused_tcp_port: int, secret: tuple[str, list], link: str
+    http: httpx.AsyncClient, secret: tuple[str, list], link: str
 ) -> None:
     address, hits = secret
     url = link.format(secret=address, port=address.rpartition(":")[2])
     route = ("POST", GENERATIONS, quoting(paid_answer({"data": [{"url": url}]})))
-    async with serving(route, port=unused_tcp_port) as gateway:
+    async with serving(route) as gateway:
         with pytest.raises(BadReply) as caught:
             await asyncio.wait_for(run(service_for(http, gateway), "/imagegen a fox"), 5)
     assert hits == []
@@ -187,11 +186,11 @@ async def peak_while(work: Any) -> tuple[int, BaseException | None]:
 
 
 async def test_a_gzip_bomb_as_the_paid_answer_is_cut_off_at_the_paid_cap(
-    http: httpx.AsyncClient, unused_tcp_port: int, gzip_bomb: bytes
+    http: httpx.AsyncClient, gzip_bomb: bytes
 ) -> None:
     assert len(gzip_bomb) < 2 * MiB
     route = ("POST", GENERATIONS, quoting(lambda: bomb_response(gzip_bomb, 200)))
-    async with serving(route, port=unused_tcp_port) as url:
+    async with serving(route) as url:
         peak, raised = await peak_while(run(service_for(http, url), "/imagegen a fox"))
     assert peak < MAX_ANSWER_BYTES + 64 * MiB  # ~330 MiB, not the 1 GiB it inflates to
     assert isinstance(raised, BadReply) and raised.charged is True
@@ -202,7 +201,7 @@ async def test_a_gzip_bomb_as_the_paid_answer_is_cut_off_at_the_paid_cap(
 
 
 async def test_a_compressed_answer_is_read_in_small_pieces_a_plain_one_in_big_ones(
-    http: httpx.AsyncClient, unused_tcp_port: int
+    http: httpx.AsyncClient,
 ) -> None:
     """One piece of a compressed answer never inflates past 16 KiB x deflate's ~1000:1."""
     body = b"x" * (2 * MiB)
@@ -214,7 +213,7 @@ async def test_a_compressed_answer_is_read_in_small_pieces_a_plain_one_in_big_on
         return web.Response(body=gzip.compress(body), headers={"Content-Encoding": "gzip"})
 
     routes = (("GET", "/plain", plain), ("GET", "/gzip", gzipped))
-    async with serving(*routes, port=unused_tcp_port) as url:
+    async with serving(*routes) as url:
         pieces = {}
         for path in ("/plain", "/gzip"):
             async with http.stream("GET", url + path) as answer:
@@ -225,14 +224,14 @@ async def test_a_compressed_answer_is_read_in_small_pieces_a_plain_one_in_big_on
 
 @pytest.mark.parametrize("where", ["402", "paid error"])
 async def test_a_gzip_bomb_as_a_quote_or_an_error_is_cut_off_far_sooner(
-    http: httpx.AsyncClient, unused_tcp_port: int, gzip_bomb: bytes, where: str
+    http: httpx.AsyncClient, gzip_bomb: bytes, where: str
 ) -> None:
     async def unpaid_quote(request: web.Request) -> web.StreamResponse:
         if where == "paid error" and "PAYMENT-SIGNATURE" not in request.headers:
             return web.json_response({"x402Version": 2, "accepts": [REQUIREMENT]}, status=402)
         return bomb_response(gzip_bomb, 402 if where == "402" else 500)
 
-    async with serving(("POST", GENERATIONS, unpaid_quote), port=unused_tcp_port) as url:
+    async with serving(("POST", GENERATIONS, unpaid_quote)) as url:
         peak, raised = await peak_while(run(service_for(http, url), "/imagegen a fox"))
     assert MAX_SMALL_BODY_BYTES == 64 * 1024
     # The cap plus one 16 KiB read inflated (up to 16 MiB, a few copies while decoding): not 1 GiB.
@@ -244,7 +243,7 @@ async def test_a_gzip_bomb_as_a_quote_or_an_error_is_cut_off_far_sooner(
 
 @pytest.mark.parametrize("where", ["402", "paid error", "paid answer"])
 async def test_json_nested_past_the_c_stack_is_a_clear_message_not_a_crash(
-    http: httpx.AsyncClient, unused_tcp_port: int, where: str
+    http: httpx.AsyncClient, where: str
 ) -> None:
     """eth-account (py_ecc) raises Python's recursion limit, so json's C parser alone would
     recurse through a body of '[' (a quote or error at its 64 KiB cap, or a bigger paid answer)
@@ -260,7 +259,7 @@ async def test_json_nested_past_the_c_stack_is_a_clear_message_not_a_crash(
         return deep()
 
     route = unpaid if where == "402" else quoting(deep)
-    async with serving(("POST", GENERATIONS, route), port=unused_tcp_port) as url:
+    async with serving(("POST", GENERATIONS, route)) as url:
         with pytest.raises(ImagebotError) as raised:
             await run(service_for(http, url), "/imagegen a fox")
     assert raised.value.user_message
@@ -279,7 +278,7 @@ async def drip(request: web.Request) -> web.StreamResponse:
 
 
 async def test_a_paid_answer_that_never_finishes_ends_with_outcome_unknown_in_the_chat(
-    unused_tcp_port: int, tmp_path: Path
+    tmp_path: Path,
 ) -> None:
     async def paid(request: web.Request) -> web.StreamResponse:
         if "PAYMENT-SIGNATURE" not in request.headers:
@@ -288,7 +287,7 @@ async def test_a_paid_answer_that_never_finishes_ends_with_outcome_unknown_in_th
 
     database = tmp_path / "l.sqlite3"
     chat = RecordingChat()
-    async with serving(("POST", GENERATIONS, paid), port=unused_tcp_port) as url:
+    async with serving(("POST", GENERATIONS, paid)) as url:
         settings = load_settings(_env_file=None, image_api_url=url, database_path=database)
         async with open_bot(settings, Wallet.create(), exchange_deadline=0.5) as bot:
             outcome = await asyncio.wait_for(bot.handle(ALICE, chat, "/imagegen a fox"), 10)
@@ -344,10 +343,10 @@ async def test_a_picture_download_or_a_poll_that_never_finishes_is_given_up(
 
 @pytest.mark.parametrize("side", [50_000, 9_000])
 async def test_a_picture_over_the_pixel_limit_is_one_clear_charged_message(
-    http: httpx.AsyncClient, unused_tcp_port: int, side: int
+    http: httpx.AsyncClient, side: int
 ) -> None:
     answer = paid_answer({"data": [{"url": data_uri(bomb_png(side, side))}]})
-    async with serving(("POST", GENERATIONS, quoting(answer)), port=unused_tcp_port) as url:
+    async with serving(("POST", GENERATIONS, quoting(answer))) as url:
         with pytest.raises(BadReply) as caught:
             await run(service_for(http, url), "/imagegen a fox")
     assert caught.value.charged is True
@@ -387,13 +386,13 @@ async def delivered_caption(answer: Callable[[], web.Response], port: int, datab
 
 
 async def test_an_oversized_header_on_the_paid_answer_is_one_clear_message(
-    http: httpx.AsyncClient, unused_tcp_port: int
+    http: httpx.AsyncClient,
 ) -> None:
     def answer() -> web.Response:
         body = {"data": [{"url": data_uri(png())}]}
         return web.json_response(body, headers={"X-Padding": "x" * 20_000})
 
-    async with serving(("POST", GENERATIONS, quoting(answer)), port=unused_tcp_port) as url:
+    async with serving(("POST", GENERATIONS, quoting(answer))) as url:
         with pytest.raises(ImagebotError) as caught:
             await run(service_for(http, url), "/imagegen a fox")
     assert caught.value.charged is None
@@ -401,7 +400,7 @@ async def test_an_oversized_header_on_the_paid_answer_is_one_clear_message(
 
 
 async def test_cookies_the_gateway_sets_are_neither_kept_nor_sent_back(
-    http: httpx.AsyncClient, unused_tcp_port: int
+    http: httpx.AsyncClient,
 ) -> None:
     """A jar would grow by every cookie a hostile gateway sets, on every answer."""
     cookies_sent: list[str | None] = []
@@ -415,7 +414,7 @@ async def test_cookies_the_gateway_sets_are_neither_kept_nor_sent_back(
             answer.set_cookie(f"c{next(served)}", "x" * 1000, max_age=3600)
         return answer
 
-    async with serving(("POST", GENERATIONS, setting_cookies), port=unused_tcp_port) as url:
+    async with serving(("POST", GENERATIONS, setting_cookies)) as url:
         named = url.replace("127.0.0.1", "localhost")  # cookie jars refuse cookies of IPs
         for _ in range(3):
             await run(service_for(http, named), "/imagegen a fox")
@@ -435,12 +434,12 @@ async def test_cookies_the_gateway_sets_are_neither_kept_nor_sent_back(
     ],
 )
 async def test_an_answer_without_a_402_is_charged_at_most_the_catalog_estimate(
-    http: httpx.AsyncClient, unused_tcp_port: int, price: Any, charged: int
+    http: httpx.AsyncClient, price: Any, charged: int
 ) -> None:
     async def free(_: web.Request) -> web.Response:
         return web.json_response({"data": [{"url": data_uri(png())}], "price": price})
 
-    async with serving(("POST", GENERATIONS, free), port=unused_tcp_port) as url:
+    async with serving(("POST", GENERATIONS, free)) as url:
         result = await run(service_for(http, url), "/imagegen a fox")
     assert result.charged_micro == charged
 
@@ -471,7 +470,7 @@ def offers(*networks: tuple[Any, str]) -> list[dict[str, Any]]:
 
 
 async def test_a_testnet_gateway_offering_mainnet_cheaper_is_paid_on_its_testnet(
-    http: httpx.AsyncClient, unused_tcp_port: int
+    http: httpx.AsyncClient,
 ) -> None:
     signed: list[str] = []
 
@@ -483,14 +482,14 @@ async def test_a_testnet_gateway_offering_mainnet_cheaper_is_paid_on_its_testnet
         signed.append(json.loads(base64.b64decode(header))["accepted"]["network"])
         return web.json_response({"data": [{"url": data_uri(png())}]})
 
-    async with serving(("POST", GENERATIONS, route), port=unused_tcp_port) as url:
+    async with serving(("POST", GENERATIONS, route)) as url:
         result = await run(service_for(http, url), "/imagegen a fox")
     assert signed == [BASE_SEPOLIA.caip2] and result.charged_micro == 52_500
 
 
 @pytest.mark.parametrize("pinned", [None, BASE_SEPOLIA])
 async def test_quotes_only_on_another_network_are_refused_before_signing(
-    http: httpx.AsyncClient, unused_tcp_port: int, pinned: Any
+    http: httpx.AsyncClient, pinned: Any
 ) -> None:
     paid: list[str] = []
 
@@ -501,7 +500,7 @@ async def test_quotes_only_on_another_network_are_refused_before_signing(
         accepts = offers((BASE, "52500"))
         return web.json_response({"x402Version": 2, "accepts": accepts}, status=402)
 
-    async with serving(("POST", GENERATIONS, route), port=unused_tcp_port) as url:
+    async with serving(("POST", GENERATIONS, route)) as url:
         payer = X402Payer(http, Wallet.create(), max_micro=500_000)
         service = ImageService(http, payer, url, network=pinned)
         with pytest.raises(PaymentRefused) as caught:
