@@ -208,23 +208,15 @@ async def test_vary_edits_the_result_picture_with_an_editing_model(stack: Stack)
     ]
 
 
-async def test_again_with_a_deleted_picture_says_so_and_pays_nothing(stack: Stack) -> None:
-    fake = stack.discord
-    channel = fake.guild("Artists").channel("general")
-    alice = fake.user("alice")
-    cat = fake.send_message(channel, alice, "my cat", files=[File("cat.png", png())])
-    command = fake.send_message(channel, alice, "/img2img add a hat", reply_to=int(cat["id"]))
-    result = await picture_reply(fake, command)
-    fake.delete_message(cat)
-
-    answer = await ephemeral_text(fake, await press(fake, result, alice, AGAIN))
-
-    assert answer == GONE
-    assert stack.gateway.payments_received == 1 and len(stack.paid_orders()) == 1
-
-
-async def test_again_when_discord_cannot_give_the_picture_back_says_so_and_pays_nothing(
-    stack: Stack,
+@pytest.mark.parametrize(
+    ("lost", "answer"),
+    [
+        ("deleted", GONE),
+        ("unreadable", "I couldn't read that picture's message; nothing was charged. Try again."),
+    ],
+)
+async def test_again_without_its_picture_says_why_and_pays_nothing(
+    stack: Stack, lost: str, answer: str
 ) -> None:
     fake = stack.discord
     channel = fake.guild("Artists").channel("general")
@@ -232,12 +224,12 @@ async def test_again_when_discord_cannot_give_the_picture_back_says_so_and_pays_
     cat = fake.send_message(channel, alice, "my cat", files=[File("cat.png", png())])
     command = fake.send_message(channel, alice, "/img2img add a hat", reply_to=int(cat["id"]))
     result = await picture_reply(fake, command)
-    # Neither gone nor forbidden, and not retried (discord.py retries a 5xx for 16 s first).
-    fake.fail("get_message", 400, 50035, "Invalid Form Body")
+    if lost == "deleted":
+        fake.delete_message(cat)
+    else:  # neither gone nor forbidden, and not retried (discord.py retries a 5xx for 16 s)
+        fake.fail("get_message", 400, 50035, "Invalid Form Body")
 
-    answer = await ephemeral_text(fake, await press(fake, result, alice, AGAIN))
-
-    assert answer == "I couldn't read that picture's message; nothing was charged. Try again."
+    assert await ephemeral_text(fake, await press(fake, result, alice, AGAIN)) == answer
     assert stack.gateway.payments_received == 1 and len(stack.paid_orders()) == 1
 
 
