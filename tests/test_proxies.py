@@ -25,6 +25,7 @@ from sandbox import Sandbox
 
 ELSEWHERE = "127.0.0.2"
 CREDENTIALS = "imagebot:pr0xy-s3cret"
+BASIC = "Basic " + base64.b64encode(CREDENTIALS.encode()).decode()  # as the proxy must get it
 
 
 @pytest.fixture
@@ -38,15 +39,14 @@ async def proxy() -> AsyncIterator[FakeProxy]:
 async def test_telegram_calls_and_file_downloads_go_through_the_proxy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, proxy: FakeProxy
 ) -> None:
-    monkeypatch.setenv("HTTP_PROXY", proxy.url.replace("://", f"://{CREDENTIALS}@"))
+    monkeypatch.setenv("HTTP_PROXY", _with_credentials(proxy))
     async with running(tmp_path, api_host=ELSEWHERE) as stack:
         photo = await edited_photo(stack.telegram)
 
     assert photo.params["caption"].startswith("gpt-image · 1024x1024")
     assert proxy.targets(f"http://{ELSEWHERE}:")  # long polling, replies, the photo's download
     assert proxy.targets(stack.gateway.url)  # as before: the gateway's calls too
-    basic = "Basic " + base64.b64encode(CREDENTIALS.encode()).decode()
-    assert {passage.authorization for passage in proxy.passages} == {basic}
+    assert {passage.authorization for passage in proxy.passages} == {BASIC}
 
 
 async def test_discord_rest_gateway_and_attachments_go_through_the_proxy(
@@ -112,7 +112,7 @@ async def test_https_telegram_and_gateway_go_through_the_proxys_tunnels(
                 TELEGRAM_BOT_TOKEN=telegram.token,
                 TELEGRAM_API_URL=f"https://api.telegram.test:{telegram_port}",
                 PAYMENT_NETWORK="base-sepolia",
-                HTTPS_PROXY=proxy.url.replace("://", f"://{CREDENTIALS}@"),
+                HTTPS_PROXY=_with_credentials(proxy),
                 SSL_CERT_FILE=str(certificate),
             )
             async with imagebot_run(env, tmp_path / "run.log"):
@@ -126,10 +126,9 @@ async def test_https_telegram_and_gateway_go_through_the_proxys_tunnels(
 
     assert photo.params["caption"].startswith("gpt-image · 1024x1024")
     assert len(gateway.settlements) == 1
-    basic = "Basic " + base64.b64encode(CREDENTIALS.encode()).decode()
     assert {(p.method, p.target, p.authorization) for p in proxy.passages} == {
-        ("CONNECT", f"api.telegram.test:{telegram_port}", basic),
-        ("CONNECT", f"gateway.test:{gateway_port}", basic),
+        ("CONNECT", f"api.telegram.test:{telegram_port}", BASIC),
+        ("CONNECT", f"gateway.test:{gateway_port}", BASIC),
     }
 
 
@@ -151,7 +150,7 @@ async def test_https_discord_rest_gateway_and_attachments_go_through_a_tunnel(
                 tmp_path / "ledger.sqlite3",
                 DISCORD_BOT_TOKEN=fake.token,
                 DISCORD_API_URL=fake.api_url,
-                HTTPS_PROXY=proxy.url.replace("://", f"://{CREDENTIALS}@"),
+                HTTPS_PROXY=_with_credentials(proxy),
                 SSL_CERT_FILE=str(certificate),
             )
             async with imagebot_run(env, tmp_path / "run.log"):
@@ -168,9 +167,8 @@ async def test_https_discord_rest_gateway_and_attachments_go_through_a_tunnel(
 
     assert reply.payload["content"].startswith("gpt-image · 1024x1024")
     assert len(gateway.settlements) == 1
-    basic = "Basic " + base64.b64encode(CREDENTIALS.encode()).decode()
     assert {(p.method, p.target, p.authorization) for p in proxy.passages} == {
-        ("CONNECT", f"discord.test:{port}", basic)
+        ("CONNECT", f"discord.test:{port}", BASIC)
     }
     assert any(frame.op == 2 for frame in fake.received)  # IDENTIFY came through the tunnel
 
@@ -187,6 +185,11 @@ async def _certificate(tmp_path: Path, *names: str) -> tuple[Path, Path]:
     )
     assert await openssl.wait() == 0
     return certificate, key
+
+
+def _with_credentials(proxy: FakeProxy) -> str:
+    """The proxy's URL with ``CREDENTIALS`` in it, as ``HTTP(S)_PROXY`` carries them."""
+    return proxy.url.replace("://", f"://{CREDENTIALS}@")
 
 
 def _port(url: str) -> int:
